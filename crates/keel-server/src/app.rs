@@ -1,0 +1,407 @@
+//! The gateway's HTTP surface (WebSocket endpoint, health, metrics, `/api/*`,
+//! `/admin/*`) and the serve loop with its graceful shutdown.
+//!
+//! Handlers call the Hub's public API and nothing else. `/api` and `/admin` need
+//! `Authorization: Bearer <api_key>`; a wrong or missing key gets 401 with an empty
+//! body. The serve loop owns the shutdown sequence: on the trigger it drains the
+//! Hub (readiness 503 at once), then stops accepting HTTP, then returns the report.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use keel::{Config, Hub, ShutdownReport, Upgrade};
+use serde::Deserialize;
+use serde_json::{json, value::RawValue};
+use tokio::sync::Notify;
+
+use crate::protocol::{self, Gateway};
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    hub: Hub,
+    api_key: Arc<str>,
+    node_id: Arc<str>,
+}
+
+/// A running gateway.
+pub struct Running {
+    /// The address it listens on (the real port when 0 was asked for).
+    pub addr: SocketAddr,
+    /// Its Hub.
+    pub hub: Hub,
+    /// The API key in force (configured or generated).
+    pub api_key: String,
+    stop: Arc<Notify>,
+    task: tokio::task::JoinHandle<ShutdownReport>,
+}
+
+impl Running {
+    /// Runs the shutdown sequence and waits for it: drain, then stop serving.
+    pub async fn shutdown(self) -> ShutdownReport {
+        self.stop.notify_one();
+        self.task.await.unwrap_or(ShutdownReport {
+            connections_at_start: 0,
+            closed_gracefully: 0,
+            force_closed: 0,
+            duration_seconds: 0.0,
+        })
+    }
+
+    /// A handle that triggers the same shutdown as [`shutdown`](Self::shutdown),
+    /// for signal handlers.
+    pub fn stopper(&self) -> Arc<Notify> {
+        self.stop.clone()
+    }
+
+    /// Waits until the gateway has stopped (after the stopper fired), returning
+    /// the drain report.
+    pub async fn wait(self) -> ShutdownReport {
+        self.task.await.unwrap_or(ShutdownReport {
+            connections_at_start: 0,
+            closed_gracefully: 0,
+            force_closed: 0,
+            duration_seconds: 0.0,
+        })
+    }
+}
+
+/// Binds, starts the Hub and serves until [`Running::shutdown`] (or its stopper).
+pub async fn start(mut config: Config) -> anyhow::Result<Running> {
+    if config.broker == keel::config::BrokerKind::Redis {
+        anyhow::bail!("option `broker`: redis is not available in this build yet; use `memory`");
+    }
+    if config.node_id.is_empty() {
+        config.node_id = format!("keel-{:08x}", rand_u32());
+    }
+    let api_key = match config.api_key.clone() {
+        Some(k) => k,
+        None => {
+            let k = uuid::Uuid::new_v4().simple().to_string();
+            // Printed once, on stderr, not through the log pipeline.
+            eprintln!("keel: no api_key configured; generated one for this run: {k}");
+            k
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("option `listen`: cannot bind {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let node_id: Arc<str> = config.node_id.clone().into();
+    let drain_timeout = config.drain_timeout;
+    let ws_path = config.ws_path.clone();
+    let metrics_on = config.enable_metrics;
+    let hub = Hub::with_handler(
+        config,
+        Gateway {
+            node_id: node_id.to_string(),
+        },
+    );
+    hub.start();
+    let state = AppState {
+        hub: hub.clone(),
+        api_key: api_key.clone().into(),
+        node_id,
+    };
+    let app = router(state.clone(), &ws_path, metrics_on);
+    tracing::info!(%addr, "listening on {addr}");
+    if hub.config().allowed_origins.is_empty() {
+        tracing::debug!("allowed_origins is empty: only same-origin or Origin-less upgrades are accepted");
+    }
+
+    let stop = Arc::new(Notify::new());
+    let stop2 = stop.clone();
+    let hub2 = hub.clone();
+    let task = tokio::spawn(async move {
+        let server_stop = Arc::new(Notify::new());
+        let server_stop2 = server_stop.clone();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move { server_stop2.notified().await })
+                .await;
+        });
+        stop2.notified().await;
+        let report = hub2.graceful_shutdown(drain_timeout).await;
+        server_stop.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        report
+    });
+    Ok(Running {
+        addr,
+        hub,
+        api_key,
+        stop,
+        task,
+    })
+}
+
+fn rand_u32() -> u32 {
+    (uuid::Uuid::new_v4().as_u128() & 0xffff_ffff) as u32
+}
+
+fn router(state: AppState, ws_path: &str, metrics_on: bool) -> Router {
+    let api = Router::new()
+        .route("/api/publish", post(api_publish))
+        .route("/api/broadcast", post(api_broadcast))
+        .route("/api/disconnect", post(api_disconnect))
+        .route("/api/stats", get(api_stats))
+        .route("/api/presence/{channel}", get(api_presence))
+        .route("/api/history/{channel}", get(api_history))
+        .route("/admin/drain", post(admin_drain))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    let mut app = Router::new()
+        .route(ws_path, get(ws_upgrade))
+        .route("/health", get(health))
+        .route("/health/live", get(|| async { Json(json!({"status": "alive"})) }))
+        .route("/health/broker", get(health_broker));
+    if metrics_on {
+        app = app.route("/metrics", get(metrics));
+    }
+    app.merge(api).with_state(state)
+}
+
+async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|k| constant_time_eq(k.trim().as_bytes(), state.api_key.as_bytes()));
+    if ok {
+        next.run(req).await
+    } else {
+        StatusCode::UNAUTHORIZED.into_response()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unavailable(detail: &str) -> Response {
+    let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": detail}))).into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    r
+}
+
+async fn ws_upgrade(State(state): State<AppState>, headers: HeaderMap, upgrade: Upgrade) -> Response {
+    if !origin_allowed(&state.hub.config().allowed_origins, &headers) {
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    let client_id = uuid::Uuid::new_v4().to_string();
+    match state.hub.connect(client_id, upgrade, serde_json::Value::Null) {
+        Ok(response) => response,
+        Err(e) if e.http_status() == 503 => unavailable(e.detail()),
+        Err(e) => (
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
+            e.detail().to_string(),
+        )
+            .into_response(),
+    }
+}
+
+/// Empty list: same-origin (Origin's host equals Host) or no Origin header. Otherwise
+/// the Origin must equal an entry, or match `scheme://*.domain` as a subdomain.
+fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+    if allowed.is_empty() {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        return origin
+            .split_once("://")
+            .is_some_and(|(_, h)| !host.is_empty() && h == host);
+    }
+    allowed.iter().any(|a| {
+        if a == "*" || *a == origin {
+            return true;
+        }
+        match (a.split_once("://*."), origin.split_once("://")) {
+            (Some((scheme, domain)), Some((oscheme, ohost))) => {
+                scheme == oscheme && ohost.ends_with(&format!(".{domain}"))
+            }
+            _ => false,
+        }
+    })
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let hub = &state.hub;
+    if hub.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"}))).into_response();
+    }
+    Json(json!({
+        "status": "ok",
+        "uptime": hub.uptime().as_secs_f64(),
+        "connections": hub.get_connection_count(),
+        "memory": hub.get_memory_usage(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "broker": "memory",
+        "node": &*state.node_id,
+    }))
+    .into_response()
+}
+
+async fn health_broker(State(state): State<AppState>) -> Response {
+    // The in-memory broker's round trip: a lookup through the channel registry.
+    let t = Instant::now();
+    let _ = state.hub.channel_position("__keel_health");
+    Json(json!({
+        "overall": "healthy",
+        "broker": "memory",
+        "latency_ms": t.elapsed().as_secs_f64() * 1000.0,
+    }))
+    .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.hub.metrics_text(),
+    )
+        .into_response()
+}
+
+fn bad_request(detail: impl std::fmt::Display) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({"error": detail.to_string()}))).into_response()
+}
+
+#[derive(Deserialize)]
+struct PublishBody {
+    channel: String,
+    data: Box<RawValue>,
+}
+
+async fn api_publish(State(state): State<AppState>, body: Json<PublishBody>) -> Response {
+    match state.hub.publish(&body.channel, &body.data, None) {
+        Ok(p) => Json(json!({"channel": body.channel, "offset": p.offset, "epoch": p.epoch, "delivered": p.delivered})).into_response(),
+        Err(e) => bad_request(e.detail()),
+    }
+}
+
+#[derive(Deserialize)]
+struct BroadcastBody {
+    channels: Vec<String>,
+    data: Box<RawValue>,
+}
+
+async fn api_broadcast(State(state): State<AppState>, body: Json<BroadcastBody>) -> Response {
+    let results: Vec<serde_json::Value> = body
+        .channels
+        .iter()
+        .map(|ch| match state.hub.publish(ch, &body.data, None) {
+            Ok(p) => json!({"channel": ch, "offset": p.offset, "epoch": p.epoch, "delivered": p.delivered}),
+            Err(e) => json!({"channel": ch, "error": e.detail()}),
+        })
+        .collect();
+    Json(json!({ "results": results })).into_response()
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody {
+    client_id: String,
+    code: Option<u16>,
+    reason: Option<String>,
+}
+
+async fn api_disconnect(State(state): State<AppState>, body: Json<DisconnectBody>) -> Response {
+    let code = body.code.unwrap_or(keel_protocol::close::NORMAL);
+    if !(code == 1000 || (3000..=4999).contains(&code)) {
+        return bad_request("code must be 1000 or 3000-4999");
+    }
+    let reason = body.reason.as_deref().unwrap_or("disconnected by server");
+    match state.hub.disconnect_with(&body.client_id, code, reason) {
+        Ok(()) => Json(json!({"disconnected": true})).into_response(),
+        Err(e) => (StatusCode::NOT_FOUND, Json(json!({"error": e.detail()}))).into_response(),
+    }
+}
+
+async fn api_stats(State(state): State<AppState>) -> Response {
+    let hub = &state.hub;
+    let m = hub.metrics_snapshot();
+    Json(json!({
+        "connections": m.connections,
+        "channels": m.channels,
+        "memory": hub.get_memory_usage(),
+        "node": &*state.node_id,
+        "dropped_messages": hub.dropped_total(),
+        "send_queue_bytes": m.send_queue_bytes,
+        "draining": hub.is_draining(),
+    }))
+    .into_response()
+}
+
+async fn api_presence(State(state): State<AppState>, Path(channel): Path<String>) -> Response {
+    Json(protocol::presence(&state.hub, &channel)).into_response()
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    since: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn api_history(
+    State(state): State<AppState>,
+    Path(channel): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Response {
+    Json(protocol::history(&state.hub, &channel, q.since.unwrap_or(0), q.limit)).into_response()
+}
+
+/// Starts the drain without exiting: readiness turns 503, clients are told to
+/// reconnect elsewhere. The process keeps running until a signal ends it.
+async fn admin_drain(State(state): State<AppState>) -> Response {
+    if !state.hub.is_draining() {
+        let hub = state.hub.clone();
+        let timeout = hub.config().drain_timeout;
+        tokio::spawn(async move {
+            let report = hub.graceful_shutdown(timeout).await;
+            tracing::info!(?report, "drain finished; waiting for a signal to exit");
+        });
+    }
+    (StatusCode::ACCEPTED, Json(json!({"status": "draining"}))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+        if let Some(o) = origin {
+            h.insert(header::ORIGIN, HeaderValue::from_str(o).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn origins() {
+        let none: Vec<String> = vec![];
+        assert!(origin_allowed(&none, &headers(None, "a.com")));
+        assert!(origin_allowed(&none, &headers(Some("https://a.com"), "a.com")));
+        assert!(!origin_allowed(&none, &headers(Some("https://evil.com"), "a.com")));
+        let list = vec!["https://app.example.com".to_string(), "https://*.example.org".to_string()];
+        assert!(origin_allowed(&list, &headers(Some("https://app.example.com"), "x")));
+        assert!(origin_allowed(&list, &headers(Some("https://a.b.example.org"), "x")));
+        assert!(!origin_allowed(&list, &headers(Some("https://example.org.evil.com"), "x")));
+        assert!(!origin_allowed(&list, &headers(Some("http://a.example.org"), "x")));
+    }
+}

@@ -1,0 +1,19 @@
+//! The `keel` gateway: Keel's wire protocol, HTTP API, health, metrics and graceful
+//! drain, on top of the `keel` library's public API.
+//!
+//! It adds no connection logic of its own: everything about sockets, queues,
+//! heartbeats and channels is the library's. What lives here is what only a
+//! server process needs: where config comes from, the HTTP routes, logging, and
+//! signals.
+//!
+//! # Layout
+//!
+//! - [`settings`]: config from file, `KEEL_*` environment and flags.
+//! - [`protocol`]: the protocol handler (a [`keel::Handler`]).
+//! - [`app`]: the HTTP router, API-key check and the serve/drain loop.
+
+pub mod app;
+pub mod protocol;
+pub mod settings;
+
+pub use app::{start, Running};

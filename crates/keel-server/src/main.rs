@@ -1,0 +1,93 @@
+//! The `keel` binary: `keel serve` runs the gateway until SIGTERM or SIGINT, then
+//! drains and exits 0 with a report in the log. See `keel --help`.
+
+use anyhow::Context;
+use keel::config::{LogFormat, OPTIONS};
+use keel::Config;
+use keel_server::settings::{self, Command};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (command, config) = match settings::load(&args, std::env::vars()) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("keel: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    match command {
+        Command::Help => println!("{}", settings::USAGE),
+        Command::Version => println!("keel {}", env!("CARGO_PKG_VERSION")),
+        Command::Options => {
+            for o in OPTIONS {
+                println!("{:<28} {:<24} {:<36} {}", o.name, o.default, Config::env_name(o.name), o.doc);
+            }
+        }
+        Command::Serve => {
+            if let Err(e) = serve(config) {
+                eprintln!("keel: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    init_logging(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        let running = keel_server::start(config).await?;
+        let stop = running.stopper();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received: draining");
+            stop.notify_one();
+        });
+        let report = running.wait().await;
+        tracing::info!(
+            connections_at_start = report.connections_at_start,
+            closed_gracefully = report.closed_gracefully,
+            force_closed = report.force_closed,
+            duration_seconds = report.duration_seconds,
+            "shutdown report"
+        );
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&config.log_level)
+        .map_err(|e| anyhow::anyhow!("invalid value for option `log_level`: {e}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(false).init(),
+    }
+    Ok(())
+}

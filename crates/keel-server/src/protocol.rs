@@ -1,0 +1,245 @@
+//! The gateway's side of PROTOCOL.md v1: a [`keel::Handler`] that reads client
+//! envelopes and answers them through the Hub's public API.
+//!
+//! Every bad message gets an `error` with the documented code and the connection
+//! stays open; only the close-code table's cases close it (binary frames: 1003;
+//! the transport handles 1007 and 1009). This module must not touch sockets or
+//! queues directly: it calls the Hub, like any application would.
+
+use keel::{Connection, Handler, Hub, Message};
+use keel_protocol::encode;
+use keel_protocol::{
+    kind, ChannelPayload, ClientEnvelope, ErrorCode, HistoryPayload, PublishPayload, RpcPayload,
+    SubscribePayload,
+};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+/// The gateway's protocol handler.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    /// Node name sent in `welcome`.
+    pub node_id: String,
+}
+
+#[derive(Serialize)]
+struct Welcome<'a> {
+    client_id: &'a str,
+    session_id: String,
+    /// Reconnect tokens arrive with session resume; until then, null.
+    reconnect_token: Option<String>,
+    heartbeat: HeartbeatInfo,
+    resume_ttl_ms: u64,
+    node: &'a str,
+}
+
+#[derive(Serialize)]
+struct HeartbeatInfo {
+    interval_ms: u64,
+    timeout_ms: u64,
+    mode: &'static str,
+}
+
+impl Handler for Gateway {
+    fn on_connect(&self, hub: &Hub, conn: &Connection) {
+        let cfg = hub.config();
+        let welcome = Welcome {
+            client_id: conn.client_id(),
+            session_id: conn.session_id(),
+            reconnect_token: None,
+            heartbeat: HeartbeatInfo {
+                interval_ms: cfg.heartbeat_interval.as_millis() as u64,
+                timeout_ms: cfg.heartbeat_timeout.as_millis() as u64,
+                mode: cfg.heartbeat_mode.as_str(),
+            },
+            resume_ttl_ms: cfg.reconnect_token_ttl.as_millis() as u64,
+            node: &self.node_id,
+        };
+        conn.send_text(hub, encode::envelope("welcome", welcome, None));
+    }
+
+    fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) {
+        match msg {
+            Message::Text(text) => handle_text(hub, conn, text),
+            Message::Binary(_) => {
+                conn.close(
+                    keel_protocol::close::UNSUPPORTED_DATA,
+                    "binary frames are not part of protocol v1",
+                );
+            }
+        }
+    }
+}
+
+fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
+    let env = match ClientEnvelope::parse(text) {
+        Ok(env) => env,
+        Err(e) => {
+            conn.send_text(hub, encode::error(e.code(), e.detail(), None));
+            return;
+        }
+    };
+    let rid = env.request_id;
+    let reply = |payload: &dyn erased::Payload| {
+        conn.send_text(hub, encode::reply(&env.kind, payload, rid));
+    };
+    let fail = |code: ErrorCode, detail: &str| {
+        conn.send_text(hub, encode::error(code, detail, rid));
+    };
+    let bad_payload = |e: serde_json::Error| {
+        conn.send_text(
+            hub,
+            encode::error(
+                ErrorCode::InvalidMessage,
+                &format!("bad payload for `{}`: {e}", env.kind),
+                rid,
+            ),
+        );
+    };
+    let hub_error = |e: keel::Error| {
+        let code = match e.kind() {
+            keel::ErrorKind::InvalidArgument => ErrorCode::InvalidMessage,
+            keel::ErrorKind::MemoryLimitExceeded | keel::ErrorKind::ConnectionLimitExceeded => {
+                ErrorCode::LimitExceeded
+            }
+            keel::ErrorKind::ConnectionNotFound => ErrorCode::NotFound,
+            _ => ErrorCode::Internal,
+        };
+        conn.send_text(hub, encode::error(code, e.detail(), rid));
+    };
+
+    match env.kind.as_ref() {
+        kind::SUBSCRIBE => {
+            let p: SubscribePayload = match env.payload() {
+                Ok(p) => p,
+                Err(e) => return bad_payload(e),
+            };
+            match hub.subscribe(conn.client_id(), &p.channel, p.since.as_ref()) {
+                Ok((pos, recovered, replayed)) => reply(&serde_json::json!({
+                    "channel": p.channel,
+                    "offset": pos.offset,
+                    "epoch": pos.epoch,
+                    "recovered": recovered,
+                    "replayed": replayed,
+                })),
+                Err(e) => hub_error(e),
+            }
+        }
+        kind::UNSUBSCRIBE => {
+            let p: ChannelPayload = match env.payload() {
+                Ok(p) => p,
+                Err(e) => return bad_payload(e),
+            };
+            match hub.leave_room(conn.client_id(), &p.channel) {
+                Ok(_) => reply(&serde_json::json!({ "channel": p.channel })),
+                Err(e) => hub_error(e),
+            }
+        }
+        kind::PUBLISH => {
+            let p: PublishPayload<'_> = match env.payload() {
+                Ok(p) => p,
+                Err(e) => return bad_payload(e),
+            };
+            match hub.publish(&p.channel, p.data, Some(conn.client_id())) {
+                Ok(publication) => reply(&serde_json::json!({
+                    "channel": p.channel,
+                    "offset": publication.offset,
+                    "epoch": publication.epoch,
+                })),
+                Err(e) => hub_error(e),
+            }
+        }
+        kind::RPC => {
+            let p: RpcPayload<'_> = match env.payload() {
+                Ok(p) => p,
+                Err(e) => return bad_payload(e),
+            };
+            match p.method.as_str() {
+                "echo" => {
+                    #[derive(Serialize)]
+                    struct Echo<'a> {
+                        data: &'a RawValue,
+                    }
+                    let null = RawValue::NULL;
+                    reply(&Echo {
+                        data: p.data.unwrap_or(null),
+                    })
+                }
+                other => fail(ErrorCode::NotFound, &format!("no rpc method `{other}`")),
+            }
+        }
+        kind::PRESENCE => {
+            let p: ChannelPayload = match env.payload() {
+                Ok(p) => p,
+                Err(e) => return bad_payload(e),
+            };
+            reply(&presence(hub, &p.channel))
+        }
+        kind::HISTORY => {
+            let p: HistoryPayload = match env.payload() {
+                Ok(p) => p,
+                Err(e) => return bad_payload(e),
+            };
+            reply(&history(hub, &p.channel, p.since.map_or(0, |s| s.offset), p.limit))
+        }
+        kind::PING => {
+            conn.send_text(hub, encode::pong(rid));
+        }
+        kind::PONG => {}
+        kind::AUTH | kind::RESUME | kind::REFRESH => fail(
+            ErrorCode::UnknownType,
+            &format!("`{}` is not enabled on this server yet", env.kind),
+        ),
+        other => fail(ErrorCode::UnknownType, &format!("unknown message type `{other}`")),
+    }
+}
+
+/// `presence_response` payload (also `GET /api/presence/{channel}`).
+pub fn presence(hub: &Hub, channel: &str) -> serde_json::Value {
+    let clients: Vec<serde_json::Value> = hub
+        .get_room_members(channel)
+        .into_iter()
+        .map(|id| {
+            let info = hub
+                .get_connection(&id)
+                .map(|c| c.metadata().clone())
+                .unwrap_or(serde_json::Value::Null);
+            serde_json::json!({ "client_id": id, "info": info })
+        })
+        .collect();
+    serde_json::json!({ "channel": channel, "clients": clients })
+}
+
+/// `history_response` payload (also `GET /api/history/{channel}`): the payloads of
+/// the publications after `since`, oldest first.
+pub fn history(hub: &Hub, channel: &str, since: u64, limit: Option<usize>) -> serde_json::Value {
+    let limit = limit.unwrap_or(usize::MAX);
+    match hub.history(channel, since, limit) {
+        Some((pos, frames)) => {
+            let messages: Vec<serde_json::Value> = frames
+                .iter()
+                .filter_map(|f| serde_json::from_slice::<serde_json::Value>(f).ok())
+                .map(|mut v| v["payload"].take())
+                .collect();
+            serde_json::json!({ "channel": channel, "epoch": pos.epoch, "offset": pos.offset, "messages": messages })
+        }
+        None => serde_json::json!({ "channel": channel, "epoch": null, "offset": 0, "messages": [] }),
+    }
+}
+
+/// Lets `reply` take any serializable payload through one closure.
+mod erased {
+    pub(super) trait Payload {
+        fn to_json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Payload for T {
+        fn to_json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+        }
+    }
+    impl serde::Serialize for dyn Payload + '_ {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            self.to_json().serialize(s)
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! One connection: its shared state ([`Connection`], a cheap handle anyone may hold)
+//! and the task that owns its socket ([`run`]).
+//!
+//! Each socket has exactly one task, which both reads and writes it in a single
+//! `poll_fn`: it drains the send queue into the socket's write buffer, flushes, and
+//! reads the next message, all on one waker. There is no second task, no channel
+//! between a reader and a writer, and no timer while the connection is healthy
+//! (heartbeats come from the per-Hub sweeper in `heartbeat`). A timer exists only
+//! while a close handshake is in flight.
+//!
+//! The task is the only owner of the socket and the registry entry's lifetime: it
+//! unregisters on every exit path (clean close, error, kill, panic), through a drop
+//! guard. It must never await anything but its own socket and the handler.
+
+use std::future::poll_fn;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use parking_lot::Mutex;
+
+use crate::hub::Hub;
+use crate::memory::UserData;
+use crate::queue::{Pushed, SendQueue};
+use crate::transport::{self, Incoming, Outgoing, ReadError, Socket};
+
+/// Why a connection ended. Carried in logs, metrics and `on_disconnect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// The client sent a Close frame.
+    ClientClosed,
+    /// The socket ended without a close handshake (reset, EOF).
+    ConnectionLost,
+    /// The application closed it (`Hub::disconnect`, `/api/disconnect`).
+    ServerClosed,
+    /// A newer connection with the same client_id replaced it (4002).
+    Replaced,
+    /// Nothing received for `heartbeat_interval + heartbeat_timeout` (4001).
+    HeartbeatTimeout,
+    /// Send queue stayed full under the `disconnect` policy (4000).
+    SlowConsumer,
+    /// The client broke the WebSocket or Keel protocol (1002, 1003, 1007, 1009).
+    ProtocolError,
+    /// Graceful shutdown (1012).
+    Shutdown,
+    /// Closed to bring total memory under `max_total_memory` (1013).
+    MemoryEvicted,
+    /// The handler panicked on one of its messages (1011).
+    InternalError,
+}
+
+impl DisconnectReason {
+    /// Every reason, for metrics.
+    pub const ALL: [DisconnectReason; 10] = [
+        DisconnectReason::ClientClosed,
+        DisconnectReason::ConnectionLost,
+        DisconnectReason::ServerClosed,
+        DisconnectReason::Replaced,
+        DisconnectReason::HeartbeatTimeout,
+        DisconnectReason::SlowConsumer,
+        DisconnectReason::ProtocolError,
+        DisconnectReason::Shutdown,
+        DisconnectReason::MemoryEvicted,
+        DisconnectReason::InternalError,
+    ];
+
+    /// The name used in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectReason::ClientClosed => "client_closed",
+            DisconnectReason::ConnectionLost => "connection_lost",
+            DisconnectReason::ServerClosed => "server_closed",
+            DisconnectReason::Replaced => "replaced",
+            DisconnectReason::HeartbeatTimeout => "heartbeat_timeout",
+            DisconnectReason::SlowConsumer => "slow_consumer",
+            DisconnectReason::ProtocolError => "protocol_error",
+            DisconnectReason::Shutdown => "shutdown",
+            DisconnectReason::MemoryEvicted => "memory_evicted",
+            DisconnectReason::InternalError => "internal_error",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A message handed to [`Handler::on_message`](crate::Handler::on_message).
+#[derive(Debug, Clone, Copy)]
+pub enum Message<'a> {
+    /// A text message (valid UTF-8).
+    Text(&'a str),
+    /// A binary message.
+    Binary(&'a [u8]),
+}
+
+/// Counters a connection's own task writes (uncontended); folded into the Hub's
+/// totals when it ends.
+#[derive(Default)]
+pub(crate) struct ConnStats {
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) messages_out: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+}
+
+pub(crate) struct ConnInner {
+    /// Who the client is; the registry key.
+    pub(crate) client_id: Arc<str>,
+    /// Unique per connection (a replaced connection keeps its client_id, not this).
+    pub(crate) session_id: u128,
+    /// Whatever the application attached at connect time (presence info, claims).
+    pub(crate) metadata: serde_json::Value,
+    pub(crate) connected_at: Instant,
+    /// Milliseconds since the Hub started at the last inbound frame; read by the sweeper.
+    pub(crate) last_seen: AtomicU64,
+    pub(crate) queue: SendQueue,
+    /// Set to end the task at once, without a close handshake.
+    pub(crate) kill: AtomicBool,
+    /// Set when unregistering starts: a channel join racing with it undoes itself.
+    pub(crate) gone: AtomicBool,
+    /// Why the server closed it, if it did; decided by whoever queued the Close.
+    pub(crate) close_reason: Mutex<Option<(DisconnectReason, u16)>>,
+    /// Channels this connection is in, for cleanup and `get_client_rooms`.
+    pub(crate) channels: Mutex<std::collections::HashSet<Arc<str>>>,
+    /// Lazily allocated: most connections never store user data.
+    pub(crate) user_data: Mutex<Option<Box<UserData>>>,
+    pub(crate) stats: ConnStats,
+}
+
+/// A handle to one live connection. Cheap to clone; holding one does not keep the
+/// socket open.
+#[derive(Clone)]
+pub struct Connection {
+    pub(crate) inner: Arc<ConnInner>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("client_id", &self.inner.client_id)
+            .field("session_id", &self.session_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    pub(crate) fn new(client_id: Arc<str>, metadata: serde_json::Value, now_ms: u64) -> Self {
+        Connection {
+            inner: Arc::new(ConnInner {
+                client_id,
+                session_id: rand::random(),
+                metadata,
+                connected_at: Instant::now(),
+                last_seen: AtomicU64::new(now_ms),
+                queue: SendQueue::default(),
+                kill: AtomicBool::new(false),
+                gone: AtomicBool::new(false),
+                close_reason: Mutex::new(None),
+                channels: Mutex::new(Default::default()),
+                user_data: Mutex::new(None),
+                stats: ConnStats::default(),
+            }),
+        }
+    }
+
+    /// The client's id.
+    pub fn client_id(&self) -> &str {
+        &self.inner.client_id
+    }
+
+    /// This connection's session id (a UUID, unique per connection).
+    pub fn session_id(&self) -> String {
+        uuid::Uuid::from_u128(self.inner.session_id).to_string()
+    }
+
+    /// What the application attached at connect time.
+    pub fn metadata(&self) -> &serde_json::Value {
+        &self.inner.metadata
+    }
+
+    /// When it connected.
+    pub fn connected_at(&self) -> Instant {
+        self.inner.connected_at
+    }
+
+    /// Messages dropped for this connection by the slow-consumer policy.
+    pub fn dropped(&self) -> u64 {
+        self.inner.stats.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Whether `other` is the same connection (not merely the same client_id).
+    pub fn same(&self, other: &Connection) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Queues a text message (already-encoded JSON, usually). Never waits on the
+    /// socket; returns false if it was dropped or the connection is closing.
+    pub fn send_text(&self, hub: &Hub, text: Bytes) -> bool {
+        self.push(hub, Outgoing::Text(text))
+    }
+
+    /// Queues a binary message; see [`send_text`](Self::send_text).
+    pub fn send_binary(&self, hub: &Hub, data: Bytes) -> bool {
+        self.push(hub, Outgoing::Binary(data))
+    }
+
+    pub(crate) fn push(&self, hub: &Hub, item: Outgoing) -> bool {
+        matches!(
+            self.push_counted(hub, item),
+            Pushed::Queued | Pushed::DroppedOldest(_)
+        )
+    }
+
+    /// Queues `item`, counting what the slow-consumer policy dropped.
+    pub(crate) fn push_counted(&self, hub: &Hub, item: Outgoing) -> Pushed {
+        let pushed = self.inner.queue.push(item, hub.limits());
+        match pushed {
+            Pushed::DroppedOldest(n) => self.count_drops(hub, n as u64),
+            Pushed::DroppedNewest => self.count_drops(hub, 1),
+            Pushed::Queued | Pushed::Closed => {}
+        }
+        pushed
+    }
+
+    fn count_drops(&self, hub: &Hub, n: u64) {
+        if n > 0 {
+            self.inner.stats.dropped.fetch_add(n, Ordering::Relaxed);
+            hub.metrics().dropped(hub.limits().policy, n);
+        }
+    }
+
+    /// Starts a close handshake with `code`: what is queued goes out first, then
+    /// the Close. Returns false if a close was already under way.
+    pub fn close(&self, code: u16, reason: &str) -> bool {
+        self.close_as(DisconnectReason::ServerClosed, code, reason, false)
+    }
+
+    pub(crate) fn close_as(
+        &self,
+        why: DisconnectReason,
+        code: u16,
+        reason: &str,
+        discard: bool,
+    ) -> bool {
+        if self.inner.queue.close(code, reason, discard) {
+            self.inner.close_reason.lock().get_or_insert((why, code));
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Queues `text`, then a Close, with nothing in between.
+    pub(crate) fn send_then_close(
+        &self,
+        why: DisconnectReason,
+        text: Bytes,
+        code: u16,
+        reason: &str,
+    ) -> bool {
+        if self
+            .inner
+            .queue
+            .push_then_close(Outgoing::Text(text), code, reason)
+        {
+            self.inner.close_reason.lock().get_or_insert((why, code));
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Ends the connection at once, without a close handshake.
+    pub(crate) fn kill(&self, why: DisconnectReason, code: u16) {
+        self.inner.close_reason.lock().get_or_insert((why, code));
+        self.inner.kill.store(true, Ordering::Release);
+        self.inner.queue.wake();
+    }
+
+    /// Bytes queued plus user data: what `max_total_memory` counts for this connection.
+    pub(crate) fn memory(&self) -> usize {
+        let queued = self.inner.queue.depth().0;
+        let user = self.inner.user_data.lock().as_ref().map_or(0, |u| u.bytes);
+        queued + user
+    }
+}
+
+enum Event {
+    Frame(Incoming),
+    ReadError(ReadError),
+    WriteError,
+    Killed,
+    CloseTimedOut,
+}
+
+/// Unregisters the connection however the task ends, panics included.
+struct Guard {
+    hub: Hub,
+    conn: Connection,
+    /// The end as the task saw it, if the server did not decide it first.
+    end: (DisconnectReason, u16),
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let (reason, code) = self.conn.inner.close_reason.lock().unwrap_or(self.end);
+        let reason = if std::thread::panicking() {
+            DisconnectReason::InternalError
+        } else {
+            reason
+        };
+        self.hub.unregister(&self.conn, reason, code);
+    }
+}
+
+/// Drives one connection until it ends. Registration already happened.
+pub(crate) async fn run(hub: Hub, conn: Connection, mut socket: Socket) {
+    let mut guard = Guard {
+        hub: hub.clone(),
+        conn: conn.clone(),
+        end: (DisconnectReason::ConnectionLost, 1006),
+    };
+    let handler = hub.handler();
+    if std::panic::catch_unwind(AssertUnwindSafe(|| handler.on_connect(&hub, &conn))).is_err() {
+        conn.close_as(DisconnectReason::InternalError, 1011, "internal error", true);
+    }
+
+    let inner = &conn.inner;
+    let mut close_sent = false;
+    let mut close_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let close_timeout = hub.config().close_timeout;
+
+    loop {
+        let event = poll_fn(|cx| {
+            if inner.kill.load(Ordering::Acquire) {
+                return Poll::Ready(Event::Killed);
+            }
+            inner.queue.register(cx.waker());
+            // Write: move queued frames into the socket's buffer while it takes them.
+            while !close_sent {
+                match transport::poll_ready(&mut socket, cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(())) => return Poll::Ready(Event::WriteError),
+                    Poll::Pending => break,
+                }
+                let Some(item) = inner.queue.pop() else { break };
+                match &item {
+                    Outgoing::Text(b) | Outgoing::Binary(b) => {
+                        inner.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+                        inner.stats.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    }
+                    Outgoing::Close(..) => close_sent = true,
+                    Outgoing::Ping => {}
+                }
+                if transport::start_send(&mut socket, item).is_err() {
+                    return Poll::Ready(Event::WriteError);
+                }
+            }
+            if let Poll::Ready(Err(())) = transport::poll_flush(&mut socket, cx) {
+                return Poll::Ready(Event::WriteError);
+            }
+            if close_sent && close_timer.is_none() {
+                close_timer = Some(Box::pin(tokio::time::sleep(close_timeout)));
+            }
+            if let Some(timer) = close_timer.as_mut() {
+                if timer.poll_unpin(cx).is_ready() {
+                    return Poll::Ready(Event::CloseTimedOut);
+                }
+            }
+            match transport::poll_read(&mut socket, cx) {
+                Poll::Ready(Ok(frame)) => Poll::Ready(Event::Frame(frame)),
+                Poll::Ready(Err(e)) => Poll::Ready(Event::ReadError(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+
+        match event {
+            Event::Frame(frame) => {
+                inner.last_seen.store(hub.now_ms(), Ordering::Relaxed);
+                match frame {
+                    Incoming::Text(bytes) => {
+                        count_in(inner, bytes.len());
+                        // The transport validated UTF-8 already; this cannot fail.
+                        let Ok(text) = std::str::from_utf8(&bytes) else {
+                            conn.close_as(DisconnectReason::ProtocolError, 1007, "invalid utf-8", true);
+                            continue;
+                        };
+                        dispatch(&hub, &conn, Message::Text(text));
+                    }
+                    Incoming::Binary(bytes) => {
+                        count_in(inner, bytes.len());
+                        dispatch(&hub, &conn, Message::Binary(&bytes));
+                    }
+                    Incoming::Control => {}
+                    Incoming::Close(code) => {
+                        // The transport answers the Close; keep polling until the
+                        // socket reports the end so the answer is flushed.
+                        guard.end = (DisconnectReason::ClientClosed, code.unwrap_or(1005));
+                        inner
+                            .close_reason
+                            .lock()
+                            .get_or_insert((DisconnectReason::ClientClosed, code.unwrap_or(1005)));
+                        if close_timer.is_none() {
+                            close_timer = Some(Box::pin(tokio::time::sleep(close_timeout)));
+                        }
+                    }
+                }
+            }
+            Event::ReadError(ReadError::Protocol(code, detail)) => {
+                tracing::debug!(client_id = %inner.client_id, code, %detail, "protocol error");
+                inner
+                    .close_reason
+                    .lock()
+                    .get_or_insert((DisconnectReason::ProtocolError, code));
+                // The transport queued the Close; the next read flushes it and ends.
+                if close_timer.is_none() {
+                    close_timer = Some(Box::pin(tokio::time::sleep(close_timeout)));
+                }
+                close_sent = true;
+            }
+            Event::Killed => {
+                // One non-waiting attempt to tell the peer why (4001, 1012...).
+                let _ = poll_fn(|cx| {
+                    while let Some(item) = inner.queue.pop() {
+                        if let Outgoing::Close(..) = item {
+                            if transport::poll_ready(&mut socket, cx).is_ready() {
+                                let _ = transport::start_send(&mut socket, item);
+                                let _ = transport::poll_flush(&mut socket, cx);
+                            }
+                            break;
+                        }
+                    }
+                    Poll::Ready(())
+                })
+                .await;
+                break;
+            }
+            Event::ReadError(ReadError::Closed) | Event::WriteError | Event::CloseTimedOut => break,
+        }
+    }
+    drop(socket);
+    drop(guard);
+}
+
+fn count_in(inner: &ConnInner, len: usize) {
+    inner.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+    inner.stats.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+}
+
+/// Hands a message to the handler; a panic closes this connection with 1011 and
+/// touches nothing else.
+fn dispatch(hub: &Hub, conn: &Connection, msg: Message<'_>) {
+    let handler = hub.handler();
+    if std::panic::catch_unwind(AssertUnwindSafe(|| handler.on_message(hub, conn, msg))).is_err() {
+        tracing::error!(client_id = %conn.client_id(), "handler panicked; closing the connection with 1011");
+        conn.close_as(DisconnectReason::InternalError, 1011, "internal error", true);
+    }
+}

@@ -1,0 +1,123 @@
+//! The Hub's sweeper: heartbeats, heartbeat timeouts, slow-consumer timeouts,
+//! memory checks and history expiry, for all connections, from one task.
+//!
+//! # Why a sweep and not a timer per connection
+//!
+//! A timer per connection costs a timer-wheel entry and a task wake-up per tick
+//! for every idle connection, and a separate ping task would cost a task each.
+//! Here each connection has one `last_seen` atomic, stored by its own task when a
+//! frame arrives. One task wakes every `tick` (a quarter of the smaller of interval
+//! and timeout, at least 10 ms) and walks the registry: it closes connections silent
+//! for longer than `interval + timeout`, and pings one shard in `num_shards` per
+//! `interval / num_shards`, so heartbeats are spread over the interval instead of
+//! arriving in one burst. An idle connection's task is woken once per interval, to
+//! write its ping, and at no other time. The JSON `ping` is encoded once per sweep
+//! and shared by every queue.
+//!
+//! Detection is therefore within `interval + timeout + tick`. The sweeper holds a
+//! `Weak` reference: it stops when the Hub is dropped or stopped, and it never
+//! awaits a socket.
+
+use std::sync::atomic::Ordering;
+use std::sync::Weak;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{HeartbeatMode, SlowConsumerPolicy};
+use crate::connection::{Connection, DisconnectReason};
+use crate::hub::{Hub, HubInner};
+use crate::transport::Outgoing;
+
+pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
+    let (interval, timeout, shards, check_every) = match hub.upgrade() {
+        Some(h) => (
+            h.config.heartbeat_interval,
+            h.config.heartbeat_timeout,
+            h.config.num_shards.max(1),
+            h.config.memory_check_interval,
+        ),
+        None => return,
+    };
+    let tick = (interval.min(timeout) / 4).max(Duration::from_millis(10));
+    let ping_step = interval / shards as u32;
+    let start = Instant::now();
+    // Shard i is first pinged at i * ping_step, then every interval.
+    let mut next_ping: Vec<Instant> = (0..shards)
+        .map(|i| start + ping_step * i as u32 + ping_step)
+        .collect();
+    let mut next_memory_check = start + check_every;
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Some(inner) = hub.upgrade() else { return };
+        let hub = Hub { inner };
+        let now = Instant::now();
+        sweep(&hub, now, &mut next_ping, interval);
+        if now >= next_memory_check {
+            next_memory_check = now + check_every;
+            crate::shutdown::enforce_total_memory(&hub);
+            hub.inner.channels.sweep();
+        }
+    }
+}
+
+fn sweep(hub: &Hub, now: Instant, next_ping: &mut [Instant], interval: Duration) {
+    let cfg = hub.config();
+    let deadline_ms = (cfg.heartbeat_interval + cfg.heartbeat_timeout).as_millis() as u64;
+    let now_ms = hub.now_ms();
+    let slow_timeout = cfg.slow_consumer_timeout;
+    let disconnect_slow = cfg.slow_consumer_policy == SlowConsumerPolicy::Disconnect;
+    let mut json_ping = None;
+    for (i, shard) in hub.shards().iter().enumerate() {
+        let ping = now >= next_ping[i];
+        if ping {
+            next_ping[i] += interval;
+            if next_ping[i] < now {
+                next_ping[i] = now + interval;
+            }
+        }
+        let conns: Vec<Connection> = shard.read().values().cloned().collect();
+        for c in conns {
+            let seen = c.inner.last_seen.load(Ordering::Relaxed);
+            if now_ms.saturating_sub(seen) > deadline_ms {
+                tracing::debug!(client_id = %c.client_id(), "heartbeat timeout");
+                // Best effort: the peer is usually gone, so do not wait for its Close.
+                c.close_as(
+                    DisconnectReason::HeartbeatTimeout,
+                    keel_protocol::close::HEARTBEAT_TIMEOUT,
+                    "heartbeat timeout",
+                    true,
+                );
+                c.kill(DisconnectReason::HeartbeatTimeout, keel_protocol::close::HEARTBEAT_TIMEOUT);
+                continue;
+            }
+            if disconnect_slow {
+                if let Some(since) = c.inner.queue.full_since() {
+                    if now.duration_since(since) >= slow_timeout {
+                        c.close_as(
+                            DisconnectReason::SlowConsumer,
+                            keel_protocol::close::SLOW_CONSUMER,
+                            "slow consumer",
+                            true,
+                        );
+                        continue;
+                    }
+                }
+            }
+            if ping {
+                if matches!(cfg.heartbeat_mode, HeartbeatMode::Ws | HeartbeatMode::Both) {
+                    c.inner.queue.push_control(Outgoing::Ping);
+                }
+                if matches!(cfg.heartbeat_mode, HeartbeatMode::Json | HeartbeatMode::Both) {
+                    let frame = json_ping.get_or_insert_with(keel_protocol::encode::ping);
+                    c.inner.queue.push_control(Outgoing::Text(frame.clone()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,570 @@
+//! [`Hub`]: the registry of connections and the public face of the library.
+//!
+//! A Hub is a value: cheap to clone (an `Arc` inside), many per process, no global
+//! state. It owns a sharded map of client_id to [`Connection`], the channels, the
+//! counters, and the background sweeper started by [`Hub::start`]. Every operation
+//! the gateway performs is a method here. Methods never await a socket: sending is
+//! queuing.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::response::Response;
+use bytes::Bytes;
+use parking_lot::RwLock;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::channel::{Channels, Publication, StreamPosition};
+use crate::config::Config;
+use crate::connection::{self, Connection, DisconnectReason};
+use crate::error::{Error, ErrorKind, Result};
+use crate::handler::{Handler, NoopHandler};
+use crate::memory::{self, MemoryUsage, UserData};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::queue::Limits;
+use crate::transport::{Outgoing, Transport, Upgrade};
+
+type Shard = RwLock<HashMap<Arc<str>, Connection>>;
+
+pub(crate) struct HubInner {
+    pub(crate) config: Config,
+    limits: Limits,
+    handler: Arc<dyn Handler>,
+    shards: Box<[Shard]>,
+    hasher: std::collections::hash_map::RandomState,
+    pub(crate) channels: Channels,
+    pub(crate) metrics: Metrics,
+    transport: Transport,
+    started: Instant,
+    /// Connections registered plus upgrades answered but not yet registered; what
+    /// `max_connections` is checked against.
+    reserved: AtomicUsize,
+    /// Sum of all connections' user-data bytes.
+    pub(crate) user_data_bytes: AtomicUsize,
+    pub(crate) draining: AtomicBool,
+    running: AtomicBool,
+    /// Tracks connection tasks, so shutdown can wait for them (axum does not).
+    pub(crate) tasks: TaskTracker,
+    /// Stops the background sweeper.
+    pub(crate) stop: CancellationToken,
+}
+
+/// The connection hub. See the crate documentation for a tour.
+#[derive(Clone)]
+pub struct Hub {
+    pub(crate) inner: Arc<HubInner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("connections", &self.get_connection_count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a broadcast did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BroadcastResult {
+    /// Connections the message was queued to.
+    pub sent: usize,
+    /// Connections whose queue dropped a message for it (it or an older one).
+    pub dropped: usize,
+    /// Connections that could not take it (closing, or `drop_newest` refused it).
+    pub failed: usize,
+}
+
+impl Hub {
+    /// A Hub with the default handler (binary frames closed with 1003, nothing else
+    /// done with messages). Call [`start`](Self::start) inside a tokio runtime.
+    pub fn new(config: Config) -> Self {
+        Self::with_handler(config, NoopHandler)
+    }
+
+    /// A Hub whose connections call `handler`'s hooks.
+    pub fn with_handler(config: Config, handler: impl Handler) -> Self {
+        let shards = config.num_shards.max(1);
+        Hub {
+            inner: Arc::new(HubInner {
+                limits: Limits {
+                    max_messages: config.send_queue_max_messages,
+                    max_bytes: config.send_queue_max_bytes,
+                    policy: config.slow_consumer_policy,
+                },
+                handler: Arc::new(handler),
+                shards: (0..shards).map(|_| RwLock::default()).collect(),
+                hasher: Default::default(),
+                channels: Channels::new(shards, config.history_size, config.history_ttl),
+                metrics: Metrics::default(),
+                transport: Transport::new(&config),
+                started: Instant::now(),
+                reserved: AtomicUsize::new(0),
+                user_data_bytes: AtomicUsize::new(0),
+                draining: AtomicBool::new(false),
+                running: AtomicBool::new(false),
+                tasks: TaskTracker::new(),
+                stop: CancellationToken::new(),
+                config,
+            }),
+        }
+    }
+
+    /// Starts the background sweeper (heartbeats, timeouts, slow consumers, memory,
+    /// history expiry). Idempotent; must be called inside a tokio runtime.
+    pub fn start(&self) {
+        if !self.inner.running.swap(true, Ordering::AcqRel) {
+            tokio::spawn(crate::heartbeat::sweeper(
+                Arc::downgrade(&self.inner),
+                self.inner.stop.clone(),
+            ));
+        }
+    }
+
+    /// The configuration the Hub was built with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn handler(&self) -> Arc<dyn Handler> {
+        self.inner.handler.clone()
+    }
+
+    /// Milliseconds since the Hub was created (the clock of `last_seen`).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.inner.started.elapsed().as_millis() as u64
+    }
+
+    /// How long the Hub has existed.
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    fn shard(&self, client_id: &str) -> &Shard {
+        let i = (self.inner.hasher.hash_one(client_id) as usize) % self.inner.shards.len();
+        &self.inner.shards[i]
+    }
+
+    pub(crate) fn shards(&self) -> &[Shard] {
+        &self.inner.shards
+    }
+
+    /// Whether the Hub is draining (refusing new connections).
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// Checks whether a new connection would be accepted now, without reserving a
+    /// place: `Err` with [`ErrorKind::Shutdown`] while draining,
+    /// [`ErrorKind::ConnectionLimitExceeded`] at `max_connections`.
+    pub fn check_admission(&self) -> Result<()> {
+        if self.is_draining() {
+            return Err(Error::new(ErrorKind::Shutdown, "server is draining"));
+        }
+        if let Some(max) = self.inner.config.max_connections {
+            if self.inner.reserved.load(Ordering::Acquire) >= max {
+                return Err(Error::new(
+                    ErrorKind::ConnectionLimitExceeded,
+                    format!("at max_connections ({max})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn reserve(&self) -> Result<()> {
+        if self.is_draining() {
+            self.inner.metrics.rejected_draining.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::new(ErrorKind::Shutdown, "server is draining"));
+        }
+        let prev = self.inner.reserved.fetch_add(1, Ordering::AcqRel);
+        if let Some(max) = self.inner.config.max_connections {
+            if prev >= max {
+                self.inner.reserved.fetch_sub(1, Ordering::AcqRel);
+                self.inner.metrics.rejected_limit.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::new(
+                    ErrorKind::ConnectionLimitExceeded,
+                    format!("at max_connections ({max})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Accepts a WebSocket upgrade for `client_id` and runs the connection.
+    ///
+    /// Returns the handshake response for the axum handler to return. Past
+    /// `max_connections` or while draining it returns an error (whose
+    /// [`http_status`](Error::http_status) is 503) and answers no handshake. A
+    /// client_id that is already connected is taken over: the older connection is
+    /// closed with 4002 once the new one is registered. `metadata` is kept on the
+    /// connection (presence info, claims) and never sent anywhere by the Hub.
+    pub fn connect(
+        &self,
+        client_id: impl Into<String>,
+        upgrade: Upgrade,
+        metadata: serde_json::Value,
+    ) -> Result<Response> {
+        self.reserve()?;
+        let (response, socket) = match self.inner.transport.accept(upgrade) {
+            Ok(r) => r,
+            Err(e) => {
+                self.inner.reserved.fetch_sub(1, Ordering::AcqRel);
+                return Err(e);
+            }
+        };
+        let hub = self.clone();
+        let client_id: Arc<str> = Arc::from(client_id.into());
+        self.inner.tasks.spawn(async move {
+            let Some(socket) = socket.await else {
+                hub.inner.reserved.fetch_sub(1, Ordering::AcqRel);
+                return;
+            };
+            let conn = Connection::new(client_id, metadata, hub.now_ms());
+            hub.register(&conn);
+            connection::run(hub, conn, socket).await;
+        });
+        Ok(response)
+    }
+
+    fn register(&self, conn: &Connection) {
+        let old = self
+            .shard(conn.client_id())
+            .write()
+            .insert(conn.inner.client_id.clone(), conn.clone());
+        self.inner.metrics.connects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            client_id = %conn.client_id(),
+            session_id = %conn.session_id(),
+            "connect"
+        );
+        if let Some(old) = old {
+            old.close_as(DisconnectReason::Replaced, keel_protocol::close::REPLACED, "replaced by a newer connection", true);
+        }
+    }
+
+    /// Called by the connection task as it ends, on every path.
+    pub(crate) fn unregister(&self, conn: &Connection, reason: DisconnectReason, code: u16) {
+        conn.inner.gone.store(true, Ordering::Release);
+        {
+            let mut shard = self.shard(conn.client_id()).write();
+            if shard.get(conn.client_id()).is_some_and(|c| c.same(conn)) {
+                shard.remove(conn.client_id());
+            }
+        }
+        let channels: Vec<Arc<str>> = conn.inner.channels.lock().drain().collect();
+        for ch in channels {
+            self.inner.channels.leave(&ch, conn);
+        }
+        if let Some(ud) = conn.inner.user_data.lock().take() {
+            self.inner.user_data_bytes.fetch_sub(ud.bytes, Ordering::Relaxed);
+        }
+        self.inner.reserved.fetch_sub(1, Ordering::AcqRel);
+        let m = &self.inner.metrics;
+        m.disconnects[reason.index()].fetch_add(1, Ordering::Relaxed);
+        if reason == DisconnectReason::HeartbeatTimeout {
+            m.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        m.fold(&conn.inner.stats);
+        tracing::info!(
+            client_id = %conn.client_id(),
+            session_id = %conn.session_id(),
+            reason = reason.as_str(),
+            code,
+            duration_ms = conn.connected_at().elapsed().as_millis() as u64,
+            "disconnect"
+        );
+        let handler = self.handler();
+        let hub = self.clone();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handler.on_disconnect(&hub, conn, reason, code)
+        }));
+    }
+
+    /// The connection of `client_id`, if connected.
+    pub fn get_connection(&self, client_id: &str) -> Option<Connection> {
+        self.shard(client_id).read().get(client_id).cloned()
+    }
+
+    fn require(&self, client_id: &str) -> Result<Connection> {
+        self.get_connection(client_id)
+            .ok_or_else(|| Error::not_found(client_id))
+    }
+
+    /// Closes `client_id`'s connection with 1000. What is queued is sent first.
+    pub fn disconnect(&self, client_id: &str) -> Result<()> {
+        self.disconnect_with(client_id, keel_protocol::close::NORMAL, "disconnected by server")
+    }
+
+    /// Closes `client_id`'s connection with `code` and `reason`.
+    pub fn disconnect_with(&self, client_id: &str, code: u16, reason: &str) -> Result<()> {
+        self.require(client_id)?.close(code, reason);
+        Ok(())
+    }
+
+    /// Queues a text message to one client. False if not connected, closing, or the
+    /// message was refused by a full queue.
+    pub fn send_to_client(&self, client_id: &str, text: impl Into<Bytes>) -> bool {
+        match self.get_connection(client_id) {
+            Some(c) => c.push(self, Outgoing::Text(text.into())),
+            None => false,
+        }
+    }
+
+    /// Queues a text message to every connection but those in `exclude`. The
+    /// message is one buffer shared by all queues; no socket is awaited. Yields to
+    /// other tasks every `max_concurrent_broadcast` queues.
+    pub async fn broadcast(&self, text: impl Into<Bytes>, exclude: &[&str]) -> BroadcastResult {
+        let frame = text.into();
+        let mut result = BroadcastResult::default();
+        let batch = self.inner.config.max_concurrent_broadcast;
+        for shard in self.inner.shards.iter() {
+            let conns: Vec<Connection> = shard.read().values().cloned().collect();
+            for (i, c) in conns.iter().enumerate() {
+                if exclude.contains(&c.client_id()) {
+                    continue;
+                }
+                tally(&mut result, c.push_counted(self, Outgoing::Text(frame.clone())));
+                if (i + 1) % batch == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        result
+    }
+
+    /// Client ids of all open connections.
+    pub fn get_active_connections(&self) -> Vec<String> {
+        let mut v = Vec::with_capacity(self.get_connection_count());
+        for s in self.inner.shards.iter() {
+            v.extend(s.read().keys().map(|k| k.to_string()));
+        }
+        v
+    }
+
+    /// Number of open connections.
+    pub fn get_connection_count(&self) -> usize {
+        self.inner.shards.iter().map(|s| s.read().len()).sum()
+    }
+
+    /// Records proof of life for `client_id` (a JSON `pong`, or anything the
+    /// application counts as one). Frames received already count by themselves.
+    pub fn handle_pong(&self, client_id: &str) -> Result<()> {
+        let c = self.require(client_id)?;
+        c.inner.last_seen.store(self.now_ms(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Memory held by connections: user data plus queued output.
+    pub fn get_memory_usage(&self) -> MemoryUsage {
+        let mut total = 0;
+        let mut count = 0;
+        for s in self.inner.shards.iter() {
+            for c in s.read().values() {
+                total += c.memory();
+                count += 1;
+            }
+        }
+        MemoryUsage {
+            total_memory: total,
+            connection_count: count,
+            per_connection_average: if count == 0 {
+                0.0
+            } else {
+                total as f64 / count as f64
+            },
+        }
+    }
+
+    /// Stores `value` under `key` for `client_id`. Fails with
+    /// [`ErrorKind::MemoryLimitExceeded`] if it would take the connection past
+    /// `max_memory_per_connection` or all connections past `max_total_memory`;
+    /// nothing is changed then.
+    pub fn set_user_data(&self, client_id: &str, key: &str, value: serde_json::Value) -> Result<()> {
+        let c = self.require(client_id)?;
+        let cfg = &self.inner.config;
+        let add = memory::entry_size(key, &value);
+        let mut slot = c.inner.user_data.lock();
+        let ud = slot.get_or_insert_with(|| Box::new(UserData::new()));
+        let old = ud.map.get(key).map_or(0, |v| memory::entry_size(key, v));
+        let new_conn = ud.bytes - old + add;
+        if let Some(max) = cfg.max_memory_per_connection {
+            if new_conn > max {
+                return Err(Error::new(
+                    ErrorKind::MemoryLimitExceeded,
+                    format!("user data of {client_id} would be {new_conn} bytes, over max_memory_per_connection ({max})"),
+                ));
+            }
+        }
+        if let Some(max) = cfg.max_total_memory {
+            let total = self.inner.user_data_bytes.load(Ordering::Relaxed) - old + add;
+            if total > max {
+                return Err(Error::new(
+                    ErrorKind::MemoryLimitExceeded,
+                    format!("user data would total {total} bytes, over max_total_memory ({max})"),
+                ));
+            }
+        }
+        ud.map.insert(key.to_string(), value);
+        ud.bytes = new_conn;
+        self.inner.user_data_bytes.fetch_add(add, Ordering::Relaxed);
+        self.inner.user_data_bytes.fetch_sub(old, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The value under `key` for `client_id`, if any.
+    pub fn get_user_data(&self, client_id: &str, key: &str) -> Option<serde_json::Value> {
+        let c = self.get_connection(client_id)?;
+        let slot = c.inner.user_data.lock();
+        slot.as_ref()?.map.get(key).cloned()
+    }
+
+    /// Adds `client_id` to room (channel) `room`; returns the channel's position,
+    /// after which every publication reaches it. Rooms and channels are one thing.
+    pub fn join_room(&self, client_id: &str, room: &str) -> Result<StreamPosition> {
+        check_channel_name(room)?;
+        let c = self.require(client_id)?;
+        Ok(self.inner.channels.join(self, room, &c))
+    }
+
+    /// Subscribes `client_id` to `channel`, first replaying what it missed after
+    /// `since` when the channel's history still holds all of it (same epoch).
+    /// Returns the position, whether it recovered, and how many messages it replayed;
+    /// on `recovered == false` nothing was replayed (never a partial replay).
+    pub fn subscribe(
+        &self,
+        client_id: &str,
+        channel: &str,
+        since: Option<&keel_protocol::StreamPosition>,
+    ) -> Result<(StreamPosition, bool, usize)> {
+        check_channel_name(channel)?;
+        let c = self.require(client_id)?;
+        Ok(self.inner.channels.join_since(self, channel, &c, since))
+    }
+
+    /// Removes `client_id` from `room`. Ok(false) if it was not in it.
+    pub fn leave_room(&self, client_id: &str, room: &str) -> Result<bool> {
+        let c = self.require(client_id)?;
+        Ok(self.inner.channels.leave(room, &c))
+    }
+
+    /// Client ids in `room`.
+    pub fn get_room_members(&self, room: &str) -> Vec<String> {
+        self.inner
+            .channels
+            .members(room)
+            .iter()
+            .map(|c| c.client_id().to_string())
+            .collect()
+    }
+
+    /// Rooms `client_id` is in (empty if not connected).
+    pub fn get_client_rooms(&self, client_id: &str) -> Vec<String> {
+        self.get_connection(client_id)
+            .map(|c| c.inner.channels.lock().iter().map(|r| r.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Queues a text message to every member of `room` except `exclude`, without an
+    /// offset (it is not part of the channel's stream; see [`publish`](Self::publish)).
+    pub fn broadcast_to_room(&self, room: &str, text: impl Into<Bytes>, exclude: Option<&str>) -> BroadcastResult {
+        let frame = text.into();
+        let mut result = BroadcastResult::default();
+        for c in self.inner.channels.members(room) {
+            if exclude.is_some_and(|x| x == c.client_id()) {
+                continue;
+            }
+            tally(&mut result, c.push_counted(self, Outgoing::Text(frame.clone())));
+        }
+        result
+    }
+
+    /// Publishes `data` to `channel`'s stream: assigns the next offset, encodes one
+    /// `message` envelope and queues it to every member. `publisher` is the client_id
+    /// shown to subscribers (None for server-side publications).
+    pub fn publish(&self, channel: &str, data: &RawValue, publisher: Option<&str>) -> Result<Publication> {
+        check_channel_name(channel)?;
+        self.inner.metrics.publications.fetch_add(1, Ordering::Relaxed);
+        Ok(self.inner.channels.publish(self, channel, data, publisher, None))
+    }
+
+    /// The channel's current position (offset 0 in a fresh epoch if it has none yet).
+    pub fn channel_position(&self, channel: &str) -> Option<StreamPosition> {
+        self.inner.channels.position(channel)
+    }
+
+    /// The encoded `message` envelopes still in `channel`'s history after offset
+    /// `after` (oldest first, at most `limit`), and the channel's position. `None`
+    /// if the channel does not exist.
+    pub fn history(&self, channel: &str, after: u64, limit: usize) -> Option<(StreamPosition, Vec<Bytes>)> {
+        self.inner.channels.history(channel, after, limit)
+    }
+
+    /// A snapshot of the counters and gauges.
+    pub fn metrics_snapshot(&self) -> MetricsSnapshot {
+        let live: Vec<Connection> = self
+            .inner
+            .shards
+            .iter()
+            .flat_map(|s| s.read().values().cloned().collect::<Vec<_>>())
+            .collect();
+        MetricsSnapshot::collect(
+            &self.inner.metrics,
+            live.iter(),
+            self.inner.channels.count(),
+            self.inner.user_data_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The counters in Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        self.metrics_snapshot().to_prometheus()
+    }
+
+    /// Messages dropped by slow-consumer policies since start.
+    pub fn dropped_total(&self) -> u64 {
+        self.inner.metrics.dropped_total()
+    }
+}
+
+fn tally(r: &mut BroadcastResult, p: crate::queue::Pushed) {
+    use crate::queue::Pushed;
+    match p {
+        Pushed::Queued => r.sent += 1,
+        Pushed::DroppedOldest(_) => {
+            r.sent += 1;
+            r.dropped += 1;
+        }
+        Pushed::DroppedNewest => {
+            r.dropped += 1;
+            r.failed += 1;
+        }
+        Pushed::Closed => r.failed += 1,
+    }
+}
+
+/// Longest channel name accepted.
+pub const MAX_CHANNEL_NAME: usize = 255;
+
+fn check_channel_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_CHANNEL_NAME || name.chars().any(char::is_control) {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("channel names are 1 to {MAX_CHANNEL_NAME} bytes without control characters"),
+        ));
+    }
+    Ok(())
+}

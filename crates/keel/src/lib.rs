@@ -1,0 +1,78 @@
+//! Keel: a WebSocket stabilization layer for tokio and axum.
+//!
+//! A [`Hub`] tracks connections, sends heartbeats and closes the silent ones,
+//! keeps channels (rooms) with per-channel offsets, fans publications out without
+//! ever waiting on a slow client, enforces connection, message-size and memory
+//! limits, keeps per-connection user data, and shuts down gracefully with a
+//! report. The `keel` gateway binary is built on this public API only.
+//!
+//! What it must not do: block a publisher on a socket, keep global state (a Hub is
+//! a value; make as many as you like), or let one connection's failure (a panic in
+//! a handler included) reach another.
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use axum::{routing::get, Router, extract::State, response::IntoResponse};
+//! use keel::{Config, Hub, Upgrade};
+//!
+//! async fn ws(State(hub): State<Hub>, upgrade: Upgrade) -> axum::response::Response {
+//!     let id = uuid_like();
+//!     match hub.connect(id, upgrade, serde_json::Value::Null) {
+//!         Ok(response) => response,
+//!         Err(e) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+//!     }
+//! }
+//! # fn uuid_like() -> String { "client-1".into() }
+//!
+//! # async fn run() {
+//! let hub = Hub::new(Config::default());
+//! hub.start();
+//! let app: Router = Router::new().route("/ws", get(ws)).with_state(hub);
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`hub`]: the [`Hub`] and its registry: connect, disconnect, send, broadcast,
+//!   rooms, user data, metrics.
+//! - [`connection`]: a [`Connection`] handle and the one task that owns each socket.
+//! - [`queue`](crate::queue) (internal): the bounded per-connection send queue and
+//!   the slow-consumer policies.
+//! - [`heartbeat`](crate::heartbeat) (internal): the sweeper: pings, timeouts,
+//!   slow consumers, memory checks.
+//! - [`channel`]: channels, offsets, epochs and history (the in-memory broker).
+//! - [`memory`]: user data accounting and eviction.
+//! - [`shutdown`]: graceful shutdown and its [`ShutdownReport`].
+//! - [`metrics`]: counters and the Prometheus rendering.
+//! - [`config`]: [`Config`], every option with its default.
+//! - [`handler`]: the [`Handler`] hooks.
+//! - [`error`]: [`Error`] and [`ErrorKind`].
+//! - `transport` (internal): the only module that knows the WebSocket crate.
+
+pub mod channel;
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod handler;
+mod heartbeat;
+pub mod hub;
+pub mod memory;
+pub mod metrics;
+mod queue;
+pub mod shutdown;
+mod transport;
+
+pub use channel::{Publication, StreamPosition};
+pub use config::Config;
+pub use connection::{Connection, DisconnectReason, Message};
+pub use error::{Error, ErrorKind, Result};
+pub use handler::{Handler, NoopHandler};
+pub use hub::{BroadcastResult, Hub};
+pub use memory::MemoryUsage;
+pub use metrics::MetricsSnapshot;
+pub use shutdown::ShutdownReport;
+pub use transport::{Upgrade, UpgradeRejection};
+
+/// Re-exported so applications can build raw JSON for [`Hub::publish`].
+pub use serde_json::value::RawValue;

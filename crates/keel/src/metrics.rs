@@ -1,0 +1,166 @@
+//! Counters of a Hub and their Prometheus text rendering.
+//!
+//! Hot per-message counters live on each connection and are only written by its
+//! own task (no shared cache line on the fan-out path); they are folded in here when
+//! the connection ends and summed over live connections when metrics are read.
+//! Everything else is a Hub-wide relaxed atomic. This module never blocks and never
+//! allocates on the paths it counts.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::config::SlowConsumerPolicy;
+use crate::connection::{ConnStats, DisconnectReason};
+
+/// Hub-wide counters.
+#[derive(Default)]
+pub(crate) struct Metrics {
+    pub(crate) connects: AtomicU64,
+    pub(crate) disconnects: [AtomicU64; DisconnectReason::ALL.len()],
+    pub(crate) heartbeat_timeouts: AtomicU64,
+    pub(crate) publications: AtomicU64,
+    pub(crate) rejected_limit: AtomicU64,
+    pub(crate) rejected_draining: AtomicU64,
+    dropped_oldest: AtomicU64,
+    dropped_newest: AtomicU64,
+    /// Counters of connections that have ended.
+    pub(crate) closed: ConnStats,
+}
+
+impl Metrics {
+    pub(crate) fn dropped(&self, policy: SlowConsumerPolicy, n: u64) {
+        match policy {
+            SlowConsumerPolicy::DropOldest => &self.dropped_oldest,
+            _ => &self.dropped_newest,
+        }
+        .fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn fold(&self, s: &ConnStats) {
+        for (to, from) in [
+            (&self.closed.messages_in, &s.messages_in),
+            (&self.closed.bytes_in, &s.bytes_in),
+            (&self.closed.messages_out, &s.messages_out),
+            (&self.closed.bytes_out, &s.bytes_out),
+            (&self.closed.dropped, &s.dropped),
+        ] {
+            to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn dropped_total(&self) -> u64 {
+        self.dropped_oldest.load(Ordering::Relaxed) + self.dropped_newest.load(Ordering::Relaxed)
+    }
+}
+
+/// A point-in-time copy of a Hub's counters and gauges.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct MetricsSnapshot {
+    /// Open connections.
+    pub connections: usize,
+    /// Channels known (with members or live history).
+    pub channels: usize,
+    /// Connections accepted since start.
+    pub connects_total: u64,
+    /// Connections ended since start, by reason.
+    pub disconnects_total: Vec<(&'static str, u64)>,
+    /// Messages received from clients.
+    pub messages_in_total: u64,
+    /// Bytes received from clients (payloads).
+    pub bytes_in_total: u64,
+    /// Messages written to clients.
+    pub messages_out_total: u64,
+    /// Bytes written to clients (payloads, before compression).
+    pub bytes_out_total: u64,
+    /// Messages dropped by the slow-consumer policy, by policy.
+    pub dropped_total: Vec<(&'static str, u64)>,
+    /// Connections closed for silence.
+    pub heartbeat_timeouts_total: u64,
+    /// Publications made.
+    pub publications_total: u64,
+    /// Upgrades refused, by reason.
+    pub rejected_total: Vec<(&'static str, u64)>,
+    /// Bytes waiting in send queues.
+    pub send_queue_bytes: usize,
+    /// Messages waiting in send queues.
+    pub send_queue_messages: usize,
+    /// Bytes of user data.
+    pub user_data_bytes: usize,
+}
+
+impl MetricsSnapshot {
+    pub(crate) fn collect<'a>(
+        m: &Metrics,
+        live: impl Iterator<Item = &'a crate::Connection>,
+        channels: usize,
+        user_data_bytes: usize,
+    ) -> Self {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut s = MetricsSnapshot {
+            channels,
+            connects_total: r(&m.connects),
+            disconnects_total: DisconnectReason::ALL
+                .iter()
+                .map(|d| (d.as_str(), r(&m.disconnects[d.index()])))
+                .collect(),
+            messages_in_total: r(&m.closed.messages_in),
+            bytes_in_total: r(&m.closed.bytes_in),
+            messages_out_total: r(&m.closed.messages_out),
+            bytes_out_total: r(&m.closed.bytes_out),
+            dropped_total: vec![
+                ("drop_oldest", r(&m.dropped_oldest)),
+                ("drop_newest", r(&m.dropped_newest)),
+            ],
+            heartbeat_timeouts_total: r(&m.heartbeat_timeouts),
+            publications_total: r(&m.publications),
+            rejected_total: vec![
+                ("limit", r(&m.rejected_limit)),
+                ("draining", r(&m.rejected_draining)),
+            ],
+            user_data_bytes,
+            ..Default::default()
+        };
+        for c in live {
+            let st = &c.inner.stats;
+            s.connections += 1;
+            s.messages_in_total += r(&st.messages_in);
+            s.bytes_in_total += r(&st.bytes_in);
+            s.messages_out_total += r(&st.messages_out);
+            s.bytes_out_total += r(&st.bytes_out);
+            let (bytes, msgs) = c.inner.queue.depth();
+            s.send_queue_bytes += bytes;
+            s.send_queue_messages += msgs;
+        }
+        s
+    }
+
+    /// Renders the Prometheus text exposition format (version 0.0.4).
+    pub fn to_prometheus(&self) -> String {
+        let mut o = String::with_capacity(4096);
+        let mut one = |name: &str, kind: &str, help: &str, v: String| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        one("keel_connections", "gauge", "Open WebSocket connections.", self.connections.to_string());
+        one("keel_channels", "gauge", "Channels with members or live history.", self.channels.to_string());
+        one("keel_connects_total", "counter", "Connections accepted.", self.connects_total.to_string());
+        one("keel_messages_in_total", "counter", "Messages received from clients.", self.messages_in_total.to_string());
+        one("keel_bytes_in_total", "counter", "Payload bytes received from clients.", self.bytes_in_total.to_string());
+        one("keel_messages_out_total", "counter", "Messages written to clients.", self.messages_out_total.to_string());
+        one("keel_bytes_out_total", "counter", "Payload bytes written to clients.", self.bytes_out_total.to_string());
+        one("keel_heartbeat_timeouts_total", "counter", "Connections closed for heartbeat silence.", self.heartbeat_timeouts_total.to_string());
+        one("keel_publications_total", "counter", "Publications made.", self.publications_total.to_string());
+        one("keel_send_queue_bytes", "gauge", "Bytes waiting in send queues.", self.send_queue_bytes.to_string());
+        one("keel_send_queue_messages", "gauge", "Messages waiting in send queues.", self.send_queue_messages.to_string());
+        one("keel_user_data_bytes", "gauge", "Bytes of per-connection user data.", self.user_data_bytes.to_string());
+        let mut labelled = |name: &str, help: &str, label: &str, rows: &[(&str, u64)]| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (l, v) in rows {
+                let _ = writeln!(o, "{name}{{{label}=\"{l}\"}} {v}");
+            }
+        };
+        labelled("keel_disconnects_total", "Connections ended, by reason.", "reason", &self.disconnects_total);
+        labelled("keel_dropped_messages_total", "Messages dropped by the slow-consumer policy.", "policy", &self.dropped_total);
+        labelled("keel_upgrades_rejected_total", "WebSocket upgrades refused.", "reason", &self.rejected_total);
+        o
+    }
+}

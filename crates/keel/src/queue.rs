@@ -1,0 +1,290 @@
+//! The per-connection send queue: bounded in messages and bytes, filled by anyone,
+//! drained only by the connection's own task.
+//!
+//! Pushing never awaits: it takes a short lock, applies the slow-consumer policy if
+//! the queue is full, and wakes the writer. This is what keeps a broadcast from ever
+//! waiting on a socket. The queue holds already-encoded frames (`Bytes`), so a
+//! publication sent to ten thousand subscribers is ten thousand reference-count
+//! increments, not ten thousand serializations.
+//!
+//! It is a `VecDeque` behind a `parking_lot` mutex plus an `AtomicWaker`, not a tokio
+//! channel: an empty queue allocates nothing (an idle connection pays ~100 bytes
+//! here), and control frames (Ping, Close) can bypass the bounds. It must not do
+//! I/O or know what the frames mean beyond their size.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use futures::task::AtomicWaker;
+use parking_lot::Mutex;
+
+use crate::config::SlowConsumerPolicy;
+use crate::transport::Outgoing;
+
+/// Limits a queue enforces; copied from the Config once per Hub.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_messages: usize,
+    pub(crate) max_bytes: usize,
+    pub(crate) policy: SlowConsumerPolicy,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// Queued, nothing dropped.
+    Queued,
+    /// Queued after dropping this many older messages (`drop_oldest`).
+    DroppedOldest(usize),
+    /// Not queued: the queue was full (`drop_newest`, `disconnect`).
+    DroppedNewest,
+    /// Not queued: the connection is closing.
+    Closed,
+}
+
+#[derive(Default)]
+struct Inner {
+    items: VecDeque<Outgoing>,
+    /// Bytes of the data frames in `items`.
+    bytes: usize,
+    /// When the queue last became full (for the `disconnect` policy); `None` while not full.
+    full_since: Option<Instant>,
+    /// Set once a Close is queued: nothing is accepted after it.
+    closed: bool,
+}
+
+/// The queue itself.
+#[derive(Default)]
+pub(crate) struct SendQueue {
+    inner: Mutex<Inner>,
+    waker: AtomicWaker,
+}
+
+fn size_of(item: &Outgoing) -> usize {
+    match item {
+        Outgoing::Text(b) | Outgoing::Binary(b) => b.len(),
+        Outgoing::Ping | Outgoing::Close(..) => 0,
+    }
+}
+
+impl SendQueue {
+    /// Queues a data frame under `limits`, then wakes the writer.
+    pub(crate) fn push(&self, item: Outgoing, limits: &Limits) -> Pushed {
+        let size = size_of(&item);
+        let result = {
+            let mut q = self.inner.lock();
+            if q.closed {
+                return Pushed::Closed;
+            }
+            let full = |q: &Inner| {
+                q.items.len() >= limits.max_messages
+                    || (q.bytes + size > limits.max_bytes && !q.items.is_empty())
+            };
+            if !full(&q) {
+                q.full_since = None;
+                q.bytes += size;
+                q.items.push_back(item);
+                Pushed::Queued
+            } else {
+                match limits.policy {
+                    SlowConsumerPolicy::DropOldest => {
+                        let mut dropped = 0;
+                        while full(&q) {
+                            match q.items.pop_front() {
+                                Some(old) => {
+                                    q.bytes -= size_of(&old);
+                                    // Control frames are never dropped: keep their place.
+                                    if matches!(old, Outgoing::Ping | Outgoing::Close(..)) {
+                                        q.items.push_back(old);
+                                        if q.items.iter().all(|i| size_of(i) == 0) {
+                                            break;
+                                        }
+                                    } else {
+                                        dropped += 1;
+                                    }
+                                }
+                                None => break,
+                            }
+                        }
+                        q.bytes += size;
+                        q.items.push_back(item);
+                        Pushed::DroppedOldest(dropped)
+                    }
+                    SlowConsumerPolicy::DropNewest | SlowConsumerPolicy::Disconnect => {
+                        q.full_since.get_or_insert_with(Instant::now);
+                        Pushed::DroppedNewest
+                    }
+                }
+            }
+        };
+        if result != Pushed::DroppedNewest {
+            self.waker.wake();
+        }
+        result
+    }
+
+    /// Queues a control frame (Ping), past the bounds.
+    pub(crate) fn push_control(&self, item: Outgoing) -> bool {
+        {
+            let mut q = self.inner.lock();
+            if q.closed {
+                return false;
+            }
+            q.items.push_back(item);
+        }
+        self.waker.wake();
+        true
+    }
+
+    /// Queues a Close after what is already queued (graceful: earlier messages go
+    /// out first), or instead of it (`discard = true`: the peer is not reading).
+    /// Returns false if a Close was already queued.
+    pub(crate) fn close(&self, code: u16, reason: &str, discard: bool) -> bool {
+        {
+            let mut q = self.inner.lock();
+            if q.closed {
+                return false;
+            }
+            q.closed = true;
+            if discard {
+                q.items.clear();
+                q.items.shrink_to_fit();
+                q.bytes = 0;
+            }
+            q.items.push_back(Outgoing::Close(code, reason.to_string()));
+        }
+        self.waker.wake();
+        true
+    }
+
+    /// Queues data and then a Close, atomically (nothing can slip in between).
+    pub(crate) fn push_then_close(&self, item: Outgoing, code: u16, reason: &str) -> bool {
+        {
+            let mut q = self.inner.lock();
+            if q.closed {
+                return false;
+            }
+            q.closed = true;
+            q.bytes += size_of(&item);
+            q.items.push_back(item);
+            q.items.push_back(Outgoing::Close(code, reason.to_string()));
+        }
+        self.waker.wake();
+        true
+    }
+
+    /// Takes the next frame for the writer.
+    pub(crate) fn pop(&self) -> Option<Outgoing> {
+        let mut q = self.inner.lock();
+        let item = q.items.pop_front()?;
+        q.bytes -= size_of(&item);
+        if q.items.is_empty() && q.items.capacity() > 64 {
+            // A burst is over: give the memory back so idle stays cheap.
+            q.items.shrink_to_fit();
+        }
+        Some(item)
+    }
+
+    /// Registers the writer's waker.
+    pub(crate) fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+
+    /// Wakes the writer (to notice a kill flag, say).
+    pub(crate) fn wake(&self) {
+        self.waker.wake();
+    }
+
+    /// Queued bytes and messages.
+    pub(crate) fn depth(&self) -> (usize, usize) {
+        let q = self.inner.lock();
+        (q.bytes, q.items.len())
+    }
+
+    /// Since when the queue has been full, if it is.
+    pub(crate) fn full_since(&self) -> Option<Instant> {
+        self.inner.lock().full_since
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn text(n: usize) -> Outgoing {
+        Outgoing::Text(Bytes::from(vec![b'x'; n]))
+    }
+
+    fn limits(policy: SlowConsumerPolicy) -> Limits {
+        Limits {
+            max_messages: 3,
+            max_bytes: 100,
+            policy,
+        }
+    }
+
+    #[test]
+    fn drop_oldest_keeps_newest_within_bounds() {
+        let q = SendQueue::default();
+        let l = limits(SlowConsumerPolicy::DropOldest);
+        for _ in 0..3 {
+            assert_eq!(q.push(text(10), &l), Pushed::Queued);
+        }
+        assert_eq!(q.push(text(20), &l), Pushed::DroppedOldest(1));
+        assert_eq!(q.depth(), (40, 3));
+        // a large message pushes out as many as needed for the byte bound
+        assert_eq!(q.push(text(90), &l), Pushed::DroppedOldest(3));
+        assert_eq!(q.depth(), (90, 1));
+    }
+
+    #[test]
+    fn drop_newest_and_disconnect_refuse_and_mark_full() {
+        for policy in [SlowConsumerPolicy::DropNewest, SlowConsumerPolicy::Disconnect] {
+            let q = SendQueue::default();
+            let l = limits(policy);
+            for _ in 0..3 {
+                q.push(text(1), &l);
+            }
+            assert!(q.full_since().is_none());
+            assert_eq!(q.push(text(1), &l), Pushed::DroppedNewest);
+            assert!(q.full_since().is_some());
+            assert_eq!(q.depth(), (3, 3));
+            q.pop();
+            assert_eq!(q.push(text(1), &l), Pushed::Queued);
+            assert!(q.full_since().is_none());
+        }
+    }
+
+    #[test]
+    fn one_oversized_message_still_fits_an_empty_queue() {
+        let q = SendQueue::default();
+        let l = limits(SlowConsumerPolicy::DropNewest);
+        assert_eq!(q.push(text(500), &l), Pushed::Queued);
+    }
+
+    #[test]
+    fn close_discards_and_refuses_later_pushes() {
+        let q = SendQueue::default();
+        let l = limits(SlowConsumerPolicy::DropOldest);
+        q.push(text(10), &l);
+        assert!(q.close(4000, "slow", true));
+        assert_eq!(q.push(text(1), &l), Pushed::Closed);
+        assert!(!q.close(1000, "again", false));
+        assert!(matches!(q.pop(), Some(Outgoing::Close(4000, _))));
+        assert!(q.pop().is_none());
+    }
+
+    #[test]
+    fn control_frames_survive_drop_oldest() {
+        let q = SendQueue::default();
+        let l = limits(SlowConsumerPolicy::DropOldest);
+        q.push_control(Outgoing::Ping);
+        q.push(text(10), &l);
+        q.push(text(10), &l);
+        q.push(text(10), &l);
+        let items: Vec<_> = std::iter::from_fn(|| q.pop()).collect();
+        assert_eq!(items.len(), 3);
+        assert!(items.iter().any(|i| matches!(i, Outgoing::Ping)));
+    }
+}

@@ -1,0 +1,214 @@
+//! The one place that knows which WebSocket crate Keel uses (yawc).
+//!
+//! Everything else in the library sees [`Upgrade`] (the axum extractor), [`Socket`]
+//! and the small frame vocabulary below. Swapping the crate means rewriting this
+//! file only. It must not grow protocol logic: it moves frames, nothing more.
+//!
+//! Why yawc (see `docs/decisions.md`): permessage-deflate with no context takeover
+//! and a shared compressor pool, read and write buffers that start small (down to
+//! 0) and shrink back after a large frame, an axum 0.8 extractor, and Autobahn in
+//! its own CI.
+
+use std::task::{Context, Poll};
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::{Sink, SinkExt};
+
+use crate::config::{Compression, Config};
+
+/// The accepted WebSocket: the upgraded HTTP connection with framing on top.
+pub(crate) type Socket = yawc::WebSocket<yawc::HttpStream>;
+
+/// A pending WebSocket upgrade, extracted from an axum request.
+///
+/// Hand it to [`Hub::connect`](crate::Hub::connect), which checks the Hub's limits,
+/// answers the handshake and runs the connection. Rejections (not a WebSocket
+/// request, wrong version) are answered with 400 before any handler runs.
+pub struct Upgrade {
+    inner: yawc::IncomingUpgrade,
+}
+
+impl std::fmt::Debug for Upgrade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upgrade").finish_non_exhaustive()
+    }
+}
+
+/// Why an [`Upgrade`] could not be extracted: the request is not a valid
+/// WebSocket handshake. Answers 400.
+#[derive(Debug)]
+pub struct UpgradeRejection(StatusCode);
+
+impl IntoResponse for UpgradeRejection {
+    fn into_response(self) -> Response {
+        (self.0, "expected a WebSocket upgrade (RFC 6455, version 13)").into_response()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = UpgradeRejection;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let inner = yawc::IncomingUpgrade::from_request_parts(parts, state)
+            .await
+            .map_err(UpgradeRejection)?;
+        Ok(Upgrade { inner })
+    }
+}
+
+/// Shared per-Hub transport settings: the yawc options, with one compressor pool.
+#[derive(Clone)]
+pub(crate) struct Transport {
+    options: yawc::Options,
+}
+
+impl Transport {
+    pub(crate) fn new(config: &Config) -> Self {
+        let mut options = yawc::Options::default()
+            .with_max_payload_read(config.max_message_size + 1)
+            .with_max_read_buffer(config.max_message_size + 1)
+            .with_read_buffer_capacity(config.read_buffer_size)
+            .with_write_buffer_capacity(config.write_buffer_size)
+            .with_utf8()
+            .with_no_delay();
+        if config.compression == Compression::Deflate {
+            options = options
+                .with_low_latency_compression()
+                .server_no_context_takeover()
+                .client_no_context_takeover()
+                .with_compression_threshold(128)
+                .with_deflate_pool(yawc::DeflatePool::new(64));
+        } else {
+            options = options.without_compression();
+        }
+        Transport { options }
+    }
+
+    /// Answers the handshake; the returned future resolves to the socket once the
+    /// 101 response has been written.
+    pub(crate) fn accept(
+        &self,
+        upgrade: Upgrade,
+    ) -> Result<(Response, impl std::future::Future<Output = Option<Socket>>), crate::Error> {
+        let (response, fut) = upgrade
+            .inner
+            .upgrade(self.options.clone())
+            .map_err(|e| crate::Error::new(crate::ErrorKind::Handshake, e.to_string()))?;
+        let (parts, body) = response.into_parts();
+        let response = Response::from_parts(parts, axum::body::Body::new(body));
+        Ok((response, async move { fut.await.ok() }))
+    }
+}
+
+/// One frame read from a client, classified.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// A complete text message (validated UTF-8).
+    Text(Bytes),
+    /// A complete binary message.
+    Binary(Bytes),
+    /// A Ping (already answered by the transport) or a Pong.
+    Control,
+    /// The peer's Close, with its code if any.
+    Close(Option<u16>),
+}
+
+/// Why reading failed.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// The connection is gone (EOF, reset, or the close handshake finished).
+    Closed,
+    /// A protocol violation; the transport has queued a Close with this code.
+    Protocol(u16, String),
+}
+
+/// Polls the next complete message.
+pub(crate) fn poll_read(socket: &mut Socket, cx: &mut Context<'_>) -> Poll<Result<Incoming, ReadError>> {
+    use yawc::frame::OpCode;
+    socket.poll_next_frame(cx).map(|r| match r {
+        Ok(frame) => Ok(match frame.opcode() {
+            OpCode::Text => Incoming::Text(frame.into_payload()),
+            OpCode::Binary => Incoming::Binary(frame.into_payload()),
+            OpCode::Close => Incoming::Close(frame.close_code().map(u16::from)),
+            _ => Incoming::Control,
+        }),
+        Err(e) => Err(read_error(e)),
+    })
+}
+
+fn read_error(e: yawc::WebSocketError) -> ReadError {
+    use yawc::WebSocketError as E;
+    let code = match e {
+        E::FrameTooLarge => 1009,
+        E::InvalidUTF8 => 1007,
+        E::InvalidOpCode(_) => 1003,
+        E::ReservedBitsNotZero
+        | E::ControlFrameFragmented
+        | E::PingFrameTooLarge
+        | E::InvalidFragment
+        | E::InvalidCloseFrame
+        | E::InvalidCloseCode
+        | E::FragmentTimeout
+        | E::InvalidContinuationFrame
+        | E::CompressionNotSupported => 1002,
+        _ => return ReadError::Closed,
+    };
+    ReadError::Protocol(code, e.to_string())
+}
+
+/// A frame to write.
+#[derive(Debug, Clone)]
+pub(crate) enum Outgoing {
+    /// A text message (pre-encoded JSON, shared between subscribers).
+    Text(Bytes),
+    /// A binary message.
+    Binary(Bytes),
+    /// A Ping heartbeat.
+    Ping,
+    /// A Close with code and reason.
+    Close(u16, String),
+}
+
+impl Outgoing {
+    fn into_frame(self) -> yawc::Frame {
+        match self {
+            Outgoing::Text(b) => yawc::Frame::text(b),
+            Outgoing::Binary(b) => yawc::Frame::binary(b),
+            Outgoing::Ping => yawc::Frame::ping(Bytes::new()),
+            Outgoing::Close(code, reason) => {
+                yawc::Frame::close(yawc::close::CloseCode::from(code), truncate(&reason, 123))
+            }
+        }
+    }
+}
+
+/// Close reasons are limited to 123 bytes by RFC 6455; cut at a char boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Whether the socket can take another frame now (registers the waker if not).
+pub(crate) fn poll_ready(socket: &mut Socket, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+    Sink::<yawc::Frame>::poll_ready(std::pin::Pin::new(socket), cx).map_err(|_| ())
+}
+
+/// Encodes a frame into the socket's write buffer (after `poll_ready` said yes).
+pub(crate) fn start_send(socket: &mut Socket, frame: Outgoing) -> Result<(), ()> {
+    socket.start_send_unpin(frame.into_frame()).map_err(|_| ())
+}
+
+/// Writes what is buffered; `Ready(Ok)` once the buffer is empty.
+pub(crate) fn poll_flush(socket: &mut Socket, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+    socket.poll_flush_unpin(cx).map_err(|_| ())
+}
