@@ -81,6 +81,16 @@ impl<'a> ClientEnvelope<'a> {
     /// of the wrong shape ([`EnvelopeError::InvalidMessage`]), since the protocol
     /// answers them with different codes.
     pub fn parse(text: &'a str) -> Result<Self, EnvelopeError> {
+        // serde would read a JSON array as a struct's fields in order: refuse
+        // anything but an object first.
+        if !text.trim_start().starts_with('{') {
+            return match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                Ok(_) => Err(EnvelopeError::InvalidMessage(
+                    "an envelope is a JSON object".into(),
+                )),
+                Err(e) => Err(EnvelopeError::InvalidJson(e.to_string())),
+            };
+        }
         match serde_json::from_str::<ClientEnvelope<'a>>(text) {
             Ok(env) => Ok(env),
             Err(e) => match e.classify() {

@@ -366,7 +366,9 @@ pub(crate) async fn run(hub: Hub, conn: Connection, mut socket: Socket) {
             if let Poll::Ready(Err(())) = transport::poll_flush(&mut socket, cx) {
                 return Poll::Ready(Event::WriteError);
             }
-            if close_sent && close_timer.is_none() {
+            // The close deadline runs from when the close was asked for, not from when
+            // the Close frame got out: a peer that does not read may never take it.
+            if close_timer.is_none() && (close_sent || inner.queue.is_closing()) {
                 close_timer = Some(Box::pin(tokio::time::sleep(close_timeout)));
             }
             if let Some(timer) = close_timer.as_mut() {
@@ -420,11 +422,10 @@ pub(crate) async fn run(hub: Hub, conn: Connection, mut socket: Socket) {
                     .close_reason
                     .lock()
                     .get_or_insert((DisconnectReason::ProtocolError, code));
-                // The transport queued the Close; the next read flushes it and ends.
-                if close_timer.is_none() {
-                    close_timer = Some(Box::pin(tokio::time::sleep(close_timeout)));
-                }
-                close_sent = true;
+                // Some layers of the transport answer with a Close themselves, some do
+                // not: queue ours; if theirs went first, the socket refuses the second
+                // and the connection ends with theirs.
+                conn.close_as(DisconnectReason::ProtocolError, code, &detail, true);
             }
             Event::Killed => {
                 // One non-waiting attempt to tell the peer why (4001, 1012...).

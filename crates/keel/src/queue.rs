@@ -123,13 +123,15 @@ impl SendQueue {
         result
     }
 
-    /// Queues a control frame (Ping), past the bounds.
+    /// Queues a heartbeat (a Ping frame or a JSON ping), past the bounds: a full
+    /// queue must not stop heartbeats.
     pub(crate) fn push_control(&self, item: Outgoing) -> bool {
         {
             let mut q = self.inner.lock();
             if q.closed {
                 return false;
             }
+            q.bytes += size_of(&item);
             q.items.push_back(item);
         }
         self.waker.wake();
@@ -199,6 +201,11 @@ impl SendQueue {
     pub(crate) fn depth(&self) -> (usize, usize) {
         let q = self.inner.lock();
         (q.bytes, q.items.len())
+    }
+
+    /// Whether a Close has been queued (the connection is on its way out).
+    pub(crate) fn is_closing(&self) -> bool {
+        self.inner.lock().closed
     }
 
     /// Since when the queue has been full, if it is.

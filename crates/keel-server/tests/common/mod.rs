@@ -1,0 +1,286 @@
+//! Test helpers: a gateway on 127.0.0.1 port 0, a protocol client over a real
+//! WebSocket, a raw-TCP client for frames no well-behaved client sends, and a tiny
+//! HTTP/1.1 client. Every wait has a deadline; nothing sleeps and hopes.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use keel::Config;
+use keel_server::Running;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use yawc::frame::OpCode;
+use yawc::{Frame, TcpWebSocket};
+
+/// How long any single expected event may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn config() -> Config {
+    let mut c = Config::default();
+    c.set("listen", "127.0.0.1:0").unwrap();
+    c.set("api_key", "test-key").unwrap();
+    c
+}
+
+pub async fn gateway(config: Config) -> Running {
+    keel_server::start(config).await.expect("gateway starts")
+}
+
+pub fn ws_url(addr: SocketAddr) -> String {
+    format!("ws://{addr}/ws")
+}
+
+/// A protocol client: JSON envelopes over a real WebSocket.
+pub struct Client {
+    pub ws: TcpWebSocket,
+    pub welcome: Value,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let mut ws = yawc::WebSocket::connect(ws_url(addr).parse().unwrap())
+            .await
+            .expect("websocket connects");
+        let welcome = recv_json(&mut ws).await;
+        assert_eq!(welcome["type"], "welcome", "first frame is welcome: {welcome}");
+        Client { ws, welcome }
+    }
+
+    pub fn client_id(&self) -> String {
+        self.welcome["payload"]["client_id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Frame::text(v.to_string())).await.expect("send");
+    }
+
+    pub async fn send_text(&mut self, s: &str) {
+        self.ws.send(Frame::text(s.to_string())).await.expect("send");
+    }
+
+    /// The next JSON envelope, skipping heartbeat pings.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let v = recv_json(&mut self.ws).await;
+            if v["type"] != "ping" {
+                return v;
+            }
+        }
+    }
+
+    /// Sends a request and returns the next non-ping, non-message envelope.
+    pub async fn request(&mut self, kind: &str, payload: Value) -> Value {
+        self.send(json!({"type": kind, "payload": payload, "request_id": "r"})).await;
+        loop {
+            let v = self.recv().await;
+            if v["type"] != "message" {
+                return v;
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, channel: &str) -> Value {
+        let v = self.request("subscribe", json!({"channel": channel})).await;
+        assert_eq!(v["type"], "subscribe_response", "{v}");
+        v
+    }
+
+    /// Waits for the server's Close and returns its code.
+    pub async fn expect_close(&mut self) -> u16 {
+        expect_close(&mut self.ws).await
+    }
+}
+
+pub async fn recv_json(ws: &mut TcpWebSocket) -> Value {
+    loop {
+        let frame = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame within the deadline")
+            .expect("connection still open");
+        match frame.opcode() {
+            OpCode::Text => {
+                return serde_json::from_slice(frame.payload()).expect("server sends JSON")
+            }
+            OpCode::Close => panic!("unexpected close {:?}", frame.close_code()),
+            _ => continue,
+        }
+    }
+}
+
+pub async fn expect_close(ws: &mut TcpWebSocket) -> u16 {
+    loop {
+        let frame = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a close within the deadline");
+        match frame {
+            Some(f) if f.opcode() == OpCode::Close => {
+                return f.close_code().map(u16::from).unwrap_or(1005)
+            }
+            Some(_) => continue,
+            None => panic!("connection ended without a Close frame"),
+        }
+    }
+}
+
+/// A client that speaks raw RFC 6455 over TCP, for frames a library won't send.
+pub struct Raw {
+    pub tcp: TcpStream,
+    pub leftover: Vec<u8>,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        Self::connect_with(addr, "").await.expect("101")
+    }
+
+    /// Handshakes with extra header lines; Err(status line) if not 101.
+    pub async fn connect_with(addr: SocketAddr, extra_headers: &str) -> Result<Raw, String> {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            let n = tokio::time::timeout(WAIT, tcp.read(&mut chunk))
+                .await
+                .expect("handshake answer in time")
+                .unwrap();
+            assert!(n > 0, "server closed during handshake");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        if !head.starts_with("HTTP/1.1 101") {
+            return Err(head);
+        }
+        Ok(Raw {
+            tcp,
+            leftover: buf[end..].to_vec(),
+        })
+    }
+
+    /// Sends one masked frame.
+    pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        let len = payload.len();
+        if len < 126 {
+            f.push(0x80 | len as u8);
+        } else if len <= 0xffff {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.tcp.write_all(&f).await.unwrap();
+    }
+
+    /// Reads frames until a Close; returns its code. Panics if the socket ends first.
+    pub async fn expect_close(&mut self) -> u16 {
+        let mut buf = std::mem::take(&mut self.leftover);
+        let mut chunk = vec![0u8; 65536];
+        loop {
+            // Parse whole frames from buf.
+            while buf.len() >= 2 {
+                let opcode = buf[0] & 0x0f;
+                let mut len = (buf[1] & 0x7f) as usize;
+                let mut off = 2;
+                if len == 126 {
+                    if buf.len() < 4 {
+                        break;
+                    }
+                    len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
+                    off = 4;
+                } else if len == 127 {
+                    if buf.len() < 10 {
+                        break;
+                    }
+                    len = u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize;
+                    off = 10;
+                }
+                if buf.len() < off + len {
+                    break;
+                }
+                if opcode == 8 {
+                    return if len >= 2 {
+                        u16::from_be_bytes([buf[off], buf[off + 1]])
+                    } else {
+                        1005
+                    };
+                }
+                buf.drain(..off + len);
+            }
+            let n = tokio::time::timeout(WAIT, self.tcp.read(&mut chunk))
+                .await
+                .expect("a close within the deadline")
+                .unwrap_or(0);
+            assert!(n > 0, "socket ended without a Close frame");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 request; returns (status, body).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String) {
+    let (status, _, body) = http_full(addr, method, path, key, body).await;
+    (status, body)
+}
+
+pub async fn http_full(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut out))
+        .await
+        .expect("http answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+/// Polls `f` until it returns true or the deadline passes.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
