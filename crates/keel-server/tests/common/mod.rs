@@ -117,7 +117,10 @@ pub async fn expect_close(ws: &mut TcpWebSocket) -> u16 {
             .expect("a close within the deadline");
         match frame {
             Some(f) if f.opcode() == OpCode::Close => {
-                return f.close_code().map(u16::from).unwrap_or(1005)
+                // Keep polling so the client's answering Close goes out and the
+                // handshake completes, as a real client's would.
+                let _ = tokio::time::timeout(WAIT, async { while ws.next().await.is_some() {} }).await;
+                return f.close_code().map(u16::from).unwrap_or(1005);
             }
             Some(_) => continue,
             None => panic!("connection ended without a Close frame"),

@@ -1,0 +1,217 @@
+//! The `keel` binary as an operator runs it: config sources and their precedence,
+//! refused values, JSON logs, and SIGTERM's graceful shutdown ending in exit 0.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+fn keel() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keel"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+/// Starts `keel serve` with `args`/`env` and waits for `listening on ADDR`.
+async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = keel();
+    cmd.arg("serve").args(["--listen", "127.0.0.1:0"]).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("keel starts");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SocketAddr>();
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let lines = lines.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = r.next_line().await {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr: String = rest
+                        .chars()
+                        .take_while(|c| !c.is_whitespace() && *c != '"')
+                        .collect();
+                    if let Ok(a) = addr.parse() {
+                        let _ = tx.send(a);
+                    }
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    let addr = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no `listening on` line; output: {:?}", lines.lock().unwrap()))
+        .expect("address");
+    Proc { child, addr, lines }
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs")
+        .success();
+    assert!(ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_exits_zero_with_a_report() {
+    let mut p = spawn(
+        &["--api-key", "k", "--drain-timeout", "2s", "--shutdown-reconnect-window", "1s"],
+        &[],
+    )
+    .await;
+    let mut polite = Client::connect(p.addr).await;
+    // A client that never reads holds the drain open until the deadline.
+    let _stubborn = Raw::connect(p.addr).await;
+    let (s, _) = http(p.addr, "GET", "/health", None, None).await;
+    assert_eq!(s, 200);
+
+    sigterm(&p.child);
+    let m = polite.recv().await;
+    assert_eq!(m["type"], "server_shutdown");
+    assert_eq!(m["payload"]["reconnect"], true);
+    assert!(m["payload"]["delay_ms"].as_u64().unwrap() <= 1000);
+    assert_eq!(polite.expect_close().await, 1012);
+    // Still draining (the stubborn client holds it): not ready, no new upgrades.
+    let (s, body) = http(p.addr, "GET", "/health", None, None).await;
+    assert_eq!(s, 503, "{body}");
+    let refused = Raw::connect_with(p.addr, "").await.err().expect("refused while draining");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+
+    let status = tokio::time::timeout(WAIT, p.child.wait())
+        .await
+        .expect("exits after the drain deadline")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    // Give the output readers a moment to see EOF.
+    eventually("report logged", || {
+        p.lines.lock().unwrap().iter().any(|l| l.contains("shutdown report"))
+    })
+    .await;
+    let lines = p.lines.lock().unwrap();
+    let report = lines.iter().find(|l| l.contains("shutdown report")).unwrap();
+    assert!(report.contains("connections_at_start=2"), "{report}");
+    assert!(report.contains("force_closed=1"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_values_stop_startup_naming_the_option() {
+    for (env, flag, needle) in [
+        (Some(("KEEL_HEARTBEAT_INTERVAL", "soon")), None, "heartbeat_interval"),
+        (None, Some("--slow-consumer-policy=maybe"), "slow_consumer_policy"),
+        (Some(("KEEL_MAX_CONNECTIONS", "-1")), None, "max_connections"),
+        (None, Some("--listen=nowhere"), "listen"),
+        (None, Some("--no-such-thing=1"), "no_such_thing"),
+    ] {
+        let mut cmd = keel();
+        cmd.arg("serve").args(["--listen", "127.0.0.1:0"]);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        if let Some(f) = flag {
+            cmd.arg(f);
+        }
+        let out = tokio::time::timeout(WAIT, cmd.output()).await.expect("exits").unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{needle}: started anyway");
+        assert!(err.contains(needle), "{needle} not named in: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_then_env_then_flags() {
+    let dir = std::env::temp_dir().join(format!("keel-proc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keel.toml");
+    std::fs::write(&file, "heartbeat_interval = \"11s\"\nheartbeat_timeout = \"21s\"\napi_key = \"k\"\n").unwrap();
+    let f = file.to_str().unwrap();
+
+    let p = spawn(&["--config", f], &[]).await;
+    let c = Client::connect(p.addr).await;
+    assert_eq!(c.welcome["payload"]["heartbeat"]["interval_ms"], 11_000);
+    assert_eq!(c.welcome["payload"]["heartbeat"]["timeout_ms"], 21_000);
+    drop(p);
+
+    let p = spawn(&["--config", f], &[("KEEL_HEARTBEAT_INTERVAL", "12s")]).await;
+    let c = Client::connect(p.addr).await;
+    assert_eq!(c.welcome["payload"]["heartbeat"]["interval_ms"], 12_000);
+    assert_eq!(c.welcome["payload"]["heartbeat"]["timeout_ms"], 21_000);
+    drop(p);
+
+    let p = spawn(
+        &["--config", f, "--heartbeat-interval", "13s"],
+        &[("KEEL_HEARTBEAT_INTERVAL", "12s"), ("KEEL_HEARTBEAT_MODE", "json")],
+    )
+    .await;
+    let c = Client::connect(p.addr).await;
+    assert_eq!(c.welcome["payload"]["heartbeat"]["interval_ms"], 13_000);
+    assert_eq!(c.welcome["payload"]["heartbeat"]["mode"], "json");
+    let (s, _) = http(p.addr, "GET", "/api/stats", Some("k"), None).await;
+    assert_eq!(s, 200, "api_key from the file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_one_event_per_connect_and_disconnect_and_no_secrets() {
+    let p = spawn(&[], &[("KEEL_LOG_FORMAT", "json"), ("KEEL_API_KEY", "sekret-api-key")]).await;
+    let mut c = Client::connect(p.addr).await;
+    let id = c.client_id();
+    c.request("publish", json!({"channel": "x", "data": 1})).await;
+    let (s, _) = http(p.addr, "POST", "/api/disconnect", Some("sekret-api-key"), Some(json!({"client_id": id, "code": 4100}))).await;
+    assert_eq!(s, 200);
+    assert_eq!(c.expect_close().await, 4100);
+    eventually("disconnect logged", || {
+        p.lines.lock().unwrap().iter().any(|l| l.contains("\"disconnect\""))
+    })
+    .await;
+    let lines = p.lines.lock().unwrap();
+    let events: Vec<Value> = lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(!events.is_empty(), "{lines:?}");
+    let connect: Vec<&Value> = events.iter().filter(|e| e["message"] == "connect").collect();
+    let disconnect: Vec<&Value> = events.iter().filter(|e| e["message"] == "disconnect").collect();
+    assert_eq!(connect.len(), 1);
+    assert_eq!(disconnect.len(), 1);
+    assert_eq!(connect[0]["client_id"], id.as_str());
+    assert_eq!(disconnect[0]["client_id"], id.as_str());
+    assert_eq!(disconnect[0]["reason"], "server_closed");
+    assert_eq!(disconnect[0]["code"], 4100);
+    assert!(lines.iter().all(|l| !l.contains("sekret-api-key")), "the api key leaked into the output");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_api_key_is_printed_once_and_works() {
+    let p = spawn(&[], &[]).await;
+    eventually("key printed", || p.lines.lock().unwrap().iter().any(|l| l.contains("generated one"))).await;
+    let key = {
+        let lines = p.lines.lock().unwrap();
+        let printed: Vec<&String> = lines.iter().filter(|l| l.contains("generated one")).collect();
+        assert_eq!(printed.len(), 1);
+        printed[0].rsplit(' ').next().unwrap().to_string()
+    };
+    let (s, _) = http(p.addr, "GET", "/api/stats", Some(&key), None).await;
+    assert_eq!(s, 200);
+}
