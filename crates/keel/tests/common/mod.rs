@@ -1,0 +1,92 @@
+//! Helpers for the library's tests: an axum app around a Hub whose client_id comes
+//! from `?id=`, and a WebSocket client. Every wait has a deadline.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures::{SinkExt, StreamExt};
+use keel::{Hub, Upgrade};
+use yawc::frame::OpCode;
+use yawc::{Frame, TcpWebSocket};
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+#[derive(serde::Deserialize)]
+pub struct Id {
+    id: String,
+}
+
+async fn ws(State(hub): State<Hub>, Query(q): Query<Id>, upgrade: Upgrade) -> Response {
+    match hub.connect(q.id.clone(), upgrade, serde_json::json!({"id": q.id})) {
+        Ok(r) => r,
+        Err(e) => (
+            axum::http::StatusCode::from_u16(e.http_status()).unwrap(),
+            e.to_string(),
+        )
+            .into_response(),
+    }
+}
+
+/// Serves `hub` on 127.0.0.1:0 at `/ws?id=...`.
+pub async fn serve(hub: &Hub) -> SocketAddr {
+    hub.start();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route("/ws", get(ws)).with_state(hub.clone());
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    addr
+}
+
+pub async fn connect(addr: SocketAddr, id: &str) -> TcpWebSocket {
+    yawc::WebSocket::connect(format!("ws://{addr}/ws?id={id}").parse().unwrap())
+        .await
+        .expect("connects")
+}
+
+pub async fn send(ws: &mut TcpWebSocket, text: &str) {
+    ws.send(Frame::text(text.to_string())).await.unwrap();
+}
+
+/// The next text frame (control frames skipped).
+pub async fn recv(ws: &mut TcpWebSocket) -> String {
+    loop {
+        let f = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("frame in time")
+            .expect("open");
+        match f.opcode() {
+            OpCode::Text => return String::from_utf8(f.payload().to_vec()).unwrap(),
+            OpCode::Close => panic!("closed {:?}", f.close_code()),
+            _ => {}
+        }
+    }
+}
+
+/// Waits for a Close and completes the handshake; returns the code.
+pub async fn expect_close(ws: &mut TcpWebSocket) -> u16 {
+    loop {
+        let f = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("close in time")
+            .expect("a Close before the end");
+        if f.opcode() == OpCode::Close {
+            let _ = tokio::time::timeout(WAIT, async { while ws.next().await.is_some() {} }).await;
+            return f.close_code().map(u16::from).unwrap_or(1005);
+        }
+    }
+}
+
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,0 +1,260 @@
+//! The library's public API over real sockets: replacement, panic isolation,
+//! rooms, broadcasts, user data and memory limits, several Hubs in one process.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use keel::{Config, Connection, DisconnectReason, ErrorKind, Handler, Hub, Message};
+
+/// Echoes text, panics on "boom", counts disconnects.
+#[derive(Default, Clone)]
+struct Echo {
+    gone: Arc<AtomicUsize>,
+    last_reason: Arc<Mutex<Option<(DisconnectReason, u16)>>>,
+}
+
+impl Handler for Echo {
+    fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) {
+        if let Message::Text(t) = msg {
+            assert!(t != "boom", "handler panics on purpose");
+            conn.send_text(hub, bytes::Bytes::copy_from_slice(t.as_bytes()));
+        }
+    }
+
+    fn on_disconnect(&self, _hub: &Hub, _conn: &Connection, reason: DisconnectReason, code: u16) {
+        self.gone.fetch_add(1, Ordering::SeqCst);
+        *self.last_reason.lock().unwrap() = Some((reason, code));
+    }
+}
+
+fn cfg() -> Config {
+    Config::default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_client_id_replaces_the_old_connection() {
+    let handler = Echo::default();
+    let hub = Hub::with_handler(cfg(), handler.clone());
+    let addr = serve(&hub).await;
+    let mut old = connect(addr, "alice").await;
+    eventually("old registered", || hub.get_connection_count() == 1).await;
+    hub.join_room("alice", "r1").unwrap();
+    let first = hub.get_connection("alice").unwrap();
+
+    let mut new = connect(addr, "alice").await;
+    assert_eq!(expect_close(&mut old).await, 4002);
+    eventually("old unregistered", || handler.gone.load(Ordering::SeqCst) == 1).await;
+    assert_eq!(
+        *handler.last_reason.lock().unwrap(),
+        Some((DisconnectReason::Replaced, 4002))
+    );
+    // Exactly one registered connection, and it is the new one.
+    assert_eq!(hub.get_connection_count(), 1);
+    assert!(!hub.get_connection("alice").unwrap().same(&first));
+    // The old connection's rooms went with it; the new one starts clean.
+    assert!(hub.get_room_members("r1").is_empty());
+    hub.join_room("alice", "r1").unwrap();
+    send(&mut new, "hello").await;
+    assert_eq!(recv(&mut new).await, "hello");
+    assert_eq!(hub.get_room_members("r1"), vec!["alice"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_closes_only_its_own_connection() {
+    let handler = Echo::default();
+    let hub = Hub::with_handler(cfg(), handler.clone());
+    let addr = serve(&hub).await;
+    let mut a = connect(addr, "a").await;
+    let mut b = connect(addr, "b").await;
+    send(&mut a, "boom").await;
+    assert_eq!(expect_close(&mut a).await, 1011);
+    send(&mut b, "still here").await;
+    assert_eq!(recv(&mut b).await, "still here");
+    eventually("a unregistered", || hub.get_connection_count() == 1).await;
+    let m = hub.metrics_snapshot();
+    let internal = m.disconnects_total.iter().find(|(r, _)| *r == "internal_error").unwrap().1;
+    assert_eq!(internal, 1);
+    // The Hub keeps working for new connections.
+    let mut c = connect(addr, "c").await;
+    send(&mut c, "x").await;
+    assert_eq!(recv(&mut c).await, "x");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_and_broadcasts() {
+    let hub = Hub::new(cfg());
+    let addr = serve(&hub).await;
+    let mut socks = Vec::new();
+    for id in ["a", "b", "c"] {
+        socks.push(connect(addr, id).await);
+    }
+    eventually("3 registered", || hub.get_connection_count() == 3).await;
+    let mut ids = hub.get_active_connections();
+    ids.sort();
+    assert_eq!(ids, vec!["a", "b", "c"]);
+    hub.join_room("a", "red").unwrap();
+    hub.join_room("b", "red").unwrap();
+    hub.join_room("b", "blue").unwrap();
+    let mut rooms = hub.get_client_rooms("b");
+    rooms.sort();
+    assert_eq!(rooms, vec!["blue", "red"]);
+    let mut members = hub.get_room_members("red");
+    members.sort();
+    assert_eq!(members, vec!["a", "b"]);
+
+    let r = hub.broadcast_to_room("red", "to red", Some("a"));
+    assert_eq!((r.sent, r.dropped, r.failed), (1, 0, 0));
+    assert_eq!(recv(&mut socks[1]).await, "to red");
+
+    let r = hub.broadcast("to all", &["c"]).await;
+    assert_eq!(r.sent, 2);
+    assert_eq!(recv(&mut socks[0]).await, "to all");
+    assert_eq!(recv(&mut socks[1]).await, "to all");
+
+    assert!(hub.send_to_client("c", "just c"));
+    assert_eq!(recv(&mut socks[2]).await, "just c");
+    assert!(!hub.send_to_client("nobody", "x"));
+
+    assert!(hub.leave_room("b", "red").unwrap());
+    assert!(!hub.leave_room("b", "red").unwrap());
+    assert_eq!(hub.get_room_members("red"), vec!["a"]);
+
+    assert_eq!(hub.join_room("nobody", "red").unwrap_err().kind(), &ErrorKind::ConnectionNotFound);
+    assert_eq!(hub.join_room("a", "").unwrap_err().kind(), &ErrorKind::InvalidArgument);
+    assert_eq!(hub.disconnect("nobody").unwrap_err().kind(), &ErrorKind::ConnectionNotFound);
+    assert_eq!(hub.handle_pong("nobody").unwrap_err().kind(), &ErrorKind::ConnectionNotFound);
+    hub.handle_pong("a").unwrap();
+
+    hub.disconnect("a").unwrap();
+    assert_eq!(expect_close(&mut socks[0]).await, 1000);
+    eventually("a gone", || hub.get_connection_count() == 2).await;
+    assert!(hub.get_room_members("red").is_empty(), "a left its rooms on disconnect");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_data_is_accounted_and_limited() {
+    let mut c = cfg();
+    c.set("max_memory_per_connection", "100").unwrap();
+    c.set("max_total_memory", "150").unwrap();
+    let hub = Hub::new(c);
+    let addr = serve(&hub).await;
+    let mut a = connect(addr, "a").await;
+    let _b = connect(addr, "b").await;
+    eventually("registered", || hub.get_connection_count() == 2).await;
+
+    hub.set_user_data("a", "name", serde_json::json!("alice")).unwrap();
+    assert_eq!(hub.get_user_data("a", "name"), Some(serde_json::json!("alice")));
+    assert_eq!(hub.get_user_data("a", "missing"), None);
+    assert_eq!(hub.get_user_data("nobody", "name"), None);
+    let used = hub.get_memory_usage();
+    assert_eq!(used.total_memory, 4 + 7);
+    assert_eq!(used.connection_count, 2);
+
+    // Over the per-connection limit: refused, nothing changed.
+    let e = hub.set_user_data("a", "big", serde_json::json!("x".repeat(100))).unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::MemoryLimitExceeded);
+    assert_eq!(hub.get_user_data("a", "big"), None);
+    assert_eq!(hub.get_memory_usage().total_memory, 11);
+
+    // Within per-connection, but over the total across connections.
+    hub.set_user_data("a", "k", serde_json::json!("y".repeat(80))).unwrap();
+    let e = hub.set_user_data("b", "k", serde_json::json!("z".repeat(80))).unwrap_err();
+    assert_eq!(e.kind(), &ErrorKind::MemoryLimitExceeded);
+
+    // Replacing a value counts the difference, not the sum.
+    hub.set_user_data("a", "k", serde_json::json!("y")).unwrap();
+    assert_eq!(hub.get_memory_usage().total_memory, 11 + 1 + 3);
+
+    // Freed on disconnect.
+    hub.disconnect("a").unwrap();
+    expect_close(&mut a).await;
+    eventually("a gone", || hub.get_connection_count() == 1).await;
+    assert_eq!(hub.get_memory_usage().total_memory, 0);
+    assert_eq!(hub.metrics_snapshot().user_data_bytes, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_output_over_total_memory_evicts_by_policy() {
+    let mut c = cfg();
+    c.set("max_total_memory", "200000").unwrap();
+    c.set("memory_check_interval", "50ms").unwrap();
+    c.set("send_queue_max_bytes", "1000000").unwrap();
+    c.set("send_queue_max_messages", "100000").unwrap();
+    let hub = Hub::new(c);
+    let addr = serve(&hub).await;
+    // "slow" never reads after connecting; "fast" reads.
+    let _slow = connect(addr, "slow").await;
+    let mut fast = connect(addr, "fast").await;
+    eventually("registered", || hub.get_connection_count() == 2).await;
+    hub.join_room("slow", "feed").unwrap();
+    hub.join_room("fast", "feed").unwrap();
+    let data = keel::RawValue::from_string(format!("\"{}\"", "m".repeat(50_000))).unwrap();
+    let reader = tokio::spawn(async move {
+        loop {
+            if tokio::time::timeout(Duration::from_secs(2), recv(&mut fast)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while hub.get_connection("slow").is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "slow never evicted");
+        hub.publish("feed", &data, None).unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(hub.get_connection("fast").is_some(), "only the one holding memory went");
+    let m = hub.metrics_snapshot();
+    let evicted = m.disconnects_total.iter().find(|(r, _)| *r == "memory_evicted").unwrap().1;
+    assert_eq!(evicted, 1);
+    reader.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_are_values_not_globals() {
+    let h1 = Hub::new(cfg());
+    let h2 = Hub::new(cfg());
+    let a1 = serve(&h1).await;
+    let a2 = serve(&h2).await;
+    let mut x = connect(a1, "same-id").await;
+    let mut y = connect(a2, "same-id").await;
+    eventually("both registered", || h1.get_connection_count() == 1 && h2.get_connection_count() == 1).await;
+    h1.broadcast("only h1", &[]).await;
+    h2.broadcast("only h2", &[]).await;
+    assert_eq!(recv(&mut x).await, "only h1");
+    assert_eq!(recv(&mut y).await, "only h2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_reports_and_refuses_new_connections() {
+    let mut c = cfg();
+    c.set("shutdown_reconnect_window", "0s").unwrap();
+    let hub = Hub::new(c);
+    let addr = serve(&hub).await;
+    let mut socks = Vec::new();
+    for i in 0..10 {
+        socks.push(connect(addr, &format!("c{i}")).await);
+    }
+    eventually("10 registered", || hub.get_connection_count() == 10).await;
+    let closer = tokio::spawn(async move {
+        let mut codes = Vec::new();
+        for s in socks.iter_mut() {
+            let notice: serde_json::Value = serde_json::from_str(&recv(s).await).unwrap();
+            assert_eq!(notice["type"], "server_shutdown");
+            assert_eq!(notice["payload"]["delay_ms"], 0);
+            codes.push(expect_close(s).await);
+        }
+        codes
+    });
+    let report = hub.graceful_shutdown(Duration::from_secs(5)).await;
+    assert_eq!(report.connections_at_start, 10);
+    assert_eq!(report.closed_gracefully, 10);
+    assert_eq!(report.force_closed, 0);
+    assert_eq!(closer.await.unwrap(), vec![1012; 10]);
+    assert!(hub.is_draining());
+    assert_eq!(hub.check_admission().unwrap_err().kind(), &ErrorKind::Shutdown);
+    assert_eq!(hub.get_connection_count(), 0);
+}
