@@ -1,8 +1,8 @@
 //! One connection: its shared state ([`Connection`], a cheap handle anyone may hold)
-//! and the task that owns its socket ([`run`]).
+//! and the task that owns its socket (`Driver`).
 //!
-//! Each socket has exactly one task, which both reads and writes it in a single
-//! `poll_fn`: it drains the send queue into the socket's write buffer, flushes, and
+//! Each socket has exactly one task, a hand-written future ([`Driver`]), which
+//! both reads and writes it in one `poll`: it drains the send queue into the socket's write buffer, flushes, and
 //! reads the next message, all on one waker. There is no second task, no channel
 //! between a reader and a writer, and no timer while the connection is healthy
 //! (heartbeats come from the per-Hub sweeper in `heartbeat`). A timer exists only
@@ -12,15 +12,15 @@
 //! unregisters on every exit path (clean close, error, kill, panic), through a drop
 //! guard. It must never await anything but its own socket and the handler.
 
-use std::future::poll_fn;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::FutureExt;
 use parking_lot::Mutex;
 
 use crate::hub::Hub;
@@ -292,23 +292,185 @@ impl Connection {
     }
 }
 
-enum Event {
-    Frame(Incoming),
-    ReadError(ReadError),
-    WriteError,
-    Killed,
-    CloseTimedOut,
-}
-
-/// Unregisters the connection however the task ends, panics included.
-struct Guard {
+/// Drives one connection until it ends: a hand-written future, so the task holds
+/// exactly these fields (about 700 bytes, most of it the socket) and no
+/// compiler-generated state machine around them. Registration already happened;
+/// dropping the driver, however it ends (completion, panic, runtime shutdown),
+/// unregisters.
+pub(crate) struct Driver {
     hub: Hub,
     conn: Connection,
-    /// The end as the task saw it, if the server did not decide it first.
+    socket: Socket,
+    /// Our Close frame has been handed to the socket: send nothing more.
+    close_sent: bool,
+    /// Runs only while a close handshake is in flight.
+    close_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// How it ended as this task saw it, if the server did not decide it first.
     end: (DisconnectReason, u16),
 }
 
-impl Drop for Guard {
+/// Inbound messages handled per poll before yielding to other tasks.
+const BUDGET: usize = 64;
+
+enum Step {
+    Continue,
+    Stop,
+}
+
+impl Driver {
+    /// Registers nothing; calls `on_connect` and returns the future to spawn.
+    pub(crate) fn new(hub: Hub, conn: Connection, socket: Socket) -> Self {
+        let handler = hub.handler();
+        if std::panic::catch_unwind(AssertUnwindSafe(|| handler.on_connect(&hub, &conn))).is_err() {
+            conn.close_as(DisconnectReason::InternalError, 1011, "internal error", true);
+        }
+        Driver {
+            hub,
+            conn,
+            socket,
+            close_sent: false,
+            close_timer: None,
+            end: (DisconnectReason::ConnectionLost, 1006),
+        }
+    }
+
+    fn start_close_timer(&mut self) {
+        if self.close_timer.is_none() {
+            let t = self.hub.config().close_timeout;
+            self.close_timer = Some(Box::pin(tokio::time::sleep(t)));
+        }
+    }
+
+    /// Moves queued frames into the socket's buffer while it takes them, then flushes.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<(), ()> {
+        let inner = &self.conn.inner;
+        while !self.close_sent {
+            match transport::poll_ready(&mut self.socket, cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(())) => return Err(()),
+                Poll::Pending => break,
+            }
+            let Some(item) = inner.queue.pop() else { break };
+            match &item {
+                Outgoing::Text(b) | Outgoing::Binary(b) => {
+                    inner.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+                    inner.stats.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
+                }
+                Outgoing::Close(..) => self.close_sent = true,
+                Outgoing::Ping => {}
+            }
+            transport::start_send(&mut self.socket, item)?;
+        }
+        match transport::poll_flush(&mut self.socket, cx) {
+            Poll::Ready(Err(())) => Err(()),
+            _ => Ok(()),
+        }
+    }
+
+    /// One non-waiting attempt to tell the peer why it is being cut off.
+    fn send_close_now(&mut self, cx: &mut Context<'_>) {
+        while let Some(item) = self.conn.inner.queue.pop() {
+            if let Outgoing::Close(..) = item {
+                if let Poll::Ready(Ok(())) = transport::poll_ready(&mut self.socket, cx) {
+                    if transport::start_send(&mut self.socket, item).is_ok() {
+                        let _ = transport::poll_flush(&mut self.socket, cx);
+                    }
+                }
+                return;
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: Incoming) {
+        let inner = &self.conn.inner;
+        inner.last_seen.store(self.hub.now_ms(), Ordering::Relaxed);
+        match frame {
+            Incoming::Text(bytes) => {
+                count_in(inner, bytes.len());
+                // The transport validated UTF-8 already; this does not fail.
+                match std::str::from_utf8(&bytes) {
+                    Ok(text) => dispatch(&self.hub, &self.conn, Message::Text(text)),
+                    Err(_) => {
+                        self.conn
+                            .close_as(DisconnectReason::ProtocolError, 1007, "invalid utf-8", true);
+                    }
+                }
+            }
+            Incoming::Binary(bytes) => {
+                count_in(inner, bytes.len());
+                dispatch(&self.hub, &self.conn, Message::Binary(&bytes));
+            }
+            Incoming::Control => {}
+            Incoming::Close(code) => {
+                // The transport answers the Close; keep polling until the socket
+                // reports the end, so the answer is flushed.
+                let end = (DisconnectReason::ClientClosed, code.unwrap_or(1005));
+                self.end = end;
+                inner.close_reason.lock().get_or_insert(end);
+                self.start_close_timer();
+            }
+        }
+    }
+
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        let inner = self.conn.inner.clone();
+        if inner.kill.load(Ordering::Acquire) {
+            self.send_close_now(cx);
+            return Poll::Ready(Step::Stop);
+        }
+        inner.queue.register(cx.waker());
+        if self.poll_write(cx).is_err() {
+            return Poll::Ready(Step::Stop);
+        }
+        // The close deadline runs from when the close was asked for, not from when
+        // the Close frame got out: a peer that does not read may never take it.
+        if self.close_sent || inner.queue.is_closing() {
+            self.start_close_timer();
+        }
+        if let Some(timer) = self.close_timer.as_mut() {
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Step::Stop);
+            }
+        }
+        match transport::poll_read(&mut self.socket, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(frame)) => {
+                self.on_frame(frame);
+                Poll::Ready(Step::Continue)
+            }
+            Poll::Ready(Err(ReadError::Closed)) => Poll::Ready(Step::Stop),
+            Poll::Ready(Err(ReadError::Protocol(code, detail))) => {
+                tracing::debug!(client_id = %inner.client_id, code, %detail, "protocol error");
+                // Some layers of the transport answer with a Close themselves, some
+                // do not: queue ours; if theirs went first, the socket refuses the
+                // second and the connection ends with theirs.
+                self.conn
+                    .close_as(DisconnectReason::ProtocolError, code, &detail, true);
+                Poll::Ready(Step::Continue)
+            }
+        }
+    }
+}
+
+impl Future for Driver {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        for _ in 0..BUDGET {
+            match this.step(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Step::Stop) => return Poll::Ready(()),
+                Poll::Ready(Step::Continue) => {}
+            }
+        }
+        // A busy client: let other connections run, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl Drop for Driver {
     fn drop(&mut self) {
         let (reason, code) = self.conn.inner.close_reason.lock().unwrap_or(self.end);
         let reason = if std::thread::panicking() {
@@ -318,137 +480,6 @@ impl Drop for Guard {
         };
         self.hub.unregister(&self.conn, reason, code);
     }
-}
-
-/// Drives one connection until it ends. Registration already happened.
-pub(crate) async fn run(hub: Hub, conn: Connection, mut socket: Socket) {
-    let mut guard = Guard {
-        hub: hub.clone(),
-        conn: conn.clone(),
-        end: (DisconnectReason::ConnectionLost, 1006),
-    };
-    let handler = hub.handler();
-    if std::panic::catch_unwind(AssertUnwindSafe(|| handler.on_connect(&hub, &conn))).is_err() {
-        conn.close_as(DisconnectReason::InternalError, 1011, "internal error", true);
-    }
-
-    let inner = &conn.inner;
-    let mut close_sent = false;
-    let mut close_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    let close_timeout = hub.config().close_timeout;
-
-    loop {
-        let event = poll_fn(|cx| {
-            if inner.kill.load(Ordering::Acquire) {
-                return Poll::Ready(Event::Killed);
-            }
-            inner.queue.register(cx.waker());
-            // Write: move queued frames into the socket's buffer while it takes them.
-            while !close_sent {
-                match transport::poll_ready(&mut socket, cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(())) => return Poll::Ready(Event::WriteError),
-                    Poll::Pending => break,
-                }
-                let Some(item) = inner.queue.pop() else { break };
-                match &item {
-                    Outgoing::Text(b) | Outgoing::Binary(b) => {
-                        inner.stats.messages_out.fetch_add(1, Ordering::Relaxed);
-                        inner.stats.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
-                    }
-                    Outgoing::Close(..) => close_sent = true,
-                    Outgoing::Ping => {}
-                }
-                if transport::start_send(&mut socket, item).is_err() {
-                    return Poll::Ready(Event::WriteError);
-                }
-            }
-            if let Poll::Ready(Err(())) = transport::poll_flush(&mut socket, cx) {
-                return Poll::Ready(Event::WriteError);
-            }
-            // The close deadline runs from when the close was asked for, not from when
-            // the Close frame got out: a peer that does not read may never take it.
-            if close_timer.is_none() && (close_sent || inner.queue.is_closing()) {
-                close_timer = Some(Box::pin(tokio::time::sleep(close_timeout)));
-            }
-            if let Some(timer) = close_timer.as_mut() {
-                if timer.poll_unpin(cx).is_ready() {
-                    return Poll::Ready(Event::CloseTimedOut);
-                }
-            }
-            match transport::poll_read(&mut socket, cx) {
-                Poll::Ready(Ok(frame)) => Poll::Ready(Event::Frame(frame)),
-                Poll::Ready(Err(e)) => Poll::Ready(Event::ReadError(e)),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await;
-
-        match event {
-            Event::Frame(frame) => {
-                inner.last_seen.store(hub.now_ms(), Ordering::Relaxed);
-                match frame {
-                    Incoming::Text(bytes) => {
-                        count_in(inner, bytes.len());
-                        // The transport validated UTF-8 already; this cannot fail.
-                        let Ok(text) = std::str::from_utf8(&bytes) else {
-                            conn.close_as(DisconnectReason::ProtocolError, 1007, "invalid utf-8", true);
-                            continue;
-                        };
-                        dispatch(&hub, &conn, Message::Text(text));
-                    }
-                    Incoming::Binary(bytes) => {
-                        count_in(inner, bytes.len());
-                        dispatch(&hub, &conn, Message::Binary(&bytes));
-                    }
-                    Incoming::Control => {}
-                    Incoming::Close(code) => {
-                        // The transport answers the Close; keep polling until the
-                        // socket reports the end so the answer is flushed.
-                        guard.end = (DisconnectReason::ClientClosed, code.unwrap_or(1005));
-                        inner
-                            .close_reason
-                            .lock()
-                            .get_or_insert((DisconnectReason::ClientClosed, code.unwrap_or(1005)));
-                        if close_timer.is_none() {
-                            close_timer = Some(Box::pin(tokio::time::sleep(close_timeout)));
-                        }
-                    }
-                }
-            }
-            Event::ReadError(ReadError::Protocol(code, detail)) => {
-                tracing::debug!(client_id = %inner.client_id, code, %detail, "protocol error");
-                inner
-                    .close_reason
-                    .lock()
-                    .get_or_insert((DisconnectReason::ProtocolError, code));
-                // Some layers of the transport answer with a Close themselves, some do
-                // not: queue ours; if theirs went first, the socket refuses the second
-                // and the connection ends with theirs.
-                conn.close_as(DisconnectReason::ProtocolError, code, &detail, true);
-            }
-            Event::Killed => {
-                // One non-waiting attempt to tell the peer why (4001, 1012...).
-                let _ = poll_fn(|cx| {
-                    while let Some(item) = inner.queue.pop() {
-                        if let Outgoing::Close(..) = item {
-                            if transport::poll_ready(&mut socket, cx).is_ready() {
-                                let _ = transport::start_send(&mut socket, item);
-                                let _ = transport::poll_flush(&mut socket, cx);
-                            }
-                            break;
-                        }
-                    }
-                    Poll::Ready(())
-                })
-                .await;
-                break;
-            }
-            Event::ReadError(ReadError::Closed) | Event::WriteError | Event::CloseTimedOut => break,
-        }
-    }
-    drop(socket);
-    drop(guard);
 }
 
 fn count_in(inner: &ConnInner, len: usize) {
@@ -465,3 +496,4 @@ fn dispatch(hub: &Hub, conn: &Connection, msg: Message<'_>) {
         conn.close_as(DisconnectReason::InternalError, 1011, "internal error", true);
     }
 }
+

@@ -228,6 +228,10 @@ impl Hub {
         };
         let hub = self.clone();
         let client_id: Arc<str> = Arc::from(client_id.into());
+        let tasks = self.inner.tasks.clone();
+        // Two tasks in sequence: the first waits for the handshake to finish, the
+        // second is the connection's driver alone, so a long-lived connection's task
+        // holds no leftover state from its upgrade.
         self.inner.tasks.spawn(async move {
             let Some(socket) = socket.await else {
                 hub.inner.reserved.fetch_sub(1, Ordering::AcqRel);
@@ -235,7 +239,7 @@ impl Hub {
             };
             let conn = Connection::new(client_id, metadata, hub.now_ms());
             hub.register(&conn);
-            connection::run(hub, conn, socket).await;
+            tasks.spawn(connection::Driver::new(hub, conn, socket));
         });
         Ok(response)
     }

@@ -1,0 +1,83 @@
+//! Heap cost of an idle connection, heartbeats running, measured with a counting
+//! allocator. Clients are blocking `std` sockets on their own threads' stacks, so
+//! the only heap they use is a few bytes of the test's Vec: what is counted is the
+//! server side (Hub, connection task, queue, transport buffers, hyper's upgraded
+//! stream).
+//!
+//! The figure is printed (run with `--nocapture`). The design target is 2 KB; the
+//! check below is a regression guard at 3 KB (measured: about 2.7 KB, see
+//! `docs/benchmarks.md`), so a change that adds a buffer per connection fails here
+//! rather than in a benchmark nobody ran.
+
+mod common;
+
+use std::alloc::System;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use keel::{Config, Hub};
+use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+const CONNS: usize = 2000;
+
+fn handshake(addr: std::net::SocketAddr, i: usize) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let req = format!(
+        "GET /ws?id=c{i} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).expect("write");
+    let mut buf = [0u8; 1024];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&got));
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connection_heap_cost() {
+    let mut c = Config::default();
+    c.set("heartbeat_interval", "100ms").unwrap();
+    c.set("heartbeat_timeout", "60s").unwrap();
+    c.set("heartbeat_mode", "both").unwrap();
+    let hub = Hub::new(c);
+    let addr = common::serve(&hub).await;
+
+    // Warm up allocator and runtime paths with one connection that stays.
+    let warm = tokio::task::spawn_blocking(move || handshake(addr, usize::MAX)).await.unwrap();
+    common::eventually("warm-up registered", || hub.get_connection_count() == 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let region = Region::new(GLOBAL);
+    let clients = tokio::task::spawn_blocking(move || {
+        let mut v = Vec::with_capacity(CONNS);
+        for i in 0..CONNS {
+            v.push(handshake(addr, i));
+        }
+        v
+    })
+    .await
+    .unwrap();
+    common::eventually("all registered", || hub.get_connection_count() == CONNS + 1).await;
+    // Let several heartbeat rounds go by (pings written, queues drained).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let stats = region.change();
+    let net = stats.bytes_allocated as i64 - stats.bytes_deallocated as i64;
+    let client_vec = (CONNS * std::mem::size_of::<std::net::TcpStream>()) as i64;
+    let per_conn = (net - client_vec) as f64 / CONNS as f64;
+    println!(
+        "idle connection heap: {per_conn:.0} bytes per connection ({CONNS} connections, \
+         heartbeats every 100ms, deflate offered; net {net} bytes)"
+    );
+    assert!(per_conn < 3072.0, "idle connection costs {per_conn:.0} bytes of heap, over the 3 KB guard");
+    drop(clients);
+    drop(warm);
+}
