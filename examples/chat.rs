@@ -1,1 +1,70 @@
-fn main() {}
+//! Quick start: a chat room on axum with the keel library.
+//!
+//! `cargo run -p keel-examples --example chat`, then connect any WebSocket client to
+//! `ws://127.0.0.1:3000/ws?name=alice` and send text: everyone in the lobby gets
+//! `{"type":"message","payload":{"channel":"lobby","data":{"from":..,"text":..},...}}`.
+//! Heartbeats, slow clients, dead connections and shutdown are the Hub's problem.
+
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use keel::{Config, Connection, Handler, Hub, Message, Upgrade};
+
+/// The chat's behaviour: join the lobby on connect, publish what is said.
+struct Chat;
+
+impl Handler for Chat {
+    fn on_connect(&self, hub: &Hub, conn: &Connection) {
+        let _ = hub.join_room(conn.client_id(), "lobby");
+    }
+
+    fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) {
+        let Message::Text(text) = msg else {
+            conn.close(1003, "text only");
+            return;
+        };
+        let name = conn.metadata()["name"].as_str().unwrap_or("anonymous");
+        let data = serde_json::json!({ "from": name, "text": text });
+        if let Ok(raw) = keel::RawValue::from_string(data.to_string()) {
+            let _ = hub.publish("lobby", &raw, Some(conn.client_id()));
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Params {
+    name: Option<String>,
+}
+
+async fn ws(State(hub): State<Hub>, Query(p): Query<Params>, upgrade: Upgrade) -> Response {
+    let id = uuid::Uuid::new_v4().to_string();
+    let meta = serde_json::json!({ "name": p.name });
+    match hub.connect(id, upgrade, meta) {
+        Ok(response) => response,
+        Err(e) => (
+            axum::http::StatusCode::from_u16(e.http_status())
+                .unwrap_or(axum::http::StatusCode::SERVICE_UNAVAILABLE),
+            e.to_string(),
+        )
+            .into_response(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let hub = Hub::with_handler(Config::default(), Chat);
+    hub.start();
+    let app = Router::new().route("/ws", get(ws)).with_state(hub.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    println!("chat on ws://{}/ws?name=you", listener.local_addr()?);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            let report = hub
+                .graceful_shutdown(std::time::Duration::from_secs(10))
+                .await;
+            println!("{report:?}");
+        })
+        .await
+}

@@ -1,1 +1,58 @@
-fn main() {}
+//! Echo server on the library's connection layer: every text and binary message
+//! comes back unchanged. The Autobahn|Testsuite fuzzing client runs against it.
+//!
+//! `cargo run --release -p keel-examples --example echo -- 127.0.0.1:9001`
+//! (compression on; add `none` as a second argument to turn it off).
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use keel::{Config, Connection, Handler, Hub, Message, Upgrade};
+
+/// Sends every message back as it came.
+struct Echo;
+
+impl Handler for Echo {
+    fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) {
+        match msg {
+            Message::Text(t) => conn.send_text(hub, bytes::Bytes::copy_from_slice(t.as_bytes())),
+            Message::Binary(b) => conn.send_binary(hub, bytes::Bytes::copy_from_slice(b)),
+        };
+    }
+}
+
+async fn ws(State(hub): State<Hub>, upgrade: Upgrade) -> Response {
+    match hub.connect(
+        uuid::Uuid::new_v4().to_string(),
+        upgrade,
+        serde_json::Value::Null,
+    ) {
+        Ok(r) => r,
+        Err(e) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let addr = args.next().unwrap_or_else(|| "127.0.0.1:9001".into());
+    let compression = args.next().unwrap_or_else(|| "deflate".into());
+    let mut config = Config::default();
+    // Autobahn sends messages up to 16 MiB and bursts of many; an echo server must
+    // neither refuse nor drop them.
+    config.set("max_message_size", "67108864")?;
+    config.set("send_queue_max_bytes", "268435456")?;
+    config.set("send_queue_max_messages", "1000000")?;
+    config.set("compression", &compression)?;
+    let hub = Hub::with_handler(config, Echo);
+    hub.start();
+    let app = Router::new()
+        .route("/", get(ws))
+        .route("/ws", get(ws))
+        .with_state(hub);
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("echo listening on {}", listener.local_addr()?);
+    axum::serve(listener, app).await?;
+    Ok(())
+}

@@ -33,5 +33,8 @@ pub const RATE_LIMITED: u16 = 4003;
 /// 1008 (policy) and 1003 (protocol misuse) are not retried; a normal close asked
 /// for by the application is not retried either.
 pub fn should_reconnect(code: u16) -> bool {
-    !matches!(code, NORMAL | UNSUPPORTED_DATA | POLICY_VIOLATION | REPLACED)
+    !matches!(
+        code,
+        NORMAL | UNSUPPORTED_DATA | POLICY_VIOLATION | REPLACED
+    )
 }

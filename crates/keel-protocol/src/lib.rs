@@ -223,7 +223,10 @@ mod tests {
     #[test]
     fn distinguishes_invalid_json_from_invalid_message() {
         assert_eq!(
-            ClientEnvelope::parse("{not json").map(|_| ()).unwrap_err().code(),
+            ClientEnvelope::parse("{not json")
+                .map(|_| ())
+                .unwrap_err()
+                .code(),
             ErrorCode::InvalidJson
         );
         assert_eq!(
@@ -234,7 +237,10 @@ mod tests {
             ErrorCode::InvalidMessage
         );
         assert_eq!(
-            ClientEnvelope::parse("[1,2]").map(|_| ()).unwrap_err().code(),
+            ClientEnvelope::parse("[1,2]")
+                .map(|_| ())
+                .unwrap_err()
+                .code(),
             ErrorCode::InvalidMessage
         );
         assert_eq!(

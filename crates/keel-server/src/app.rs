@@ -113,7 +113,9 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let app = router(state.clone(), &ws_path, metrics_on);
     tracing::info!(%addr, "listening on {addr}");
     if hub.config().allowed_origins.is_empty() {
-        tracing::debug!("allowed_origins is empty: only same-origin or Origin-less upgrades are accepted");
+        tracing::debug!(
+            "allowed_origins is empty: only same-origin or Origin-less upgrades are accepted"
+        );
     }
 
     let stop = Arc::new(Notify::new());
@@ -123,9 +125,12 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         let server_stop = Arc::new(Notify::new());
         let server_stop2 = server_stop.clone();
         let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move { server_stop2.notified().await })
-                .await;
+            let _ = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { server_stop2.notified().await })
+            .await;
         });
         stop2.notified().await;
         let report = hub2.graceful_shutdown(drain_timeout).await;
@@ -155,11 +160,17 @@ fn router(state: AppState, ws_path: &str, metrics_on: bool) -> Router {
         .route("/api/presence/{channel}", get(api_presence))
         .route("/api/history/{channel}", get(api_history))
         .route("/admin/drain", post(admin_drain))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
     let mut app = Router::new()
         .route(ws_path, get(ws_upgrade))
         .route("/health", get(health))
-        .route("/health/live", get(|| async { Json(json!({"status": "alive"})) }))
+        .route(
+            "/health/live",
+            get(|| async { Json(json!({"status": "alive"})) }),
+        )
         .route("/health/broker", get(health_broker));
     if metrics_on {
         app = app.route("/metrics", get(metrics));
@@ -189,18 +200,29 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn unavailable(detail: &str) -> Response {
-    let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": detail}))).into_response();
+    let mut r = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": detail})),
+    )
+        .into_response();
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     r
 }
 
-async fn ws_upgrade(State(state): State<AppState>, headers: HeaderMap, upgrade: Upgrade) -> Response {
+async fn ws_upgrade(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    upgrade: Upgrade,
+) -> Response {
     if !origin_allowed(&state.hub.config().allowed_origins, &headers) {
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
     let client_id = uuid::Uuid::new_v4().to_string();
-    match state.hub.connect(client_id, upgrade, serde_json::Value::Null) {
+    match state
+        .hub
+        .connect(client_id, upgrade, serde_json::Value::Null)
+    {
         Ok(response) => response,
         Err(e) if e.http_status() == 503 => unavailable(e.detail()),
         Err(e) => (
@@ -244,7 +266,11 @@ fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
 async fn health(State(state): State<AppState>) -> Response {
     let hub = &state.hub;
     if hub.is_draining() {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"}))).into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response();
     }
     Json(json!({
         "status": "ok",
@@ -279,7 +305,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 fn bad_request(detail: impl std::fmt::Display) -> Response {
-    (StatusCode::BAD_REQUEST, Json(json!({"error": detail.to_string()}))).into_response()
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": detail.to_string()})),
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -362,7 +392,13 @@ async fn api_history(
     Path(channel): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Response {
-    Json(protocol::history(&state.hub, &channel, q.since.unwrap_or(0), q.limit)).into_response()
+    Json(protocol::history(
+        &state.hub,
+        &channel,
+        q.since.unwrap_or(0),
+        q.limit,
+    ))
+    .into_response()
 }
 
 /// Starts the drain without exiting: readiness turns 503, clients are told to
@@ -396,12 +432,33 @@ mod tests {
     fn origins() {
         let none: Vec<String> = vec![];
         assert!(origin_allowed(&none, &headers(None, "a.com")));
-        assert!(origin_allowed(&none, &headers(Some("https://a.com"), "a.com")));
-        assert!(!origin_allowed(&none, &headers(Some("https://evil.com"), "a.com")));
-        let list = vec!["https://app.example.com".to_string(), "https://*.example.org".to_string()];
-        assert!(origin_allowed(&list, &headers(Some("https://app.example.com"), "x")));
-        assert!(origin_allowed(&list, &headers(Some("https://a.b.example.org"), "x")));
-        assert!(!origin_allowed(&list, &headers(Some("https://example.org.evil.com"), "x")));
-        assert!(!origin_allowed(&list, &headers(Some("http://a.example.org"), "x")));
+        assert!(origin_allowed(
+            &none,
+            &headers(Some("https://a.com"), "a.com")
+        ));
+        assert!(!origin_allowed(
+            &none,
+            &headers(Some("https://evil.com"), "a.com")
+        ));
+        let list = vec![
+            "https://app.example.com".to_string(),
+            "https://*.example.org".to_string(),
+        ];
+        assert!(origin_allowed(
+            &list,
+            &headers(Some("https://app.example.com"), "x")
+        ));
+        assert!(origin_allowed(
+            &list,
+            &headers(Some("https://a.b.example.org"), "x")
+        ));
+        assert!(!origin_allowed(
+            &list,
+            &headers(Some("https://example.org.evil.com"), "x")
+        ));
+        assert!(!origin_allowed(
+            &list,
+            &headers(Some("http://a.example.org"), "x")
+        ));
     }
 }

@@ -20,7 +20,13 @@ fn main() {
         Command::Version => println!("keel {}", env!("CARGO_PKG_VERSION")),
         Command::Options => {
             for o in OPTIONS {
-                println!("{:<28} {:<24} {:<36} {}", o.name, o.default, Config::env_name(o.name), o.doc);
+                println!(
+                    "{:<28} {:<24} {:<36} {}",
+                    o.name,
+                    o.default,
+                    Config::env_name(o.name),
+                    o.doc
+                );
             }
         }
         Command::Serve => {
@@ -62,7 +68,10 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -84,7 +93,9 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(&config.log_level)
         .map_err(|e| anyhow::anyhow!("invalid value for option `log_level`: {e}"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match config.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.with_ansi(false).init(),

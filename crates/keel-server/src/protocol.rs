@@ -180,7 +180,12 @@ fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
                 Ok(p) => p,
                 Err(e) => return bad_payload(e),
             };
-            reply(&history(hub, &p.channel, p.since.map_or(0, |s| s.offset), p.limit))
+            reply(&history(
+                hub,
+                &p.channel,
+                p.since.map_or(0, |s| s.offset),
+                p.limit,
+            ))
         }
         kind::PING => {
             conn.send_text(hub, encode::pong(rid));
@@ -190,7 +195,10 @@ fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
             ErrorCode::UnknownType,
             &format!("`{}` is not enabled on this server yet", env.kind),
         ),
-        other => fail(ErrorCode::UnknownType, &format!("unknown message type `{other}`")),
+        other => fail(
+            ErrorCode::UnknownType,
+            &format!("unknown message type `{other}`"),
+        ),
     }
 }
 
@@ -223,7 +231,9 @@ pub fn history(hub: &Hub, channel: &str, since: u64, limit: Option<usize>) -> se
                 .collect();
             serde_json::json!({ "channel": channel, "epoch": pos.epoch, "offset": pos.offset, "messages": messages })
         }
-        None => serde_json::json!({ "channel": channel, "epoch": null, "offset": 0, "messages": [] }),
+        None => {
+            serde_json::json!({ "channel": channel, "epoch": null, "offset": 0, "messages": [] })
+        }
     }
 }
 

@@ -169,7 +169,13 @@ mod tests {
             ("KEEL_MAX_CONNECTIONS".to_string(), "6".to_string()),
         ];
         let (cmd, c) = load(
-            &args(&["serve", "--config", file.to_str().unwrap(), "--max-connections", "7"]),
+            &args(&[
+                "serve",
+                "--config",
+                file.to_str().unwrap(),
+                "--max-connections",
+                "7",
+            ]),
             env,
         )
         .unwrap();

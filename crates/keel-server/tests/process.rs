@@ -1,6 +1,8 @@
 //! The `keel` binary as an operator runs it: config sources and their precedence,
 //! refused values, JSON logs, and SIGTERM's graceful shutdown ending in exit 0.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::SocketAddr;
@@ -32,7 +34,9 @@ fn keel() -> Command {
 /// Starts `keel serve` with `args`/`env` and waits for `listening on ADDR`.
 async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut cmd = keel();
-    cmd.arg("serve").args(["--listen", "127.0.0.1:0"]).args(args);
+    cmd.arg("serve")
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -63,7 +67,12 @@ async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
     }
     let addr = tokio::time::timeout(WAIT, rx.recv())
         .await
-        .unwrap_or_else(|_| panic!("no `listening on` line; output: {:?}", lines.lock().unwrap()))
+        .unwrap_or_else(|_| {
+            panic!(
+                "no `listening on` line; output: {:?}",
+                lines.lock().unwrap()
+            )
+        })
         .expect("address");
     Proc { child, addr, lines }
 }
@@ -81,7 +90,14 @@ fn sigterm(child: &Child) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_exits_zero_with_a_report() {
     let mut p = spawn(
-        &["--api-key", "k", "--drain-timeout", "2s", "--shutdown-reconnect-window", "1s"],
+        &[
+            "--api-key",
+            "k",
+            "--drain-timeout",
+            "2s",
+            "--shutdown-reconnect-window",
+            "1s",
+        ],
         &[],
     )
     .await;
@@ -100,7 +116,10 @@ async fn sigterm_drains_then_exits_zero_with_a_report() {
     // Still draining (the stubborn client holds it): not ready, no new upgrades.
     let (s, body) = http(p.addr, "GET", "/health", None, None).await;
     assert_eq!(s, 503, "{body}");
-    let refused = Raw::connect_with(p.addr, "").await.err().expect("refused while draining");
+    let refused = Raw::connect_with(p.addr, "")
+        .await
+        .err()
+        .expect("refused while draining");
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
 
     let status = tokio::time::timeout(WAIT, p.child.wait())
@@ -110,11 +129,18 @@ async fn sigterm_drains_then_exits_zero_with_a_report() {
     assert_eq!(status.code(), Some(0));
     // Give the output readers a moment to see EOF.
     eventually("report logged", || {
-        p.lines.lock().unwrap().iter().any(|l| l.contains("shutdown report"))
+        p.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("shutdown report"))
     })
     .await;
     let lines = p.lines.lock().unwrap();
-    let report = lines.iter().find(|l| l.contains("shutdown report")).unwrap();
+    let report = lines
+        .iter()
+        .find(|l| l.contains("shutdown report"))
+        .unwrap();
     assert!(report.contains("connections_at_start=2"), "{report}");
     assert!(report.contains("force_closed=1"), "{report}");
 }
@@ -122,9 +148,21 @@ async fn sigterm_drains_then_exits_zero_with_a_report() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_values_stop_startup_naming_the_option() {
     for (env, flag, needle) in [
-        (Some(("KEEL_HEARTBEAT_INTERVAL", "soon")), None, "heartbeat_interval"),
-        (None, Some("--slow-consumer-policy=maybe"), "slow_consumer_policy"),
-        (Some(("KEEL_MAX_CONNECTIONS", "-1")), None, "max_connections"),
+        (
+            Some(("KEEL_HEARTBEAT_INTERVAL", "soon")),
+            None,
+            "heartbeat_interval",
+        ),
+        (
+            None,
+            Some("--slow-consumer-policy=maybe"),
+            "slow_consumer_policy",
+        ),
+        (
+            Some(("KEEL_MAX_CONNECTIONS", "-1")),
+            None,
+            "max_connections",
+        ),
         (None, Some("--listen=nowhere"), "listen"),
         (None, Some("--no-such-thing=1"), "no_such_thing"),
     ] {
@@ -136,7 +174,10 @@ async fn bad_values_stop_startup_naming_the_option() {
         if let Some(f) = flag {
             cmd.arg(f);
         }
-        let out = tokio::time::timeout(WAIT, cmd.output()).await.expect("exits").unwrap();
+        let out = tokio::time::timeout(WAIT, cmd.output())
+            .await
+            .expect("exits")
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{needle}: started anyway");
         assert!(err.contains(needle), "{needle} not named in: {err}");
@@ -148,7 +189,11 @@ async fn file_then_env_then_flags() {
     let dir = std::env::temp_dir().join(format!("keel-proc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("keel.toml");
-    std::fs::write(&file, "heartbeat_interval = \"11s\"\nheartbeat_timeout = \"21s\"\napi_key = \"k\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "heartbeat_interval = \"11s\"\nheartbeat_timeout = \"21s\"\napi_key = \"k\"\n",
+    )
+    .unwrap();
     let f = file.to_str().unwrap();
 
     let p = spawn(&["--config", f], &[]).await;
@@ -165,7 +210,10 @@ async fn file_then_env_then_flags() {
 
     let p = spawn(
         &["--config", f, "--heartbeat-interval", "13s"],
-        &[("KEEL_HEARTBEAT_INTERVAL", "12s"), ("KEEL_HEARTBEAT_MODE", "json")],
+        &[
+            ("KEEL_HEARTBEAT_INTERVAL", "12s"),
+            ("KEEL_HEARTBEAT_MODE", "json"),
+        ],
     )
     .await;
     let c = Client::connect(p.addr).await;
@@ -177,38 +225,79 @@ async fn file_then_env_then_flags() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_have_one_event_per_connect_and_disconnect_and_no_secrets() {
-    let p = spawn(&[], &[("KEEL_LOG_FORMAT", "json"), ("KEEL_API_KEY", "sekret-api-key")]).await;
+    let p = spawn(
+        &[],
+        &[
+            ("KEEL_LOG_FORMAT", "json"),
+            ("KEEL_API_KEY", "sekret-api-key"),
+        ],
+    )
+    .await;
     let mut c = Client::connect(p.addr).await;
     let id = c.client_id();
-    c.request("publish", json!({"channel": "x", "data": 1})).await;
-    let (s, _) = http(p.addr, "POST", "/api/disconnect", Some("sekret-api-key"), Some(json!({"client_id": id, "code": 4100}))).await;
+    c.request("publish", json!({"channel": "x", "data": 1}))
+        .await;
+    let (s, _) = http(
+        p.addr,
+        "POST",
+        "/api/disconnect",
+        Some("sekret-api-key"),
+        Some(json!({"client_id": id, "code": 4100})),
+    )
+    .await;
     assert_eq!(s, 200);
     assert_eq!(c.expect_close().await, 4100);
     eventually("disconnect logged", || {
-        p.lines.lock().unwrap().iter().any(|l| l.contains("\"disconnect\""))
+        p.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("\"disconnect\""))
     })
     .await;
     let lines = p.lines.lock().unwrap();
-    let events: Vec<Value> = lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let events: Vec<Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
     assert!(!events.is_empty(), "{lines:?}");
-    let connect: Vec<&Value> = events.iter().filter(|e| e["message"] == "connect").collect();
-    let disconnect: Vec<&Value> = events.iter().filter(|e| e["message"] == "disconnect").collect();
+    let connect: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["message"] == "connect")
+        .collect();
+    let disconnect: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["message"] == "disconnect")
+        .collect();
     assert_eq!(connect.len(), 1);
     assert_eq!(disconnect.len(), 1);
     assert_eq!(connect[0]["client_id"], id.as_str());
     assert_eq!(disconnect[0]["client_id"], id.as_str());
     assert_eq!(disconnect[0]["reason"], "server_closed");
     assert_eq!(disconnect[0]["code"], 4100);
-    assert!(lines.iter().all(|l| !l.contains("sekret-api-key")), "the api key leaked into the output");
+    assert!(
+        lines.iter().all(|l| !l.contains("sekret-api-key")),
+        "the api key leaked into the output"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_api_key_is_printed_once_and_works() {
     let p = spawn(&[], &[]).await;
-    eventually("key printed", || p.lines.lock().unwrap().iter().any(|l| l.contains("generated one"))).await;
+    eventually("key printed", || {
+        p.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("generated one"))
+    })
+    .await;
     let key = {
         let lines = p.lines.lock().unwrap();
-        let printed: Vec<&String> = lines.iter().filter(|l| l.contains("generated one")).collect();
+        let printed: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains("generated one"))
+            .collect();
         assert_eq!(printed.len(), 1);
         printed[0].rsplit(' ').next().unwrap().to_string()
     };

@@ -1,6 +1,8 @@
 //! The gateway's wire protocol over real sockets: welcome, channels and offsets,
 //! rpc, every bad-input row of PROTOCOL.md, heartbeats and slow consumers.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -62,21 +64,30 @@ async fn publish_fans_out_with_contiguous_offsets() {
             let m = s.recv().await;
             assert_eq!(m["type"], "message", "{m}");
             assert_eq!(m["payload"]["channel"], "room:1");
-            assert_eq!(m["payload"]["offset"], i + 1, "strictly increasing, no gap, no duplicate");
+            assert_eq!(
+                m["payload"]["offset"],
+                i + 1,
+                "strictly increasing, no gap, no duplicate"
+            );
             assert_eq!(m["payload"]["data"]["i"], i);
             assert_eq!(m["payload"]["publisher"], publisher.client_id());
             assert_eq!(Some(&m["payload"]["epoch"]), epoch.as_ref());
         }
     }
     // Unsubscribed clients get nothing more.
-    let r = subs[0].request("unsubscribe", json!({"channel": "room:1"})).await;
+    let r = subs[0]
+        .request("unsubscribe", json!({"channel": "room:1"}))
+        .await;
     assert_eq!(r["type"], "unsubscribe_response");
     publisher
         .send(json!({"type": "publish", "payload": {"channel": "room:1", "data": "last"}}))
         .await;
     assert_eq!(subs[1].recv().await["payload"]["data"], "last");
     let r = subs[0].request("ping", json!({})).await;
-    assert_eq!(r["type"], "pong", "the unsubscribed client saw {r} before its pong");
+    assert_eq!(
+        r["type"], "pong",
+        "the unsubscribed client saw {r} before its pong"
+    );
     gw.shutdown().await;
 }
 
@@ -89,7 +100,8 @@ async fn subscribe_since_recovers_or_says_it_cannot() {
     let first = a.subscribe("h").await;
     let epoch = first["payload"]["epoch"].as_str().unwrap().to_string();
     for i in 0..8 {
-        a.request("publish", json!({"channel": "h", "data": i})).await;
+        a.request("publish", json!({"channel": "h", "data": i}))
+            .await;
     }
     let mut b = Client::connect(gw.addr).await;
     // Offsets 6..8 are in history (5 kept: 4..8): recovered, replayed in order.
@@ -106,18 +118,29 @@ async fn subscribe_since_recovers_or_says_it_cannot() {
     // Offset 1 is gone: no partial replay.
     let mut c2 = Client::connect(gw.addr).await;
     let r = c2
-        .request("subscribe", json!({"channel": "h", "since": {"offset": 1, "epoch": epoch}}))
+        .request(
+            "subscribe",
+            json!({"channel": "h", "since": {"offset": 1, "epoch": epoch}}),
+        )
         .await;
     assert_eq!(r["payload"]["recovered"], false);
     assert_eq!(r["payload"]["replayed"], 0);
     assert_eq!(r["payload"]["offset"], 8);
     // Another epoch: not recovered either.
     let r = c2
-        .request("subscribe", json!({"channel": "h", "since": {"offset": 7, "epoch": "other"}}))
+        .request(
+            "subscribe",
+            json!({"channel": "h", "since": {"offset": 7, "epoch": "other"}}),
+        )
         .await;
     assert_eq!(r["payload"]["recovered"], false);
     // history returns what is kept.
-    let r = c2.request("history", json!({"channel": "h", "since": {"offset": 6, "epoch": epoch}})).await;
+    let r = c2
+        .request(
+            "history",
+            json!({"channel": "h", "since": {"offset": 6, "epoch": epoch}}),
+        )
+        .await;
     let offsets: Vec<u64> = r["payload"]["messages"]
         .as_array()
         .unwrap()
@@ -150,13 +173,20 @@ async fn bad_messages_get_errors_and_the_connection_stays_open() {
     let e = c.request("subscribe", json!({"channel": ""})).await;
     assert_eq!(e["payload"]["code"], "invalid_message");
 
-    let e = c.request("subscribe", json!({"channel": "x".repeat(300)})).await;
+    let e = c
+        .request("subscribe", json!({"channel": "x".repeat(300)}))
+        .await;
     assert_eq!(e["payload"]["code"], "invalid_message");
 
     let e = c.request("rpc", json!({"method": "nope"})).await;
     assert_eq!(e["payload"]["code"], "not_found");
 
-    let r = c.request("rpc", json!({"method": "echo", "data": {"deep": [1, "two", null]}})).await;
+    let r = c
+        .request(
+            "rpc",
+            json!({"method": "echo", "data": {"deep": [1, "two", null]}}),
+        )
+        .await;
     assert_eq!(r["type"], "rpc_response");
     assert_eq!(r["payload"]["data"], json!({"deep": [1, "two", null]}));
 
@@ -223,13 +253,21 @@ async fn silent_client_is_evicted_after_interval_plus_timeout() {
     // A live client that answers pings (the client library answers while reading).
     let mut live = Client::connect(gw.addr).await;
     let start = Instant::now();
-    eventually("two connections registered", || gw.hub.get_connection_count() == 2).await;
+    eventually("two connections registered", || {
+        gw.hub.get_connection_count() == 2
+    })
+    .await;
     // While waiting, keep the live client reading so it answers Ping frames and
     // sees JSON pings.
     let mut pings = 0;
     while gw.hub.get_connection_count() == 2 {
-        assert!(start.elapsed() < Duration::from_secs(5), "zombie not evicted");
-        if let Ok(v) = tokio::time::timeout(Duration::from_millis(50), recv_json(&mut live.ws)).await {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "zombie not evicted"
+        );
+        if let Ok(v) =
+            tokio::time::timeout(Duration::from_millis(50), recv_json(&mut live.ws)).await
+        {
             if v["type"] == "ping" {
                 pings += 1;
                 live.send(json!({"type": "pong"})).await;
@@ -237,13 +275,21 @@ async fn silent_client_is_evicted_after_interval_plus_timeout() {
         }
     }
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(550), "evicted too early: {took:?}");
-    assert!(took < Duration::from_millis(600 + 150 + 1500), "evicted too late: {took:?}");
+    assert!(
+        took >= Duration::from_millis(550),
+        "evicted too early: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(600 + 150 + 1500),
+        "evicted too late: {took:?}"
+    );
     assert!(pings >= 1, "the server sent JSON pings");
     // The live client is still there, well past interval + timeout.
     let keep_until = Instant::now() + Duration::from_millis(1200);
     while Instant::now() < keep_until {
-        if let Ok(v) = tokio::time::timeout(Duration::from_millis(50), recv_json(&mut live.ws)).await {
+        if let Ok(v) =
+            tokio::time::timeout(Duration::from_millis(50), recv_json(&mut live.ws)).await
+        {
             if v["type"] == "ping" {
                 live.send(json!({"type": "pong"})).await;
             }
@@ -273,7 +319,10 @@ async fn slow_reader_does_not_slow_others_and_stays_bounded() {
         let mut next = 1u64;
         while next <= n {
             let m = fast.recv().await;
-            assert_eq!(m["payload"]["offset"], next, "fast subscriber lost or reordered");
+            assert_eq!(
+                m["payload"]["offset"], next,
+                "fast subscriber lost or reordered"
+            );
             next += 1;
         }
     });
@@ -293,11 +342,21 @@ async fn slow_reader_does_not_slow_others_and_stays_bounded() {
         .expect("the fast subscriber received everything in time")
         .expect("fast reader ok");
     // The slow one's queue hit its bound and dropped instead of growing.
-    assert!(gw.hub.dropped_total() > 0, "the slow subscriber's queue dropped messages");
+    assert!(
+        gw.hub.dropped_total() > 0,
+        "the slow subscriber's queue dropped messages"
+    );
     let bound = 262144 + 64 * 1024; // queue bound + one message in flight
-    assert!(max_queue <= bound * 2, "queued bytes {max_queue} exceed the bounds");
+    assert!(
+        max_queue <= bound * 2,
+        "queued bytes {max_queue} exceed the bounds"
+    );
     let stats = gw.hub.metrics_snapshot();
-    assert!(stats.send_queue_bytes <= bound, "{} bytes queued", stats.send_queue_bytes);
+    assert!(
+        stats.send_queue_bytes <= bound,
+        "{} bytes queued",
+        stats.send_queue_bytes
+    );
     drop(slow);
     gw.shutdown().await;
 }
@@ -313,12 +372,24 @@ async fn disconnect_policy_closes_slow_consumer_with_4000() {
     let gw = gateway(c).await;
     let mut slow = Raw::connect(gw.addr).await;
     // Subscribe, then stop reading.
-    slow.send_frame(true, 1, br#"{"type":"subscribe","payload":{"channel":"s"}}"#).await;
-    eventually("slow subscribed", || gw.hub.get_room_members("s").len() == 1).await;
-    let data = serde_json::value::RawValue::from_string(format!("\"{}\"", "z".repeat(60_000))).unwrap();
+    slow.send_frame(
+        true,
+        1,
+        br#"{"type":"subscribe","payload":{"channel":"s"}}"#,
+    )
+    .await;
+    eventually("slow subscribed", || {
+        gw.hub.get_room_members("s").len() == 1
+    })
+    .await;
+    let data =
+        serde_json::value::RawValue::from_string(format!("\"{}\"", "z".repeat(60_000))).unwrap();
     let deadline = Instant::now() + WAIT;
     while gw.hub.get_connection_count() > 0 {
-        assert!(Instant::now() < deadline, "slow consumer never disconnected");
+        assert!(
+            Instant::now() < deadline,
+            "slow consumer never disconnected"
+        );
         gw.hub.publish("s", &data, None).unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -186,7 +186,8 @@ impl Channels {
                     }
                 }
             }
-            st.members.insert(conn.inner.client_id.clone(), conn.clone());
+            st.members
+                .insert(conn.inner.client_id.clone(), conn.clone());
             conn.inner.channels.lock().insert(ch.name.clone());
             if conn.inner.gone.load(std::sync::atomic::Ordering::Acquire) {
                 // The connection is unregistering and may have missed this join.
@@ -268,7 +269,12 @@ impl Channels {
 
     /// The encoded publications of `name` after `after` (oldest first, at most
     /// `limit`), with the channel's position; `None` if the channel does not exist.
-    pub(crate) fn history(&self, name: &str, after: u64, limit: usize) -> Option<(StreamPosition, Vec<Bytes>)> {
+    pub(crate) fn history(
+        &self,
+        name: &str,
+        after: u64,
+        limit: usize,
+    ) -> Option<(StreamPosition, Vec<Bytes>)> {
         let ch = self.get(name)?;
         let st = ch.state.lock();
         let frames = st

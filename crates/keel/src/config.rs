@@ -220,7 +220,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid value for option `{}`: {}", self.option, self.message)
+        write!(
+            f,
+            "invalid value for option `{}`: {}",
+            self.option, self.message
+        )
     }
 }
 
@@ -321,7 +325,9 @@ impl Config {
             }
             "max_connections" => self.max_connections = optional_count(v).map_err(err)?,
             "max_message_size" => self.max_message_size = positive(v).map_err(err)?,
-            "reconnect_token_ttl" => self.reconnect_token_ttl = positive_duration(v).map_err(err)?,
+            "reconnect_token_ttl" => {
+                self.reconnect_token_ttl = positive_duration(v).map_err(err)?
+            }
             "enable_reconnect" => self.enable_reconnect = boolean(v).map_err(err)?,
             "compression" => {
                 self.compression = match v {

@@ -322,7 +322,12 @@ impl Driver {
     pub(crate) fn new(hub: Hub, conn: Connection, socket: Socket) -> Self {
         let handler = hub.handler();
         if std::panic::catch_unwind(AssertUnwindSafe(|| handler.on_connect(&hub, &conn))).is_err() {
-            conn.close_as(DisconnectReason::InternalError, 1011, "internal error", true);
+            conn.close_as(
+                DisconnectReason::InternalError,
+                1011,
+                "internal error",
+                true,
+            );
         }
         Driver {
             hub,
@@ -354,7 +359,10 @@ impl Driver {
             match &item {
                 Outgoing::Text(b) | Outgoing::Binary(b) => {
                     inner.stats.messages_out.fetch_add(1, Ordering::Relaxed);
-                    inner.stats.bytes_out.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    inner
+                        .stats
+                        .bytes_out
+                        .fetch_add(b.len() as u64, Ordering::Relaxed);
                 }
                 Outgoing::Close(..) => self.close_sent = true,
                 Outgoing::Ping => {}
@@ -391,8 +399,12 @@ impl Driver {
                 match std::str::from_utf8(&bytes) {
                     Ok(text) => dispatch(&self.hub, &self.conn, Message::Text(text)),
                     Err(_) => {
-                        self.conn
-                            .close_as(DisconnectReason::ProtocolError, 1007, "invalid utf-8", true);
+                        self.conn.close_as(
+                            DisconnectReason::ProtocolError,
+                            1007,
+                            "invalid utf-8",
+                            true,
+                        );
                     }
                 }
             }
@@ -484,7 +496,10 @@ impl Drop for Driver {
 
 fn count_in(inner: &ConnInner, len: usize) {
     inner.stats.messages_in.fetch_add(1, Ordering::Relaxed);
-    inner.stats.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+    inner
+        .stats
+        .bytes_in
+        .fetch_add(len as u64, Ordering::Relaxed);
 }
 
 /// Hands a message to the handler; a panic closes this connection with 1011 and
@@ -493,7 +508,11 @@ fn dispatch(hub: &Hub, conn: &Connection, msg: Message<'_>) {
     let handler = hub.handler();
     if std::panic::catch_unwind(AssertUnwindSafe(|| handler.on_message(hub, conn, msg))).is_err() {
         tracing::error!(client_id = %conn.client_id(), "handler panicked; closing the connection with 1011");
-        conn.close_as(DisconnectReason::InternalError, 1011, "internal error", true);
+        conn.close_as(
+            DisconnectReason::InternalError,
+            1011,
+            "internal error",
+            true,
+        );
     }
 }
-

@@ -93,7 +93,10 @@ fn sweep(hub: &Hub, now: Instant, next_ping: &mut [Instant], interval: Duration)
                     "heartbeat timeout",
                     true,
                 );
-                c.kill(DisconnectReason::HeartbeatTimeout, keel_protocol::close::HEARTBEAT_TIMEOUT);
+                c.kill(
+                    DisconnectReason::HeartbeatTimeout,
+                    keel_protocol::close::HEARTBEAT_TIMEOUT,
+                );
                 continue;
             }
             if disconnect_slow {
@@ -113,7 +116,10 @@ fn sweep(hub: &Hub, now: Instant, next_ping: &mut [Instant], interval: Duration)
                 if matches!(cfg.heartbeat_mode, HeartbeatMode::Ws | HeartbeatMode::Both) {
                     c.inner.queue.push_control(Outgoing::Ping);
                 }
-                if matches!(cfg.heartbeat_mode, HeartbeatMode::Json | HeartbeatMode::Both) {
+                if matches!(
+                    cfg.heartbeat_mode,
+                    HeartbeatMode::Json | HeartbeatMode::Both
+                ) {
                     let frame = json_ping.get_or_insert_with(keel_protocol::encode::ping);
                     c.inner.queue.push_control(Outgoing::Text(frame.clone()));
                 }

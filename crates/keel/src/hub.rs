@@ -187,14 +187,20 @@ impl Hub {
 
     fn reserve(&self) -> Result<()> {
         if self.is_draining() {
-            self.inner.metrics.rejected_draining.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .metrics
+                .rejected_draining
+                .fetch_add(1, Ordering::Relaxed);
             return Err(Error::new(ErrorKind::Shutdown, "server is draining"));
         }
         let prev = self.inner.reserved.fetch_add(1, Ordering::AcqRel);
         if let Some(max) = self.inner.config.max_connections {
             if prev >= max {
                 self.inner.reserved.fetch_sub(1, Ordering::AcqRel);
-                self.inner.metrics.rejected_limit.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .metrics
+                    .rejected_limit
+                    .fetch_add(1, Ordering::Relaxed);
                 return Err(Error::new(
                     ErrorKind::ConnectionLimitExceeded,
                     format!("at max_connections ({max})"),
@@ -256,7 +262,12 @@ impl Hub {
             "connect"
         );
         if let Some(old) = old {
-            old.close_as(DisconnectReason::Replaced, keel_protocol::close::REPLACED, "replaced by a newer connection", true);
+            old.close_as(
+                DisconnectReason::Replaced,
+                keel_protocol::close::REPLACED,
+                "replaced by a newer connection",
+                true,
+            );
         }
     }
 
@@ -274,7 +285,9 @@ impl Hub {
             self.inner.channels.leave(&ch, conn);
         }
         if let Some(ud) = conn.inner.user_data.lock().take() {
-            self.inner.user_data_bytes.fetch_sub(ud.bytes, Ordering::Relaxed);
+            self.inner
+                .user_data_bytes
+                .fetch_sub(ud.bytes, Ordering::Relaxed);
         }
         self.inner.reserved.fetch_sub(1, Ordering::AcqRel);
         let m = &self.inner.metrics;
@@ -310,7 +323,11 @@ impl Hub {
 
     /// Closes `client_id`'s connection with 1000. What is queued is sent first.
     pub fn disconnect(&self, client_id: &str) -> Result<()> {
-        self.disconnect_with(client_id, keel_protocol::close::NORMAL, "disconnected by server")
+        self.disconnect_with(
+            client_id,
+            keel_protocol::close::NORMAL,
+            "disconnected by server",
+        )
     }
 
     /// Closes `client_id`'s connection with `code` and `reason`.
@@ -341,7 +358,10 @@ impl Hub {
                 if exclude.contains(&c.client_id()) {
                     continue;
                 }
-                tally(&mut result, c.push_counted(self, Outgoing::Text(frame.clone())));
+                tally(
+                    &mut result,
+                    c.push_counted(self, Outgoing::Text(frame.clone())),
+                );
                 if (i + 1) % batch == 0 {
                     tokio::task::yield_now().await;
                 }
@@ -397,7 +417,12 @@ impl Hub {
     /// [`ErrorKind::MemoryLimitExceeded`] if it would take the connection past
     /// `max_memory_per_connection` or all connections past `max_total_memory`;
     /// nothing is changed then.
-    pub fn set_user_data(&self, client_id: &str, key: &str, value: serde_json::Value) -> Result<()> {
+    pub fn set_user_data(
+        &self,
+        client_id: &str,
+        key: &str,
+        value: serde_json::Value,
+    ) -> Result<()> {
         let c = self.require(client_id)?;
         let cfg = &self.inner.config;
         let add = memory::entry_size(key, &value);
@@ -478,20 +503,35 @@ impl Hub {
     /// Rooms `client_id` is in (empty if not connected).
     pub fn get_client_rooms(&self, client_id: &str) -> Vec<String> {
         self.get_connection(client_id)
-            .map(|c| c.inner.channels.lock().iter().map(|r| r.to_string()).collect())
+            .map(|c| {
+                c.inner
+                    .channels
+                    .lock()
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     /// Queues a text message to every member of `room` except `exclude`, without an
     /// offset (it is not part of the channel's stream; see [`publish`](Self::publish)).
-    pub fn broadcast_to_room(&self, room: &str, text: impl Into<Bytes>, exclude: Option<&str>) -> BroadcastResult {
+    pub fn broadcast_to_room(
+        &self,
+        room: &str,
+        text: impl Into<Bytes>,
+        exclude: Option<&str>,
+    ) -> BroadcastResult {
         let frame = text.into();
         let mut result = BroadcastResult::default();
         for c in self.inner.channels.members(room) {
             if exclude.is_some_and(|x| x == c.client_id()) {
                 continue;
             }
-            tally(&mut result, c.push_counted(self, Outgoing::Text(frame.clone())));
+            tally(
+                &mut result,
+                c.push_counted(self, Outgoing::Text(frame.clone())),
+            );
         }
         result
     }
@@ -499,10 +539,21 @@ impl Hub {
     /// Publishes `data` to `channel`'s stream: assigns the next offset, encodes one
     /// `message` envelope and queues it to every member. `publisher` is the client_id
     /// shown to subscribers (None for server-side publications).
-    pub fn publish(&self, channel: &str, data: &RawValue, publisher: Option<&str>) -> Result<Publication> {
+    pub fn publish(
+        &self,
+        channel: &str,
+        data: &RawValue,
+        publisher: Option<&str>,
+    ) -> Result<Publication> {
         check_channel_name(channel)?;
-        self.inner.metrics.publications.fetch_add(1, Ordering::Relaxed);
-        Ok(self.inner.channels.publish(self, channel, data, publisher, None))
+        self.inner
+            .metrics
+            .publications
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(self
+            .inner
+            .channels
+            .publish(self, channel, data, publisher, None))
     }
 
     /// The channel's current position (offset 0 in a fresh epoch if it has none yet).
@@ -513,7 +564,12 @@ impl Hub {
     /// The encoded `message` envelopes still in `channel`'s history after offset
     /// `after` (oldest first, at most `limit`), and the channel's position. `None`
     /// if the channel does not exist.
-    pub fn history(&self, channel: &str, after: u64, limit: usize) -> Option<(StreamPosition, Vec<Bytes>)> {
+    pub fn history(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> Option<(StreamPosition, Vec<Bytes>)> {
         self.inner.channels.history(channel, after, limit)
     }
 

@@ -140,27 +140,102 @@ impl MetricsSnapshot {
         let mut one = |name: &str, kind: &str, help: &str, v: String| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
-        one("keel_connections", "gauge", "Open WebSocket connections.", self.connections.to_string());
-        one("keel_channels", "gauge", "Channels with members or live history.", self.channels.to_string());
-        one("keel_connects_total", "counter", "Connections accepted.", self.connects_total.to_string());
-        one("keel_messages_in_total", "counter", "Messages received from clients.", self.messages_in_total.to_string());
-        one("keel_bytes_in_total", "counter", "Payload bytes received from clients.", self.bytes_in_total.to_string());
-        one("keel_messages_out_total", "counter", "Messages written to clients.", self.messages_out_total.to_string());
-        one("keel_bytes_out_total", "counter", "Payload bytes written to clients.", self.bytes_out_total.to_string());
-        one("keel_heartbeat_timeouts_total", "counter", "Connections closed for heartbeat silence.", self.heartbeat_timeouts_total.to_string());
-        one("keel_publications_total", "counter", "Publications made.", self.publications_total.to_string());
-        one("keel_send_queue_bytes", "gauge", "Bytes waiting in send queues.", self.send_queue_bytes.to_string());
-        one("keel_send_queue_messages", "gauge", "Messages waiting in send queues.", self.send_queue_messages.to_string());
-        one("keel_user_data_bytes", "gauge", "Bytes of per-connection user data.", self.user_data_bytes.to_string());
+        one(
+            "keel_connections",
+            "gauge",
+            "Open WebSocket connections.",
+            self.connections.to_string(),
+        );
+        one(
+            "keel_channels",
+            "gauge",
+            "Channels with members or live history.",
+            self.channels.to_string(),
+        );
+        one(
+            "keel_connects_total",
+            "counter",
+            "Connections accepted.",
+            self.connects_total.to_string(),
+        );
+        one(
+            "keel_messages_in_total",
+            "counter",
+            "Messages received from clients.",
+            self.messages_in_total.to_string(),
+        );
+        one(
+            "keel_bytes_in_total",
+            "counter",
+            "Payload bytes received from clients.",
+            self.bytes_in_total.to_string(),
+        );
+        one(
+            "keel_messages_out_total",
+            "counter",
+            "Messages written to clients.",
+            self.messages_out_total.to_string(),
+        );
+        one(
+            "keel_bytes_out_total",
+            "counter",
+            "Payload bytes written to clients.",
+            self.bytes_out_total.to_string(),
+        );
+        one(
+            "keel_heartbeat_timeouts_total",
+            "counter",
+            "Connections closed for heartbeat silence.",
+            self.heartbeat_timeouts_total.to_string(),
+        );
+        one(
+            "keel_publications_total",
+            "counter",
+            "Publications made.",
+            self.publications_total.to_string(),
+        );
+        one(
+            "keel_send_queue_bytes",
+            "gauge",
+            "Bytes waiting in send queues.",
+            self.send_queue_bytes.to_string(),
+        );
+        one(
+            "keel_send_queue_messages",
+            "gauge",
+            "Messages waiting in send queues.",
+            self.send_queue_messages.to_string(),
+        );
+        one(
+            "keel_user_data_bytes",
+            "gauge",
+            "Bytes of per-connection user data.",
+            self.user_data_bytes.to_string(),
+        );
         let mut labelled = |name: &str, help: &str, label: &str, rows: &[(&str, u64)]| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
             for (l, v) in rows {
                 let _ = writeln!(o, "{name}{{{label}=\"{l}\"}} {v}");
             }
         };
-        labelled("keel_disconnects_total", "Connections ended, by reason.", "reason", &self.disconnects_total);
-        labelled("keel_dropped_messages_total", "Messages dropped by the slow-consumer policy.", "policy", &self.dropped_total);
-        labelled("keel_upgrades_rejected_total", "WebSocket upgrades refused.", "reason", &self.rejected_total);
+        labelled(
+            "keel_disconnects_total",
+            "Connections ended, by reason.",
+            "reason",
+            &self.disconnects_total,
+        );
+        labelled(
+            "keel_dropped_messages_total",
+            "Messages dropped by the slow-consumer policy.",
+            "policy",
+            &self.dropped_total,
+        );
+        labelled(
+            "keel_upgrades_rejected_total",
+            "WebSocket upgrades refused.",
+            "reason",
+            &self.rejected_total,
+        );
         o
     }
 }

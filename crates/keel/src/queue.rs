@@ -247,7 +247,10 @@ mod tests {
 
     #[test]
     fn drop_newest_and_disconnect_refuse_and_mark_full() {
-        for policy in [SlowConsumerPolicy::DropNewest, SlowConsumerPolicy::Disconnect] {
+        for policy in [
+            SlowConsumerPolicy::DropNewest,
+            SlowConsumerPolicy::Disconnect,
+        ] {
             let q = SendQueue::default();
             let l = limits(policy);
             for _ in 0..3 {

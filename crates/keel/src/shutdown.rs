@@ -69,7 +69,10 @@ impl Hub {
         let mut force_closed = 0;
         for s in self.shards() {
             for c in s.read().values() {
-                c.kill(DisconnectReason::Shutdown, keel_protocol::close::SERVICE_RESTART);
+                c.kill(
+                    DisconnectReason::Shutdown,
+                    keel_protocol::close::SERVICE_RESTART,
+                );
                 force_closed += 1;
             }
         }

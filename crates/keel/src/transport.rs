@@ -45,7 +45,11 @@ pub struct UpgradeRejection(StatusCode);
 
 impl IntoResponse for UpgradeRejection {
     fn into_response(self) -> Response {
-        (self.0, "expected a WebSocket upgrade (RFC 6455, version 13)").into_response()
+        (
+            self.0,
+            "expected a WebSocket upgrade (RFC 6455, version 13)",
+        )
+            .into_response()
     }
 }
 
@@ -127,7 +131,10 @@ pub(crate) enum ReadError {
 }
 
 /// Polls the next complete message.
-pub(crate) fn poll_read(socket: &mut Socket, cx: &mut Context<'_>) -> Poll<Result<Incoming, ReadError>> {
+pub(crate) fn poll_read(
+    socket: &mut Socket,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Incoming, ReadError>> {
     use yawc::frame::OpCode;
     socket.poll_next_frame(cx).map(|r| match r {
         Ok(frame) => Ok(match frame.opcode() {

@@ -1,6 +1,8 @@
 //! The library's public API over real sockets: replacement, panic isolation,
 //! rooms, broadcasts, user data and memory limits, several Hubs in one process.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,7 +49,10 @@ async fn same_client_id_replaces_the_old_connection() {
 
     let mut new = connect(addr, "alice").await;
     assert_eq!(expect_close(&mut old).await, 4002);
-    eventually("old unregistered", || handler.gone.load(Ordering::SeqCst) == 1).await;
+    eventually("old unregistered", || {
+        handler.gone.load(Ordering::SeqCst) == 1
+    })
+    .await;
     assert_eq!(
         *handler.last_reason.lock().unwrap(),
         Some((DisconnectReason::Replaced, 4002))
@@ -76,7 +81,12 @@ async fn a_panicking_handler_closes_only_its_own_connection() {
     assert_eq!(recv(&mut b).await, "still here");
     eventually("a unregistered", || hub.get_connection_count() == 1).await;
     let m = hub.metrics_snapshot();
-    let internal = m.disconnects_total.iter().find(|(r, _)| *r == "internal_error").unwrap().1;
+    let internal = m
+        .disconnects_total
+        .iter()
+        .find(|(r, _)| *r == "internal_error")
+        .unwrap()
+        .1;
     assert_eq!(internal, 1);
     // The Hub keeps working for new connections.
     let mut c = connect(addr, "c").await;
@@ -123,16 +133,31 @@ async fn rooms_and_broadcasts() {
     assert!(!hub.leave_room("b", "red").unwrap());
     assert_eq!(hub.get_room_members("red"), vec!["a"]);
 
-    assert_eq!(hub.join_room("nobody", "red").unwrap_err().kind(), &ErrorKind::ConnectionNotFound);
-    assert_eq!(hub.join_room("a", "").unwrap_err().kind(), &ErrorKind::InvalidArgument);
-    assert_eq!(hub.disconnect("nobody").unwrap_err().kind(), &ErrorKind::ConnectionNotFound);
-    assert_eq!(hub.handle_pong("nobody").unwrap_err().kind(), &ErrorKind::ConnectionNotFound);
+    assert_eq!(
+        hub.join_room("nobody", "red").unwrap_err().kind(),
+        &ErrorKind::ConnectionNotFound
+    );
+    assert_eq!(
+        hub.join_room("a", "").unwrap_err().kind(),
+        &ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        hub.disconnect("nobody").unwrap_err().kind(),
+        &ErrorKind::ConnectionNotFound
+    );
+    assert_eq!(
+        hub.handle_pong("nobody").unwrap_err().kind(),
+        &ErrorKind::ConnectionNotFound
+    );
     hub.handle_pong("a").unwrap();
 
     hub.disconnect("a").unwrap();
     assert_eq!(expect_close(&mut socks[0]).await, 1000);
     eventually("a gone", || hub.get_connection_count() == 2).await;
-    assert!(hub.get_room_members("red").is_empty(), "a left its rooms on disconnect");
+    assert!(
+        hub.get_room_members("red").is_empty(),
+        "a left its rooms on disconnect"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,8 +171,12 @@ async fn user_data_is_accounted_and_limited() {
     let _b = connect(addr, "b").await;
     eventually("registered", || hub.get_connection_count() == 2).await;
 
-    hub.set_user_data("a", "name", serde_json::json!("alice")).unwrap();
-    assert_eq!(hub.get_user_data("a", "name"), Some(serde_json::json!("alice")));
+    hub.set_user_data("a", "name", serde_json::json!("alice"))
+        .unwrap();
+    assert_eq!(
+        hub.get_user_data("a", "name"),
+        Some(serde_json::json!("alice"))
+    );
     assert_eq!(hub.get_user_data("a", "missing"), None);
     assert_eq!(hub.get_user_data("nobody", "name"), None);
     let used = hub.get_memory_usage();
@@ -155,14 +184,19 @@ async fn user_data_is_accounted_and_limited() {
     assert_eq!(used.connection_count, 2);
 
     // Over the per-connection limit: refused, nothing changed.
-    let e = hub.set_user_data("a", "big", serde_json::json!("x".repeat(100))).unwrap_err();
+    let e = hub
+        .set_user_data("a", "big", serde_json::json!("x".repeat(100)))
+        .unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::MemoryLimitExceeded);
     assert_eq!(hub.get_user_data("a", "big"), None);
     assert_eq!(hub.get_memory_usage().total_memory, 11);
 
     // Within per-connection, but over the total across connections.
-    hub.set_user_data("a", "k", serde_json::json!("y".repeat(80))).unwrap();
-    let e = hub.set_user_data("b", "k", serde_json::json!("z".repeat(80))).unwrap_err();
+    hub.set_user_data("a", "k", serde_json::json!("y".repeat(80)))
+        .unwrap();
+    let e = hub
+        .set_user_data("b", "k", serde_json::json!("z".repeat(80)))
+        .unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::MemoryLimitExceeded);
 
     // Replacing a value counts the difference, not the sum.
@@ -195,7 +229,10 @@ async fn queued_output_over_total_memory_evicts_by_policy() {
     let data = keel::RawValue::from_string(format!("\"{}\"", "m".repeat(50_000))).unwrap();
     let reader = tokio::spawn(async move {
         loop {
-            if tokio::time::timeout(Duration::from_secs(2), recv(&mut fast)).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(2), recv(&mut fast))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -206,9 +243,17 @@ async fn queued_output_over_total_memory_evicts_by_policy() {
         hub.publish("feed", &data, None).unwrap();
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    assert!(hub.get_connection("fast").is_some(), "only the one holding memory went");
+    assert!(
+        hub.get_connection("fast").is_some(),
+        "only the one holding memory went"
+    );
     let m = hub.metrics_snapshot();
-    let evicted = m.disconnects_total.iter().find(|(r, _)| *r == "memory_evicted").unwrap().1;
+    let evicted = m
+        .disconnects_total
+        .iter()
+        .find(|(r, _)| *r == "memory_evicted")
+        .unwrap()
+        .1;
     assert_eq!(evicted, 1);
     reader.abort();
 }
@@ -221,7 +266,10 @@ async fn hubs_are_values_not_globals() {
     let a2 = serve(&h2).await;
     let mut x = connect(a1, "same-id").await;
     let mut y = connect(a2, "same-id").await;
-    eventually("both registered", || h1.get_connection_count() == 1 && h2.get_connection_count() == 1).await;
+    eventually("both registered", || {
+        h1.get_connection_count() == 1 && h2.get_connection_count() == 1
+    })
+    .await;
     h1.broadcast("only h1", &[]).await;
     h2.broadcast("only h2", &[]).await;
     assert_eq!(recv(&mut x).await, "only h1");
@@ -255,6 +303,9 @@ async fn graceful_shutdown_reports_and_refuses_new_connections() {
     assert_eq!(report.force_closed, 0);
     assert_eq!(closer.await.unwrap(), vec![1012; 10]);
     assert!(hub.is_draining());
-    assert_eq!(hub.check_admission().unwrap_err().kind(), &ErrorKind::Shutdown);
+    assert_eq!(
+        hub.check_admission().unwrap_err().kind(),
+        &ErrorKind::Shutdown
+    );
     assert_eq!(hub.get_connection_count(), 0);
 }

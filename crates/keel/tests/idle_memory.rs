@@ -9,6 +9,8 @@
 //! `docs/benchmarks.md`), so a change that adds a buffer per connection fails here
 //! rather than in a benchmark nobody ran.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::alloc::System;
@@ -38,7 +40,11 @@ fn handshake(addr: std::net::SocketAddr, i: usize) -> std::net::TcpStream {
         assert!(n > 0);
         got.extend_from_slice(&buf[..n]);
     }
-    assert!(got.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
     s
 }
 
@@ -52,7 +58,9 @@ async fn idle_connection_heap_cost() {
     let addr = common::serve(&hub).await;
 
     // Warm up allocator and runtime paths with one connection that stays.
-    let warm = tokio::task::spawn_blocking(move || handshake(addr, usize::MAX)).await.unwrap();
+    let warm = tokio::task::spawn_blocking(move || handshake(addr, usize::MAX))
+        .await
+        .unwrap();
     common::eventually("warm-up registered", || hub.get_connection_count() == 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -77,7 +85,10 @@ async fn idle_connection_heap_cost() {
         "idle connection heap: {per_conn:.0} bytes per connection ({CONNS} connections, \
          heartbeats every 100ms, deflate offered; net {net} bytes)"
     );
-    assert!(per_conn < 3072.0, "idle connection costs {per_conn:.0} bytes of heap, over the 3 KB guard");
+    assert!(
+        per_conn < 3072.0,
+        "idle connection costs {per_conn:.0} bytes of heap, over the 3 KB guard"
+    );
     drop(clients);
     drop(warm);
 }

@@ -1,7 +1,7 @@
 //! Test helpers: a gateway on 127.0.0.1 port 0, a protocol client over a real
 //! WebSocket, a raw-TCP client for frames no well-behaved client sends, and a tiny
 //! HTTP/1.1 client. Every wait has a deadline; nothing sleeps and hopes.
-#![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -45,20 +45,32 @@ impl Client {
             .await
             .expect("websocket connects");
         let welcome = recv_json(&mut ws).await;
-        assert_eq!(welcome["type"], "welcome", "first frame is welcome: {welcome}");
+        assert_eq!(
+            welcome["type"], "welcome",
+            "first frame is welcome: {welcome}"
+        );
         Client { ws, welcome }
     }
 
     pub fn client_id(&self) -> String {
-        self.welcome["payload"]["client_id"].as_str().unwrap().to_string()
+        self.welcome["payload"]["client_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(Frame::text(v.to_string())).await.expect("send");
+        self.ws
+            .send(Frame::text(v.to_string()))
+            .await
+            .expect("send");
     }
 
     pub async fn send_text(&mut self, s: &str) {
-        self.ws.send(Frame::text(s.to_string())).await.expect("send");
+        self.ws
+            .send(Frame::text(s.to_string()))
+            .await
+            .expect("send");
     }
 
     /// The next JSON envelope, skipping heartbeat pings.
@@ -73,7 +85,8 @@ impl Client {
 
     /// Sends a request and returns the next non-ping, non-message envelope.
     pub async fn request(&mut self, kind: &str, payload: Value) -> Value {
-        self.send(json!({"type": kind, "payload": payload, "request_id": "r"})).await;
+        self.send(json!({"type": kind, "payload": payload, "request_id": "r"}))
+            .await;
         loop {
             let v = self.recv().await;
             if v["type"] != "message" {
@@ -119,7 +132,8 @@ pub async fn expect_close(ws: &mut TcpWebSocket) -> u16 {
             Some(f) if f.opcode() == OpCode::Close => {
                 // Keep polling so the client's answering Close goes out and the
                 // handshake completes, as a real client's would.
-                let _ = tokio::time::timeout(WAIT, async { while ws.next().await.is_some() {} }).await;
+                let _ =
+                    tokio::time::timeout(WAIT, async { while ws.next().await.is_some() {} }).await;
                 return f.close_code().map(u16::from).unwrap_or(1005);
             }
             Some(_) => continue,
@@ -283,7 +297,10 @@ pub async fn http_full(
 pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -1,1 +1,0 @@
-//! Examples live in this folder as `examples/*.rs`; this crate has no library of its own.
