@@ -8,13 +8,20 @@ use keel_server::settings::{self, Command};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (command, config) = match settings::load(&args, std::env::vars()) {
+    let settings::Loaded {
+        command,
+        config,
+        warnings,
+    } = match settings::load(&args, std::env::vars()) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("keel: {e:#}");
             std::process::exit(2);
         }
     };
+    for w in warnings {
+        eprintln!("keel: warning: {w}");
+    }
     match command {
         Command::Help => println!("{}", settings::USAGE),
         Command::Version => println!("keel {}", env!("CARGO_PKG_VERSION")),

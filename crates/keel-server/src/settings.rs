@@ -37,11 +37,23 @@ Every option can be set in the TOML file, as KEEL_<OPTION> in the environment, o
 --<option> (dashes or underscores) on the command line; later sources win.
 Example: keel serve --listen 0.0.0.0:8000 --heartbeat-interval 20s";
 
+/// The result of [`load`].
+#[derive(Debug)]
+pub struct Loaded {
+    /// What to do.
+    pub command: Command,
+    /// The configuration.
+    pub config: Config,
+    /// Things worth telling the operator that did not stop start-up (unknown
+    /// `KEEL_*` variables, which may be typos).
+    pub warnings: Vec<String>,
+}
+
 /// Builds the config from `args` (without the program name) and `env`.
 pub fn load(
     args: &[String],
     env: impl IntoIterator<Item = (String, String)>,
-) -> anyhow::Result<(Command, Config)> {
+) -> anyhow::Result<Loaded> {
     let env: Vec<(String, String)> = env.into_iter().collect();
     let mut command = None;
     let mut config_file: Option<PathBuf> = env
@@ -54,8 +66,8 @@ pub fn load(
         match arg.as_str() {
             "serve" if command.is_none() => command = Some(Command::Serve),
             "options" if command.is_none() => command = Some(Command::Options),
-            "-h" | "--help" | "help" => return Ok((Command::Help, Config::default())),
-            "-V" | "--version" => return Ok((Command::Version, Config::default())),
+            "-h" | "--help" | "help" => return Ok(Loaded::bare(Command::Help)),
+            "-V" | "--version" => return Ok(Loaded::bare(Command::Version)),
             flag if flag.starts_with("--") => {
                 let body = &flag[2..];
                 let (name, value) = match body.split_once('=') {
@@ -108,7 +120,35 @@ pub fn load(
             .with_context(|| format!("in flag --{}", name.replace('_', "-")))?;
     }
     config.validate()?;
-    Ok((command, config))
+    // Unknown KEEL_* variables are reported, not refused: Kubernetes injects
+    // KEEL_SERVICE_HOST, KEEL_PORT_... for a Service named `keel`.
+    let warnings = env
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            k.starts_with("KEEL_")
+                && k.as_str() != "KEEL_CONFIG"
+                && k.as_str() != "KEEL_HEARTBEAT_TYPE"
+        })
+        .filter(|k| !k.contains("_SERVICE_") && !k.starts_with("KEEL_PORT"))
+        .filter(|k| !OPTIONS.iter().any(|o| Config::env_name(o.name) == **k))
+        .map(|k| format!("ignoring unknown environment variable {k}"))
+        .collect();
+    Ok(Loaded {
+        command,
+        config,
+        warnings,
+    })
+}
+
+impl Loaded {
+    fn bare(command: Command) -> Self {
+        Loaded {
+            command,
+            config: Config::default(),
+            warnings: Vec::new(),
+        }
+    }
 }
 
 /// Flattens a TOML document into (option, text value) pairs: `key = v` at the top
@@ -168,7 +208,11 @@ mod tests {
             ("KEEL_HEARTBEAT_TIMEOUT".to_string(), "12s".to_string()),
             ("KEEL_MAX_CONNECTIONS".to_string(), "6".to_string()),
         ];
-        let (cmd, c) = load(
+        let Loaded {
+            command: cmd,
+            config: c,
+            warnings,
+        } = load(
             &args(&[
                 "serve",
                 "--config",
@@ -179,6 +223,7 @@ mod tests {
             env,
         )
         .unwrap();
+        assert!(warnings.is_empty());
         assert_eq!(cmd, Command::Serve);
         assert_eq!(c.heartbeat_interval, Duration::from_secs(10)); // file
         assert_eq!(c.heartbeat_timeout, Duration::from_secs(12)); // env over file
@@ -199,6 +244,24 @@ mod tests {
         let e = load(&args(&["serve", "--no-such-option=1"]), vec![]).unwrap_err();
         assert!(format!("{e:#}").contains("no_such_option"));
         assert!(load(&args(&["serve", "--listen"]), vec![]).is_err());
+    }
+
+    #[test]
+    fn unknown_env_vars_warn_but_kubernetes_service_vars_do_not() {
+        let env = vec![
+            ("KEEL_HEARTBEAT_INTERVL".to_string(), "5s".to_string()),
+            ("KEEL_SERVICE_HOST".to_string(), "10.0.0.1".to_string()),
+            (
+                "KEEL_PORT_8000_TCP".to_string(),
+                "tcp://10.0.0.1:8000".to_string(),
+            ),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let loaded = load(&args(&["serve"]), env).unwrap();
+        assert_eq!(
+            loaded.warnings,
+            vec!["ignoring unknown environment variable KEEL_HEARTBEAT_INTERVL"]
+        );
     }
 
     #[test]
