@@ -47,12 +47,7 @@ impl Running {
     /// Runs the shutdown sequence and waits for it: drain, then stop serving.
     pub async fn shutdown(self) -> ShutdownReport {
         self.stop.notify_one();
-        self.task.await.unwrap_or(ShutdownReport {
-            connections_at_start: 0,
-            closed_gracefully: 0,
-            force_closed: 0,
-            duration_seconds: 0.0,
-        })
+        self.task.await.unwrap_or_default()
     }
 
     /// A handle that triggers the same shutdown as [`shutdown`](Self::shutdown),
@@ -64,12 +59,7 @@ impl Running {
     /// Waits until the gateway has stopped (after the stopper fired), returning
     /// the drain report.
     pub async fn wait(self) -> ShutdownReport {
-        self.task.await.unwrap_or(ShutdownReport {
-            connections_at_start: 0,
-            closed_gracefully: 0,
-            force_closed: 0,
-            duration_seconds: 0.0,
-        })
+        self.task.await.unwrap_or_default()
     }
 }
 

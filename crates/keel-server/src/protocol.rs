@@ -34,6 +34,11 @@ struct Welcome<'a> {
 }
 
 #[derive(Serialize)]
+struct EchoPayload<'a> {
+    data: &'a RawValue,
+}
+
+#[derive(Serialize)]
 struct HeartbeatInfo {
     interval_ms: u64,
     timeout_ms: u64,
@@ -80,7 +85,7 @@ fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
         }
     };
     let rid = env.request_id;
-    let reply = |payload: &dyn erased::Payload| {
+    let reply = |payload: &serde_json::Value| {
         conn.send_text(hub, encode::reply(&env.kind, payload, rid));
     };
     let fail = |code: ErrorCode, detail: &str| {
@@ -156,14 +161,8 @@ fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
             };
             match p.method.as_str() {
                 "echo" => {
-                    #[derive(Serialize)]
-                    struct Echo<'a> {
-                        data: &'a RawValue,
-                    }
-                    let null = RawValue::NULL;
-                    reply(&Echo {
-                        data: p.data.unwrap_or(null),
-                    })
+                    let data = p.data.unwrap_or(RawValue::NULL);
+                    conn.send_text(hub, encode::reply(&env.kind, EchoPayload { data }, rid));
                 }
                 other => fail(ErrorCode::NotFound, &format!("no rpc method `{other}`")),
             }
@@ -233,23 +232,6 @@ pub fn history(hub: &Hub, channel: &str, since: u64, limit: Option<usize>) -> se
         }
         None => {
             serde_json::json!({ "channel": channel, "epoch": null, "offset": 0, "messages": [] })
-        }
-    }
-}
-
-/// Lets `reply` take any serializable payload through one closure.
-mod erased {
-    pub(super) trait Payload {
-        fn to_json(&self) -> serde_json::Value;
-    }
-    impl<T: serde::Serialize> Payload for T {
-        fn to_json(&self) -> serde_json::Value {
-            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
-        }
-    }
-    impl serde::Serialize for dyn Payload + '_ {
-        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            self.to_json().serialize(s)
         }
     }
 }

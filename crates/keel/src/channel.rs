@@ -24,8 +24,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::connection::Connection;
-use crate::hub::Hub;
-use crate::queue::Pushed;
+use crate::hub::{BroadcastResult, Hub};
 use crate::transport::Outgoing;
 
 /// A channel's position: the last offset assigned, in its current epoch.
@@ -234,14 +233,13 @@ impl Channels {
     }
 
     /// Assigns the next offset, encodes once, keeps it in history and queues it to
-    /// every member but `exclude`.
+    /// every member.
     pub(crate) fn publish(
         &self,
         hub: &Hub,
         name: &str,
         data: &RawValue,
         publisher: Option<&str>,
-        exclude: Option<&str>,
     ) -> Publication {
         self.with_live(name, |_, st| {
             st.offset += 1;
@@ -257,12 +255,12 @@ impl Channels {
                     st.history.pop_front();
                 }
             }
-            let (delivered, dropped) = fan_out(hub, st.members.values(), &frame, exclude);
+            let result = fan_out(hub, st.members.values(), &frame);
             Publication {
                 offset,
                 epoch: st.epoch.to_string(),
-                delivered,
-                dropped,
+                delivered: result.sent,
+                dropped: result.dropped,
             }
         })
     }
@@ -347,22 +345,10 @@ fn fan_out<'a>(
     hub: &Hub,
     members: impl Iterator<Item = &'a Connection>,
     frame: &Bytes,
-    exclude: Option<&str>,
-) -> (usize, usize) {
-    let (mut delivered, mut dropped) = (0, 0);
+) -> BroadcastResult {
+    let mut result = BroadcastResult::default();
     for m in members {
-        if exclude.is_some_and(|x| x == m.client_id()) {
-            continue;
-        }
-        match m.push_counted(hub, Outgoing::Text(frame.clone())) {
-            Pushed::Queued => delivered += 1,
-            Pushed::DroppedOldest(_) => {
-                delivered += 1;
-                dropped += 1;
-            }
-            Pushed::DroppedNewest => dropped += 1,
-            Pushed::Closed => {}
-        }
+        result.add(m.push_counted(hub, Outgoing::Text(frame.clone())));
     }
-    (delivered, dropped)
+    result
 }

@@ -425,18 +425,17 @@ impl Driver {
     }
 
     fn step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
-        let inner = self.conn.inner.clone();
-        if inner.kill.load(Ordering::Acquire) {
+        if self.conn.inner.kill.load(Ordering::Acquire) {
             self.send_close_now(cx);
             return Poll::Ready(Step::Stop);
         }
-        inner.queue.register(cx.waker());
+        self.conn.inner.queue.register(cx.waker());
         if self.poll_write(cx).is_err() {
             return Poll::Ready(Step::Stop);
         }
         // The close deadline runs from when the close was asked for, not from when
         // the Close frame got out: a peer that does not read may never take it.
-        if self.close_sent || inner.queue.is_closing() {
+        if self.close_sent || self.conn.inner.queue.is_closing() {
             self.start_close_timer();
         }
         if let Some(timer) = self.close_timer.as_mut() {
@@ -452,7 +451,7 @@ impl Driver {
             }
             Poll::Ready(Err(ReadError::Closed)) => Poll::Ready(Step::Stop),
             Poll::Ready(Err(ReadError::Protocol(code, detail))) => {
-                tracing::debug!(client_id = %inner.client_id, code, %detail, "protocol error");
+                tracing::debug!(client_id = %self.conn.client_id(), code, %detail, "protocol error");
                 // Some layers of the transport answer with a Close themselves, some
                 // do not: queue ours; if theirs went first, the socket refuses the
                 // second and the connection ends with theirs.

@@ -358,10 +358,7 @@ impl Hub {
                 if exclude.contains(&c.client_id()) {
                     continue;
                 }
-                tally(
-                    &mut result,
-                    c.push_counted(self, Outgoing::Text(frame.clone())),
-                );
+                result.add(c.push_counted(self, Outgoing::Text(frame.clone())));
                 if (i + 1) % batch == 0 {
                     tokio::task::yield_now().await;
                 }
@@ -528,10 +525,7 @@ impl Hub {
             if exclude.is_some_and(|x| x == c.client_id()) {
                 continue;
             }
-            tally(
-                &mut result,
-                c.push_counted(self, Outgoing::Text(frame.clone())),
-            );
+            result.add(c.push_counted(self, Outgoing::Text(frame.clone())));
         }
         result
     }
@@ -550,10 +544,7 @@ impl Hub {
             .metrics
             .publications
             .fetch_add(1, Ordering::Relaxed);
-        Ok(self
-            .inner
-            .channels
-            .publish(self, channel, data, publisher, None))
+        Ok(self.inner.channels.publish(self, channel, data, publisher))
     }
 
     /// The channel's current position (offset 0 in a fresh epoch if it has none yet).
@@ -600,19 +591,22 @@ impl Hub {
     }
 }
 
-fn tally(r: &mut BroadcastResult, p: crate::queue::Pushed) {
-    use crate::queue::Pushed;
-    match p {
-        Pushed::Queued => r.sent += 1,
-        Pushed::DroppedOldest(_) => {
-            r.sent += 1;
-            r.dropped += 1;
+impl BroadcastResult {
+    /// Counts one queue's answer.
+    pub(crate) fn add(&mut self, p: crate::queue::Pushed) {
+        use crate::queue::Pushed;
+        match p {
+            Pushed::Queued => self.sent += 1,
+            Pushed::DroppedOldest(_) => {
+                self.sent += 1;
+                self.dropped += 1;
+            }
+            Pushed::DroppedNewest => {
+                self.dropped += 1;
+                self.failed += 1;
+            }
+            Pushed::Closed => self.failed += 1,
         }
-        Pushed::DroppedNewest => {
-            r.dropped += 1;
-            r.failed += 1;
-        }
-        Pushed::Closed => r.failed += 1,
     }
 }
 

@@ -18,7 +18,7 @@ use crate::connection::{Connection, DisconnectReason};
 use crate::hub::Hub;
 
 /// What a graceful shutdown did.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct ShutdownReport {
     /// Connections open when the shutdown began.
     pub connections_at_start: usize,
