@@ -45,6 +45,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.set("send_queue_max_bytes", "268435456")?;
     config.set("send_queue_max_messages", "1000000")?;
     config.set("compression", &compression)?;
+    // Heartbeats as Ping frames only: a JSON `ping` is Keel's protocol, and an echo
+    // peer would see it as an unexpected message.
+    config.set("heartbeat_mode", "ws")?;
     let hub = Hub::with_handler(config, Echo);
     hub.start();
     let app = Router::new()
