@@ -1,16 +1,17 @@
 //! One connection: its shared state ([`Connection`], a cheap handle anyone may hold)
 //! and the task that owns its socket (`Driver`).
 //!
-//! Each socket has exactly one task, a hand-written future ([`Driver`]), which
-//! both reads and writes it in one `poll`: it drains the send queue into the socket's write buffer, flushes, and
-//! reads the next message, all on one waker. There is no second task, no channel
-//! between a reader and a writer, and no timer while the connection is healthy
-//! (heartbeats come from the per-Hub sweeper in `heartbeat`). A timer exists only
-//! while a close handshake is in flight.
+//! Each socket has exactly one task, a hand-written future (`Driver`), which both
+//! reads and writes it in one `poll`: it drains the send queue into the socket's
+//! write buffer, flushes, and reads the next message, all on one waker. There is no
+//! second task, no channel between a reader and a writer, and no timer while the
+//! connection is healthy (heartbeats come from the per-Hub sweeper in `heartbeat`).
+//! A timer exists only while a close handshake is in flight.
 //!
-//! The task is the only owner of the socket and the registry entry's lifetime: it
-//! unregisters on every exit path (clean close, error, kill, panic), through a drop
-//! guard. It must never await anything but its own socket and the handler.
+//! The task is the only owner of the socket and of the registry entry's lifetime:
+//! it unregisters on every exit path (clean close, error, kill, panic) in its
+//! `Drop`. It never waits on anything but its own socket; handler hooks run
+//! synchronously inside its `poll`.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

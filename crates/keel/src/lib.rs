@@ -37,10 +37,10 @@
 //! - [`hub`]: the [`Hub`] and its registry: connect, disconnect, send, broadcast,
 //!   rooms, user data, metrics.
 //! - [`connection`]: a [`Connection`] handle and the one task that owns each socket.
-//! - [`queue`](crate::queue) (internal): the bounded per-connection send queue and
-//!   the slow-consumer policies.
-//! - [`heartbeat`](crate::heartbeat) (internal): the sweeper: pings, timeouts,
-//!   slow consumers, memory checks.
+//! - `queue` (internal): the bounded per-connection send queue and the
+//!   slow-consumer policies.
+//! - `heartbeat` (internal): the sweeper: pings, timeouts, slow consumers, memory
+//!   checks.
 //! - [`channel`]: channels, offsets, epochs and history (the in-memory broker).
 //! - [`memory`]: user data accounting and eviction.
 //! - [`shutdown`]: graceful shutdown and its [`ShutdownReport`].
