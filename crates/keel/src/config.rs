@@ -163,6 +163,10 @@ pub struct Config {
     pub read_buffer_size: usize,
     /// Initial write buffer per connection; it grows for bursts and shrinks back.
     pub write_buffer_size: usize,
+    /// Runtime worker threads of the gateway (0: one per core it may run on; with
+    /// one, the current-thread scheduler). The library ignores it: it runs on the
+    /// application's runtime.
+    pub worker_threads: usize,
 }
 
 impl Default for Config {
@@ -205,6 +209,7 @@ impl Default for Config {
             close_timeout: Duration::from_secs(3),
             read_buffer_size: 256,
             write_buffer_size: 0,
+            worker_threads: 0,
         }
     }
 }
@@ -288,6 +293,7 @@ options! {
     "close_timeout", "3s", "How long to wait for the peer's close frame before dropping the socket.";
     "read_buffer_size", "256", "Initial read buffer per connection in bytes (grows for large frames, shrinks back).";
     "write_buffer_size", "0", "Initial write buffer per connection in bytes (grows for bursts, shrinks back).";
+    "worker_threads", "0", "Gateway runtime threads; 0 is one per core the process may use (taskset, cgroup), and one means tokio's current-thread scheduler.";
 }
 
 impl Config {
@@ -418,6 +424,7 @@ impl Config {
             "close_timeout" => self.close_timeout = positive_duration(v).map_err(err)?,
             "read_buffer_size" => self.read_buffer_size = count(v).map_err(err)?,
             "write_buffer_size" => self.write_buffer_size = count(v).map_err(err)?,
+            "worker_threads" => self.worker_threads = count(v).map_err(err)?,
             _ => return Err(err("unknown option".into())),
         }
         Ok(())
