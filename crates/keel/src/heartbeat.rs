@@ -27,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{HeartbeatMode, SlowConsumerPolicy};
 use crate::connection::{Connection, DisconnectReason};
 use crate::hub::{Hub, HubInner};
-use crate::transport::Outgoing;
 
 pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
     let (interval, timeout, shards, check_every) = match hub.upgrade() {
@@ -113,16 +112,12 @@ fn sweep(hub: &Hub, now: Instant, next_ping: &mut [Instant], interval: Duration)
                 }
             }
             if ping {
-                if matches!(cfg.heartbeat_mode, HeartbeatMode::Ws | HeartbeatMode::Both) {
-                    c.inner.queue.push_control(Outgoing::Ping);
-                }
-                if matches!(
-                    cfg.heartbeat_mode,
-                    HeartbeatMode::Json | HeartbeatMode::Both
-                ) {
-                    let frame = json_ping.get_or_insert_with(keel_protocol::encode::ping);
-                    c.inner.queue.push_control(Outgoing::Text(frame.clone()));
-                }
+                // Once per interval, also give back what a burst left in the queue.
+                c.inner.queue.trim();
+                let ws = matches!(cfg.heartbeat_mode, HeartbeatMode::Ws | HeartbeatMode::Both);
+                let json = matches!(cfg.heartbeat_mode, HeartbeatMode::Json | HeartbeatMode::Both)
+                    .then(|| &*json_ping.get_or_insert_with(keel_protocol::encode::ping));
+                c.inner.queue.push_heartbeat(ws, json);
             }
         }
     }

@@ -9,8 +9,10 @@
 //!
 //! It is a `VecDeque` behind a `parking_lot` mutex plus an `AtomicWaker`, not a tokio
 //! channel: an empty queue allocates nothing (an idle connection pays ~100 bytes
-//! here), and control frames (Ping, Close) can bypass the bounds. It must not do
-//! I/O or know what the frames mean beyond their size.
+//! here). Heartbeats are not queued items but two flags beside the queue, so an
+//! idle connection's pings never allocate queue storage, a full queue never delays
+//! them, and the sweeper's [`SendQueue::trim`] can hand back what a burst left. It
+//! must not do I/O or know what the frames mean beyond their size.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -51,6 +53,10 @@ struct Inner {
     full_since: Option<Instant>,
     /// Set once a Close is queued: nothing is accepted after it.
     closed: bool,
+    /// A Ping frame is due.
+    ping_due: bool,
+    /// A JSON `ping` is due (the Hub's shared encoding of it).
+    json_ping_due: Option<bytes::Bytes>,
 }
 
 /// The queue itself.
@@ -88,23 +94,13 @@ impl SendQueue {
             } else {
                 match limits.policy {
                     SlowConsumerPolicy::DropOldest => {
+                        // Only data is in `items` here: a Close closes the queue to
+                        // pushes, and heartbeats are flags.
                         let mut dropped = 0;
                         while full(&q) {
-                            match q.items.pop_front() {
-                                Some(old) => {
-                                    q.bytes -= size_of(&old);
-                                    // Control frames are never dropped: keep their place.
-                                    if matches!(old, Outgoing::Ping | Outgoing::Close(..)) {
-                                        q.items.push_back(old);
-                                        if q.items.iter().all(|i| size_of(i) == 0) {
-                                            break;
-                                        }
-                                    } else {
-                                        dropped += 1;
-                                    }
-                                }
-                                None => break,
-                            }
+                            let Some(old) = q.items.pop_front() else { break };
+                            q.bytes -= size_of(&old);
+                            dropped += 1;
                         }
                         q.bytes += size;
                         q.items.push_back(item);
@@ -123,19 +119,29 @@ impl SendQueue {
         result
     }
 
-    /// Queues a heartbeat (a Ping frame or a JSON ping), past the bounds: a full
-    /// queue must not stop heartbeats.
-    pub(crate) fn push_control(&self, item: Outgoing) -> bool {
+    /// Marks heartbeats due: a Ping frame (`ws`) and/or a JSON ping (`json`). They
+    /// go out before queued data and do not count against the bounds.
+    pub(crate) fn push_heartbeat(&self, ws: bool, json: Option<&bytes::Bytes>) -> bool {
         {
             let mut q = self.inner.lock();
             if q.closed {
                 return false;
             }
-            q.bytes += size_of(&item);
-            q.items.push_back(item);
+            q.ping_due |= ws;
+            if let Some(j) = json {
+                q.json_ping_due = Some(j.clone());
+            }
         }
         self.waker.wake();
         true
+    }
+
+    /// Gives back queue storage a burst left behind, once the queue is empty.
+    pub(crate) fn trim(&self) {
+        let mut q = self.inner.lock();
+        if q.items.is_empty() && q.items.capacity() > 0 {
+            q.items = VecDeque::new();
+        }
     }
 
     /// Queues a Close after what is already queued (graceful: earlier messages go
@@ -149,9 +155,10 @@ impl SendQueue {
             }
             q.closed = true;
             if discard {
-                q.items.clear();
-                q.items.shrink_to_fit();
+                q.items = VecDeque::new();
                 q.bytes = 0;
+                q.ping_due = false;
+                q.json_ping_due = None;
             }
             q.items.push_back(Outgoing::Close(code, reason.to_string()));
         }
@@ -178,6 +185,12 @@ impl SendQueue {
     /// Takes the next frame for the writer.
     pub(crate) fn pop(&self) -> Option<Outgoing> {
         let mut q = self.inner.lock();
+        if std::mem::take(&mut q.ping_due) {
+            return Some(Outgoing::Ping);
+        }
+        if let Some(j) = q.json_ping_due.take() {
+            return Some(Outgoing::Text(j));
+        }
         let item = q.items.pop_front()?;
         q.bytes -= size_of(&item);
         if q.items.is_empty() && q.items.capacity() > 64 {
@@ -286,15 +299,29 @@ mod tests {
     }
 
     #[test]
-    fn control_frames_survive_drop_oldest() {
+    fn heartbeats_go_first_and_ignore_the_bounds() {
+        let q = SendQueue::default();
+        let l = limits(SlowConsumerPolicy::DropNewest);
+        for _ in 0..3 {
+            q.push(text(10), &l);
+        }
+        let json = Bytes::from_static(b"{\"type\":\"ping\"}");
+        assert!(q.push_heartbeat(true, Some(&json)));
+        assert!(q.push_heartbeat(true, None), "a second mark does not queue twice");
+        assert!(matches!(q.pop(), Some(Outgoing::Ping)));
+        assert!(matches!(q.pop(), Some(Outgoing::Text(b)) if b == json));
+        let rest: Vec<_> = std::iter::from_fn(|| q.pop()).collect();
+        assert_eq!(rest.len(), 3);
+        assert_eq!(q.depth(), (0, 0));
+    }
+
+    #[test]
+    fn trim_returns_storage_of_an_empty_queue() {
         let q = SendQueue::default();
         let l = limits(SlowConsumerPolicy::DropOldest);
-        q.push_control(Outgoing::Ping);
-        q.push(text(10), &l);
-        q.push(text(10), &l);
-        q.push(text(10), &l);
-        let items: Vec<_> = std::iter::from_fn(|| q.pop()).collect();
-        assert_eq!(items.len(), 3);
-        assert!(items.iter().any(|i| matches!(i, Outgoing::Ping)));
+        q.push(text(1), &l);
+        q.pop();
+        q.trim();
+        assert_eq!(q.inner.lock().items.capacity(), 0);
     }
 }
