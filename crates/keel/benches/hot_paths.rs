@@ -16,9 +16,18 @@ use keel::{Config, Hub, RawValue};
 use keel_protocol::{ClientEnvelope, PublishPayload};
 
 fn encode_publication(c: &mut Criterion) {
-    let data = RawValue::from_string(format!(r#"{{"t":1234567890,"p":"{}"}}"#, "x".repeat(80))).unwrap();
+    let data =
+        RawValue::from_string(format!(r#"{{"t":1234567890,"p":"{}"}}"#, "x".repeat(80))).unwrap();
     c.bench_function("encode one publication (100 B data)", |b| {
-        b.iter(|| keel_protocol::encode::message(black_box("room:42"), &data, black_box(12345), "a1b2c3d40", Some("3f1c2e8a-7d1b-4e5f-9a0b-1c2d3e4f5a6b")))
+        b.iter(|| {
+            keel_protocol::encode::message(
+                black_box("room:42"),
+                &data,
+                black_box(12345),
+                "a1b2c3d40",
+                Some("3f1c2e8a-7d1b-4e5f-9a0b-1c2d3e4f5a6b"),
+            )
+        })
     });
 }
 
@@ -67,8 +76,10 @@ fn publish_to_subscribers(c: &mut Criterion) {
             let app = axum::Router::new().route(
                 "/ws",
                 axum::routing::get(
-                    move |q: axum::extract::Query<std::collections::HashMap<String, String>>, up: keel::Upgrade| async move {
-                        h.connect(q.0["id"].clone(), up, serde_json::Value::Null).unwrap()
+                    move |q: axum::extract::Query<std::collections::HashMap<String, String>>,
+                          up: keel::Upgrade| async move {
+                        h.connect(q.0["id"].clone(), up, serde_json::Value::Null)
+                            .unwrap()
                     },
                 ),
             );
@@ -94,7 +105,10 @@ fn publish_to_subscribers(c: &mut Criterion) {
         for i in 0..n {
             hub.join_room(&format!("c{i}"), "bench").unwrap();
         }
-        let data = RawValue::from_string(r#"{"t":1,"p":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#.into()).unwrap();
+        let data = RawValue::from_string(
+            r#"{"t":1,"p":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#.into(),
+        )
+        .unwrap();
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| hub.publish("bench", &data, None).unwrap())
@@ -106,5 +120,10 @@ fn publish_to_subscribers(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, encode_publication, decode_envelope, publish_to_subscribers);
+criterion_group!(
+    benches,
+    encode_publication,
+    decode_envelope,
+    publish_to_subscribers
+);
 criterion_main!(benches);

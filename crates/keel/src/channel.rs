@@ -187,7 +187,12 @@ impl Channels {
             }
             st.members
                 .insert(conn.inner.client_id.clone(), conn.clone());
-            conn.inner.channels.lock().insert(ch.name.clone());
+            {
+                let mut mine = conn.inner.channels.lock();
+                if !mine.iter().any(|c| **c == *ch.name) {
+                    mine.push(ch.name.clone());
+                }
+            }
             if conn.inner.gone.load(std::sync::atomic::Ordering::Acquire) {
                 // The connection is unregistering and may have missed this join.
                 st.members.remove(conn.client_id());
@@ -203,7 +208,7 @@ impl Channels {
     /// Removes `conn` from `name` (only this connection, not a newer one with the
     /// same client_id). Returns whether it was a member.
     pub(crate) fn leave(&self, name: &str, conn: &Connection) -> bool {
-        conn.inner.channels.lock().remove(name);
+        conn.inner.channels.lock().retain(|c| &**c != name);
         let Some(ch) = self.get(name) else {
             return false;
         };

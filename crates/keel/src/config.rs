@@ -207,7 +207,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             shutdown_reconnect_window: Duration::from_secs(5),
             close_timeout: Duration::from_secs(3),
-            read_buffer_size: 256,
+            read_buffer_size: 128,
             write_buffer_size: 0,
             worker_threads: 0,
         }
@@ -291,7 +291,7 @@ options! {
     "drain_timeout", "30s", "How long a graceful shutdown waits before force-closing.";
     "shutdown_reconnect_window", "5s", "Clients' reconnect delays after a shutdown are spread uniformly over this window.";
     "close_timeout", "3s", "How long to wait for the peer's close frame before dropping the socket.";
-    "read_buffer_size", "256", "Initial read buffer per connection in bytes (grows for large frames, shrinks back).";
+    "read_buffer_size", "128", "Initial read buffer per connection in bytes (grows for larger frames, shrinks back): a client message that fits is one read; memory per idle connection grows with it.";
     "write_buffer_size", "0", "Initial write buffer per connection in bytes (grows for bursts, shrinks back).";
     "worker_threads", "0", "Gateway runtime threads; 0 is one per core the process may use (taskset, cgroup), and one means tokio's current-thread scheduler.";
 }

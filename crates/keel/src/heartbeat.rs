@@ -71,7 +71,7 @@ fn sweep(hub: &Hub, now: Instant, next_ping: &mut [Instant], interval: Duration)
     let now_ms = hub.now_ms();
     let slow_timeout = cfg.slow_consumer_timeout;
     let disconnect_slow = cfg.slow_consumer_policy == SlowConsumerPolicy::Disconnect;
-    let mut json_ping = None;
+    let mut json_encoded = false;
     for (i, shard) in hub.shards().iter().enumerate() {
         let ping = now >= next_ping[i];
         if ping {
@@ -115,8 +115,15 @@ fn sweep(hub: &Hub, now: Instant, next_ping: &mut [Instant], interval: Duration)
                 // Once per interval, also give back what a burst left in the queue.
                 c.inner.queue.trim();
                 let ws = matches!(cfg.heartbeat_mode, HeartbeatMode::Ws | HeartbeatMode::Both);
-                let json = matches!(cfg.heartbeat_mode, HeartbeatMode::Json | HeartbeatMode::Both)
-                    .then(|| &*json_ping.get_or_insert_with(keel_protocol::encode::ping));
+                let json = matches!(
+                    cfg.heartbeat_mode,
+                    HeartbeatMode::Json | HeartbeatMode::Both
+                );
+                if json && !json_encoded {
+                    // Once per sweep: fresh timestamp, one buffer for every queue.
+                    *hub.inner.json_ping.lock() = keel_protocol::encode::ping();
+                    json_encoded = true;
+                }
                 c.inner.queue.push_heartbeat(ws, json);
             }
         }

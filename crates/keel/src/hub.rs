@@ -53,6 +53,9 @@ pub(crate) struct HubInner {
     pub(crate) tasks: TaskTracker,
     /// Stops the background sweeper.
     pub(crate) stop: CancellationToken,
+    /// The JSON `ping` envelope of the current heartbeat round, encoded once by the
+    /// sweeper and shared by every connection that sends one.
+    pub(crate) json_ping: parking_lot::Mutex<Bytes>,
 }
 
 /// The connection hub. See the crate documentation for a tour.
@@ -110,6 +113,7 @@ impl Hub {
                 running: AtomicBool::new(false),
                 tasks: TaskTracker::new(),
                 stop: CancellationToken::new(),
+                json_ping: parking_lot::Mutex::new(keel_protocol::encode::ping()),
                 config,
             }),
         }
@@ -129,6 +133,11 @@ impl Hub {
     /// The configuration the Hub was built with.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The current JSON `ping` frame.
+    pub(crate) fn json_ping(&self) -> Bytes {
+        self.inner.json_ping.lock().clone()
     }
 
     pub(crate) fn limits(&self) -> &Limits {
@@ -280,7 +289,7 @@ impl Hub {
                 shard.remove(conn.client_id());
             }
         }
-        let channels: Vec<Arc<str>> = conn.inner.channels.lock().drain().collect();
+        let channels: Vec<Arc<str>> = std::mem::take(&mut *conn.inner.channels.lock());
         for ch in channels {
             self.inner.channels.leave(&ch, conn);
         }

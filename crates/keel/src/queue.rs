@@ -55,8 +55,8 @@ struct Inner {
     closed: bool,
     /// A Ping frame is due.
     ping_due: bool,
-    /// A JSON `ping` is due (the Hub's shared encoding of it).
-    json_ping_due: Option<bytes::Bytes>,
+    /// A JSON `ping` is due (its bytes are the Hub's, given to `pop`).
+    json_ping_due: bool,
 }
 
 /// The queue itself.
@@ -98,7 +98,9 @@ impl SendQueue {
                         // pushes, and heartbeats are flags.
                         let mut dropped = 0;
                         while full(&q) {
-                            let Some(old) = q.items.pop_front() else { break };
+                            let Some(old) = q.items.pop_front() else {
+                                break;
+                            };
                             q.bytes -= size_of(&old);
                             dropped += 1;
                         }
@@ -121,16 +123,14 @@ impl SendQueue {
 
     /// Marks heartbeats due: a Ping frame (`ws`) and/or a JSON ping (`json`). They
     /// go out before queued data and do not count against the bounds.
-    pub(crate) fn push_heartbeat(&self, ws: bool, json: Option<&bytes::Bytes>) -> bool {
+    pub(crate) fn push_heartbeat(&self, ws: bool, json: bool) -> bool {
         {
             let mut q = self.inner.lock();
             if q.closed {
                 return false;
             }
             q.ping_due |= ws;
-            if let Some(j) = json {
-                q.json_ping_due = Some(j.clone());
-            }
+            q.json_ping_due |= json;
         }
         self.waker.wake();
         true
@@ -158,7 +158,7 @@ impl SendQueue {
                 q.items = VecDeque::new();
                 q.bytes = 0;
                 q.ping_due = false;
-                q.json_ping_due = None;
+                q.json_ping_due = false;
             }
             q.items.push_back(Outgoing::Close(code, reason.to_string()));
         }
@@ -183,13 +183,15 @@ impl SendQueue {
     }
 
     /// Takes the next frame for the writer.
-    pub(crate) fn pop(&self) -> Option<Outgoing> {
+    /// `json_ping` supplies the JSON heartbeat's bytes when one is due.
+    pub(crate) fn pop(&self, json_ping: impl FnOnce() -> bytes::Bytes) -> Option<Outgoing> {
         let mut q = self.inner.lock();
         if std::mem::take(&mut q.ping_due) {
             return Some(Outgoing::Ping);
         }
-        if let Some(j) = q.json_ping_due.take() {
-            return Some(Outgoing::Text(j));
+        if std::mem::take(&mut q.json_ping_due) {
+            drop(q);
+            return Some(Outgoing::Text(json_ping()));
         }
         let item = q.items.pop_front()?;
         q.bytes -= size_of(&item);
@@ -273,7 +275,7 @@ mod tests {
             assert_eq!(q.push(text(1), &l), Pushed::DroppedNewest);
             assert!(q.full_since().is_some());
             assert_eq!(q.depth(), (3, 3));
-            q.pop();
+            q.pop(Bytes::new);
             assert_eq!(q.push(text(1), &l), Pushed::Queued);
             assert!(q.full_since().is_none());
         }
@@ -294,8 +296,8 @@ mod tests {
         assert!(q.close(4000, "slow", true));
         assert_eq!(q.push(text(1), &l), Pushed::Closed);
         assert!(!q.close(1000, "again", false));
-        assert!(matches!(q.pop(), Some(Outgoing::Close(4000, _))));
-        assert!(q.pop().is_none());
+        assert!(matches!(q.pop(Bytes::new), Some(Outgoing::Close(4000, _))));
+        assert!(q.pop(Bytes::new).is_none());
     }
 
     #[test]
@@ -306,11 +308,14 @@ mod tests {
             q.push(text(10), &l);
         }
         let json = Bytes::from_static(b"{\"type\":\"ping\"}");
-        assert!(q.push_heartbeat(true, Some(&json)));
-        assert!(q.push_heartbeat(true, None), "a second mark does not queue twice");
-        assert!(matches!(q.pop(), Some(Outgoing::Ping)));
-        assert!(matches!(q.pop(), Some(Outgoing::Text(b)) if b == json));
-        let rest: Vec<_> = std::iter::from_fn(|| q.pop()).collect();
+        assert!(q.push_heartbeat(true, true));
+        assert!(
+            q.push_heartbeat(true, false),
+            "a second mark does not queue twice"
+        );
+        assert!(matches!(q.pop(|| json.clone()), Some(Outgoing::Ping)));
+        assert!(matches!(q.pop(|| json.clone()), Some(Outgoing::Text(b)) if b == json));
+        let rest: Vec<_> = std::iter::from_fn(|| q.pop(Bytes::new)).collect();
         assert_eq!(rest.len(), 3);
         assert_eq!(q.depth(), (0, 0));
     }
@@ -320,7 +325,7 @@ mod tests {
         let q = SendQueue::default();
         let l = limits(SlowConsumerPolicy::DropOldest);
         q.push(text(1), &l);
-        q.pop();
+        q.pop(Bytes::new);
         q.trim();
         assert_eq!(q.inner.lock().items.capacity(), 0);
     }
