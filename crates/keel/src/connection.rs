@@ -317,6 +317,9 @@ pub(crate) struct Driver {
 /// Inbound messages handled per poll before yielding to other tasks.
 const BUDGET: usize = 64;
 
+/// Frames taken from the send queue per lock.
+const WRITE_BATCH: usize = 16;
+
 enum Step {
     Continue,
     Stop,
@@ -351,30 +354,39 @@ impl Driver {
         }
     }
 
-    /// Moves queued frames into the socket's buffer while it takes them, then flushes.
+    /// Moves queued frames into the socket's buffer while it takes them (in batches
+    /// of up to `WRITE_BATCH` frames or about 16 KiB per queue lock), then flushes:
+    /// whatever accumulated goes out in one write.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<(), ()> {
         let inner = &self.conn.inner;
+        let hub = &self.hub;
         while !self.close_sent {
             match transport::poll_ready(&mut self.socket, cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(())) => return Err(()),
                 Poll::Pending => break,
             }
-            let Some(item) = inner.queue.pop(|| self.hub.json_ping()) else {
+            let mut batch: [Option<Outgoing>; WRITE_BATCH] = Default::default();
+            let n = inner
+                .queue
+                .pop_batch(|| hub.json_ping(), &mut batch, 16 * 1024);
+            if n == 0 {
                 break;
-            };
-            match &item {
-                Outgoing::Text(b) | Outgoing::Binary(b) => {
-                    inner.stats.messages_out.fetch_add(1, Ordering::Relaxed);
-                    inner
-                        .stats
-                        .bytes_out
-                        .fetch_add(b.len() as u64, Ordering::Relaxed);
-                }
-                Outgoing::Close(..) => self.close_sent = true,
-                Outgoing::Ping => {}
             }
-            transport::start_send(&mut self.socket, item)?;
+            for item in batch.iter_mut().take(n).filter_map(Option::take) {
+                match &item {
+                    Outgoing::Text(b) | Outgoing::Binary(b) => {
+                        inner.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+                        inner
+                            .stats
+                            .bytes_out
+                            .fetch_add(b.len() as u64, Ordering::Relaxed);
+                    }
+                    Outgoing::Close(..) => self.close_sent = true,
+                    Outgoing::Ping => {}
+                }
+                transport::start_send(&mut self.socket, item)?;
+            }
         }
         match transport::poll_flush(&mut self.socket, cx) {
             Poll::Ready(Err(())) => Err(()),

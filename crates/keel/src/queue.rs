@@ -74,14 +74,20 @@ fn size_of(item: &Outgoing) -> usize {
 }
 
 impl SendQueue {
-    /// Queues a data frame under `limits`, then wakes the writer.
+    /// Queues a data frame under `limits`, and wakes the writer if the queue was
+    /// empty. A non-empty queue means the writer has not finished draining it: it
+    /// is either running (and will pop this too) or waiting for the socket (which
+    /// will wake it). Skipping those wake-ups is most of what a broadcast to busy
+    /// subscribers would otherwise spend.
     pub(crate) fn push(&self, item: Outgoing, limits: &Limits) -> Pushed {
         let size = size_of(&item);
+        let was_empty;
         let result = {
             let mut q = self.inner.lock();
             if q.closed {
                 return Pushed::Closed;
             }
+            was_empty = q.items.is_empty() && !q.ping_due && !q.json_ping_due;
             let full = |q: &Inner| {
                 q.items.len() >= limits.max_messages
                     || (q.bytes + size > limits.max_bytes && !q.items.is_empty())
@@ -115,7 +121,7 @@ impl SendQueue {
                 }
             }
         };
-        if result != Pushed::DroppedNewest {
+        if was_empty && result != Pushed::DroppedNewest {
             self.waker.wake();
         }
         result
@@ -180,6 +186,47 @@ impl SendQueue {
         }
         self.waker.wake();
         true
+    }
+
+    /// Takes up to `batch.len()` frames (and about `max_bytes`) for the writer under
+    /// one lock: due heartbeats first, then queued frames, stopping after a Close.
+    /// `json_ping` supplies the JSON heartbeat's bytes. Returns how many it filled.
+    pub(crate) fn pop_batch(
+        &self,
+        json_ping: impl FnOnce() -> bytes::Bytes,
+        batch: &mut [Option<Outgoing>],
+        max_bytes: usize,
+    ) -> usize {
+        let mut q = self.inner.lock();
+        let mut n = 0;
+        if std::mem::take(&mut q.ping_due) && n < batch.len() {
+            batch[n] = Some(Outgoing::Ping);
+            n += 1;
+        }
+        if std::mem::take(&mut q.json_ping_due) && n < batch.len() {
+            batch[n] = Some(Outgoing::Text(json_ping()));
+            n += 1;
+        }
+        let mut bytes = 0;
+        while n < batch.len() && bytes < max_bytes {
+            let Some(item) = q.items.pop_front() else {
+                break;
+            };
+            let size = size_of(&item);
+            q.bytes -= size;
+            bytes += size;
+            let close = matches!(item, Outgoing::Close(..));
+            batch[n] = Some(item);
+            n += 1;
+            if close {
+                break;
+            }
+        }
+        if q.items.is_empty() && q.items.capacity() > 64 {
+            // A burst is over: give the memory back so idle stays cheap.
+            q.items.shrink_to_fit();
+        }
+        n
     }
 
     /// Takes the next frame for the writer.
