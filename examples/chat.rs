@@ -8,6 +8,7 @@
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use keel::{Config, Connection, Handler, Hub, Message, Upgrade};
 
@@ -58,7 +59,7 @@ async fn main() -> std::io::Result<()> {
     let app = Router::new().route("/ws", get(ws)).with_state(hub.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     println!("chat on ws://{}/ws?name=you", listener.local_addr()?);
-    axum::serve(listener, app)
+    axum::serve(listener.tap_io(|tcp| drop(tcp.set_nodelay(true))), app)
         .with_graceful_shutdown(async move {
             let _ = tokio::signal::ctrl_c().await;
             let report = hub

@@ -7,6 +7,7 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use keel::{Config, Connection, Handler, Hub, Message, Upgrade};
 
@@ -56,6 +57,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_state(hub);
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("echo listening on {}", listener.local_addr()?);
-    axum::serve(listener, app).await?;
+    axum::serve(listener.tap_io(|tcp| drop(tcp.set_nodelay(true))), app).await?;
     Ok(())
 }

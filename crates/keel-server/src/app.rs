@@ -15,6 +15,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use keel::{Config, Hub, ShutdownReport, Upgrade};
 use serde::Deserialize;
@@ -114,6 +115,11 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let task = tokio::spawn(async move {
         let server_stop = Arc::new(Notify::new());
         let server_stop2 = server_stop.clone();
+        // TCP_NODELAY: without it, Nagle holds a small write back while an earlier one
+        // is unacknowledged, and the client's delayed ACK turns that into 40 ms stalls.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = tokio::spawn(async move {
             let _ = axum::serve(
                 listener,

@@ -34,6 +34,13 @@ struct Welcome<'a> {
 }
 
 #[derive(Serialize)]
+struct PublishReply<'a> {
+    channel: &'a str,
+    offset: u64,
+    epoch: &'a str,
+}
+
+#[derive(Serialize)]
 struct EchoPayload<'a> {
     data: &'a RawValue,
 }
@@ -146,11 +153,21 @@ fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
                 Err(e) => return bad_payload(e),
             };
             match hub.publish(&p.channel, p.data, Some(conn.client_id())) {
-                Ok(publication) => reply(&serde_json::json!({
-                    "channel": p.channel,
-                    "offset": publication.offset,
-                    "epoch": publication.epoch,
-                })),
+                // The hot reply: a typed payload, no intermediate `Value`.
+                Ok(publication) => {
+                    conn.send_text(
+                        hub,
+                        encode::reply(
+                            &env.kind,
+                            PublishReply {
+                                channel: &p.channel,
+                                offset: publication.offset,
+                                epoch: &publication.epoch,
+                            },
+                            rid,
+                        ),
+                    );
+                }
                 Err(e) => hub_error(e),
             }
         }

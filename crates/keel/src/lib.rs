@@ -29,6 +29,13 @@
 //! let hub = Hub::new(Config::default());
 //! hub.start();
 //! let app: Router = Router::new().route("/ws", get(ws)).with_state(hub);
+//! // Set TCP_NODELAY on accepted sockets: with Nagle on, a small message written
+//! // while an earlier one is unacknowledged waits for the client's delayed ACK
+//! // (up to 40 ms).
+//! use axum::serve::ListenerExt;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await.unwrap()
+//!     .tap_io(|tcp| drop(tcp.set_nodelay(true)));
+//! axum::serve(listener, app).await.unwrap();
 //! # }
 //! ```
 //!

@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use futures::{SinkExt, StreamExt};
 use keel::{Hub, Upgrade};
@@ -39,7 +40,9 @@ pub async fn serve(hub: &Hub) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     let app = Router::new().route("/ws", get(ws)).with_state(hub.clone());
     tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
+        axum::serve(listener.tap_io(|tcp| drop(tcp.set_nodelay(true))), app)
+            .await
+            .unwrap();
     });
     addr
 }
