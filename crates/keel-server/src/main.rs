@@ -74,14 +74,8 @@ fn serve(config: Config) -> anyhow::Result<()> {
             tracing::info!("signal received: draining");
             stop.notify_one();
         });
-        let report = running.wait().await;
-        tracing::info!(
-            connections_at_start = report.connections_at_start,
-            closed_gracefully = report.closed_gracefully,
-            force_closed = report.force_closed,
-            duration_seconds = report.duration_seconds,
-            "shutdown report"
-        );
+        // The Hub logs the ShutdownReport ("shutdown report") as the drain ends.
+        running.wait().await;
         Ok(())
     })
 }

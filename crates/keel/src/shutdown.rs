@@ -90,7 +90,7 @@ impl Hub {
             closed_gracefully = report.closed_gracefully,
             force_closed = report.force_closed,
             duration_seconds = report.duration_seconds,
-            "graceful shutdown finished"
+            "shutdown report"
         );
         report
     }
