@@ -317,8 +317,12 @@ pub(crate) struct Driver {
 /// Inbound messages handled per poll before yielding to other tasks.
 const BUDGET: usize = 64;
 
-/// Frames taken from the send queue per lock.
-const WRITE_BATCH: usize = 16;
+/// Frames moved from the send queue into the socket's buffer per queue lock (and
+/// per readiness check): what one write syscall can carry under load.
+const WRITE_BATCH: usize = 64;
+
+/// Bytes moved per queue lock, about; bounds the write buffer's overshoot.
+const WRITE_BATCH_BYTES: usize = 32 * 1024;
 
 enum Step {
     Continue,
@@ -360,35 +364,38 @@ impl Driver {
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<(), ()> {
         let inner = &self.conn.inner;
         let hub = &self.hub;
-        while !self.close_sent {
-            match transport::poll_ready(&mut self.socket, cx) {
+        let socket = &mut self.socket;
+        let close_sent = &mut self.close_sent;
+        while !*close_sent {
+            match transport::poll_ready(socket, cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(())) => return Err(()),
                 Poll::Pending => break,
             }
-            let mut batch: [Option<Outgoing>; WRITE_BATCH] = Default::default();
-            let n = inner
-                .queue
-                .pop_batch(|| hub.json_ping(), &mut batch, 16 * 1024);
+            let n = inner.queue.drain_into(
+                || hub.json_ping(),
+                WRITE_BATCH,
+                WRITE_BATCH_BYTES,
+                |item| {
+                    match &item {
+                        Outgoing::Text(b) | Outgoing::Binary(b) => {
+                            inner.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+                            inner
+                                .stats
+                                .bytes_out
+                                .fetch_add(b.len() as u64, Ordering::Relaxed);
+                        }
+                        Outgoing::Close(..) => *close_sent = true,
+                        Outgoing::Ping => {}
+                    }
+                    transport::start_send(socket, item)
+                },
+            )?;
             if n == 0 {
                 break;
             }
-            for item in batch.iter_mut().take(n).filter_map(Option::take) {
-                match &item {
-                    Outgoing::Text(b) | Outgoing::Binary(b) => {
-                        inner.stats.messages_out.fetch_add(1, Ordering::Relaxed);
-                        inner
-                            .stats
-                            .bytes_out
-                            .fetch_add(b.len() as u64, Ordering::Relaxed);
-                    }
-                    Outgoing::Close(..) => self.close_sent = true,
-                    Outgoing::Ping => {}
-                }
-                transport::start_send(&mut self.socket, item)?;
-            }
         }
-        match transport::poll_flush(&mut self.socket, cx) {
+        match transport::poll_flush(socket, cx) {
             Poll::Ready(Err(())) => Err(()),
             _ => Ok(()),
         }

@@ -188,27 +188,32 @@ impl SendQueue {
         true
     }
 
-    /// Takes up to `batch.len()` frames (and about `max_bytes`) for the writer under
-    /// one lock: due heartbeats first, then queued frames, stopping after a Close.
-    /// `json_ping` supplies the JSON heartbeat's bytes. Returns how many it filled.
-    pub(crate) fn pop_batch(
+    /// Hands up to `max_items` frames (and about `max_bytes`) to `send` under one
+    /// lock: due heartbeats first, then queued frames, stopping after a Close or
+    /// when `send` fails. `json_ping` supplies the JSON heartbeat's bytes. Returns
+    /// how many frames it handed over, or the first error.
+    ///
+    /// `send` runs with the queue locked; it must only encode into a buffer (no
+    /// waiting), which keeps pushes to this connection waiting at most that long.
+    pub(crate) fn drain_into<E>(
         &self,
         json_ping: impl FnOnce() -> bytes::Bytes,
-        batch: &mut [Option<Outgoing>],
+        max_items: usize,
         max_bytes: usize,
-    ) -> usize {
+        mut send: impl FnMut(Outgoing) -> Result<(), E>,
+    ) -> Result<usize, E> {
         let mut q = self.inner.lock();
         let mut n = 0;
-        if std::mem::take(&mut q.ping_due) && n < batch.len() {
-            batch[n] = Some(Outgoing::Ping);
+        if std::mem::take(&mut q.ping_due) {
+            send(Outgoing::Ping)?;
             n += 1;
         }
-        if std::mem::take(&mut q.json_ping_due) && n < batch.len() {
-            batch[n] = Some(Outgoing::Text(json_ping()));
+        if std::mem::take(&mut q.json_ping_due) {
+            send(Outgoing::Text(json_ping()))?;
             n += 1;
         }
         let mut bytes = 0;
-        while n < batch.len() && bytes < max_bytes {
+        while n < max_items && bytes < max_bytes {
             let Some(item) = q.items.pop_front() else {
                 break;
             };
@@ -216,7 +221,7 @@ impl SendQueue {
             q.bytes -= size;
             bytes += size;
             let close = matches!(item, Outgoing::Close(..));
-            batch[n] = Some(item);
+            send(item)?;
             n += 1;
             if close {
                 break;
@@ -226,7 +231,7 @@ impl SendQueue {
             // A burst is over: give the memory back so idle stays cheap.
             q.items.shrink_to_fit();
         }
-        n
+        Ok(n)
     }
 
     /// Takes the next frame for the writer.

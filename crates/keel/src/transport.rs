@@ -77,6 +77,12 @@ impl Transport {
             .with_max_read_buffer(config.max_message_size + 1)
             .with_read_buffer_capacity(config.read_buffer_size)
             .with_write_buffer_capacity(config.write_buffer_size)
+            // yawc keeps a write buffer that grew below this boundary, and gives back
+            // one that grew past it once flushed. A small boundary means an idle
+            // connection keeps nothing of its last burst (or of its `welcome`); the
+            // writer still batches, since it moves up to WRITE_BATCH frames into the
+            // buffer per readiness check before the flush.
+            .with_backpressure_boundary(config.write_buffer_size.max(256))
             .with_utf8()
             .with_no_delay();
         if config.compression == Compression::Deflate {
