@@ -48,7 +48,7 @@ impl Running {
     /// Runs the shutdown sequence and waits for it: drain, then stop serving.
     pub async fn shutdown(self) -> ShutdownReport {
         self.stop.notify_one();
-        self.task.await.unwrap_or_default()
+        self.wait().await
     }
 
     /// A handle that triggers the same shutdown as [`shutdown`](Self::shutdown),

@@ -403,14 +403,11 @@ impl Driver {
 
     /// One non-waiting attempt to tell the peer why it is being cut off.
     fn send_close_now(&mut self, cx: &mut Context<'_>) {
-        while let Some(item) = self.conn.inner.queue.pop(|| self.hub.json_ping()) {
-            if let Outgoing::Close(..) = item {
-                if let Poll::Ready(Ok(())) = transport::poll_ready(&mut self.socket, cx) {
-                    if transport::start_send(&mut self.socket, item).is_ok() {
-                        let _ = transport::poll_flush(&mut self.socket, cx);
-                    }
+        if let Some(close) = self.conn.inner.queue.take_close() {
+            if let Poll::Ready(Ok(())) = transport::poll_ready(&mut self.socket, cx) {
+                if transport::start_send(&mut self.socket, close).is_ok() {
+                    let _ = transport::poll_flush(&mut self.socket, cx);
                 }
-                return;
             }
         }
     }

@@ -148,8 +148,9 @@ impl Hub {
         &self.inner.metrics
     }
 
-    pub(crate) fn handler(&self) -> Arc<dyn Handler> {
-        self.inner.handler.clone()
+    /// The application's hooks (borrowed: no reference count touched per message).
+    pub(crate) fn handler(&self) -> &dyn Handler {
+        &*self.inner.handler
     }
 
     /// Milliseconds since the Hub was created (the clock of `last_seen`).
@@ -313,10 +314,8 @@ impl Hub {
             duration_ms = conn.connected_at().elapsed().as_millis() as u64,
             "disconnect"
         );
-        let handler = self.handler();
-        let hub = self.clone();
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            handler.on_disconnect(&hub, conn, reason, code)
+            self.handler().on_disconnect(self, conn, reason, code)
         }));
     }
 

@@ -234,24 +234,17 @@ impl SendQueue {
         Ok(n)
     }
 
-    /// Takes the next frame for the writer.
-    /// `json_ping` supplies the JSON heartbeat's bytes when one is due.
-    pub(crate) fn pop(&self, json_ping: impl FnOnce() -> bytes::Bytes) -> Option<Outgoing> {
+    /// Takes the queued Close, dropping whatever was queued before it: for a
+    /// connection cut off at once, which gets one try at telling the peer why.
+    pub(crate) fn take_close(&self) -> Option<Outgoing> {
         let mut q = self.inner.lock();
-        if std::mem::take(&mut q.ping_due) {
-            return Some(Outgoing::Ping);
-        }
-        if std::mem::take(&mut q.json_ping_due) {
-            drop(q);
-            return Some(Outgoing::Text(json_ping()));
-        }
-        let item = q.items.pop_front()?;
-        q.bytes -= size_of(&item);
-        if q.items.is_empty() && q.items.capacity() > 64 {
-            // A burst is over: give the memory back so idle stays cheap.
-            q.items.shrink_to_fit();
-        }
-        Some(item)
+        let close = q
+            .items
+            .pop_back()
+            .filter(|i| matches!(i, Outgoing::Close(..)));
+        q.items = VecDeque::new();
+        q.bytes = 0;
+        close
     }
 
     /// Registers the writer's waker.
@@ -288,6 +281,22 @@ mod tests {
 
     fn text(n: usize) -> Outgoing {
         Outgoing::Text(Bytes::from(vec![b'x'; n]))
+    }
+
+    /// Everything the writer would take, in order (heartbeats as `json`).
+    fn drain(q: &SendQueue, json: &Bytes) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        q.drain_into(
+            || json.clone(),
+            usize::MAX,
+            usize::MAX,
+            |i| {
+                out.push(i);
+                Ok::<(), ()>(())
+            },
+        )
+        .unwrap();
+        out
     }
 
     fn limits(policy: SlowConsumerPolicy) -> Limits {
@@ -327,7 +336,13 @@ mod tests {
             assert_eq!(q.push(text(1), &l), Pushed::DroppedNewest);
             assert!(q.full_since().is_some());
             assert_eq!(q.depth(), (3, 3));
-            q.pop(Bytes::new);
+            let mut one = 0;
+            q.drain_into(Bytes::new, 1, usize::MAX, |_| {
+                one += 1;
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+            assert_eq!(one, 1);
             assert_eq!(q.push(text(1), &l), Pushed::Queued);
             assert!(q.full_since().is_none());
         }
@@ -348,8 +363,21 @@ mod tests {
         assert!(q.close(4000, "slow", true));
         assert_eq!(q.push(text(1), &l), Pushed::Closed);
         assert!(!q.close(1000, "again", false));
-        assert!(matches!(q.pop(Bytes::new), Some(Outgoing::Close(4000, _))));
-        assert!(q.pop(Bytes::new).is_none());
+        let left = drain(&q, &Bytes::new());
+        assert_eq!(left.len(), 1);
+        assert!(matches!(left[0], Outgoing::Close(4000, _)));
+    }
+
+    #[test]
+    fn take_close_finds_the_close_behind_queued_data() {
+        let q = SendQueue::default();
+        let l = limits(SlowConsumerPolicy::DropOldest);
+        q.push(text(10), &l);
+        assert!(q.take_close().is_none(), "no Close queued");
+        q.push(text(10), &l);
+        assert!(q.close(4001, "heartbeat timeout", false));
+        assert!(matches!(q.take_close(), Some(Outgoing::Close(4001, _))));
+        assert_eq!(q.depth(), (0, 0));
     }
 
     #[test]
@@ -365,10 +393,10 @@ mod tests {
             q.push_heartbeat(true, false),
             "a second mark does not queue twice"
         );
-        assert!(matches!(q.pop(|| json.clone()), Some(Outgoing::Ping)));
-        assert!(matches!(q.pop(|| json.clone()), Some(Outgoing::Text(b)) if b == json));
-        let rest: Vec<_> = std::iter::from_fn(|| q.pop(Bytes::new)).collect();
-        assert_eq!(rest.len(), 3);
+        let all = drain(&q, &json);
+        assert!(matches!(all[0], Outgoing::Ping));
+        assert!(matches!(&all[1], Outgoing::Text(b) if *b == json));
+        assert_eq!(all.len(), 5, "ping, JSON ping, then the 3 queued");
         assert_eq!(q.depth(), (0, 0));
     }
 
@@ -377,7 +405,7 @@ mod tests {
         let q = SendQueue::default();
         let l = limits(SlowConsumerPolicy::DropOldest);
         q.push(text(1), &l);
-        q.pop(Bytes::new);
+        drain(&q, &Bytes::new());
         q.trim();
         assert_eq!(q.inner.lock().items.capacity(), 0);
     }

@@ -15,7 +15,6 @@ mod common;
 
 use std::alloc::System;
 use std::io::{Read, Write};
-use std::time::Duration;
 
 use keel::{Config, Hub};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
@@ -62,7 +61,11 @@ async fn idle_connection_heap_cost() {
         .await
         .unwrap();
     common::eventually("warm-up registered", || hub.get_connection_count() == 1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its JSON pings count as messages written: wait for two heartbeat rounds.
+    common::eventually("warm-up heartbeats", || {
+        hub.metrics_snapshot().messages_out_total >= 2
+    })
+    .await;
 
     let region = Region::new(GLOBAL);
     let clients = tokio::task::spawn_blocking(move || {
@@ -75,8 +78,13 @@ async fn idle_connection_heap_cost() {
     .await
     .unwrap();
     common::eventually("all registered", || hub.get_connection_count() == CONNS + 1).await;
-    // Let several heartbeat rounds go by (pings written, queues drained).
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Hold them through heartbeat rounds: wait until every connection has been sent
+    // at least two JSON pings (counted as messages written) since the warm-up.
+    let sent_before = hub.metrics_snapshot().messages_out_total;
+    common::eventually("two heartbeat rounds for every connection", || {
+        hub.metrics_snapshot().messages_out_total >= sent_before + 2 * CONNS as u64
+    })
+    .await;
     let stats = region.change();
     let net = stats.bytes_allocated as i64 - stats.bytes_deallocated as i64;
     let client_vec = (CONNS * std::mem::size_of::<std::net::TcpStream>()) as i64;
