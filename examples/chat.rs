@@ -17,7 +17,7 @@ struct Chat;
 
 impl Handler for Chat {
     fn on_connect(&self, hub: &Hub, conn: &Connection) {
-        let _ = hub.join_room(conn.client_id(), "lobby");
+        let _ = hub.join_room(&conn.client_id(), "lobby");
     }
 
     fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) {
@@ -28,7 +28,7 @@ impl Handler for Chat {
         let name = conn.metadata()["name"].as_str().unwrap_or("anonymous");
         let data = serde_json::json!({ "from": name, "text": text });
         if let Ok(raw) = keel::RawValue::from_string(data.to_string()) {
-            let _ = hub.publish("lobby", &raw, Some(conn.client_id()));
+            let _ = hub.publish("lobby", &raw, Some(&conn.client_id()));
         }
     }
 }

@@ -187,6 +187,17 @@ pub struct HistoryPayload {
     pub limit: Option<usize>,
 }
 
+/// Payload of `resume`.
+#[derive(Debug, Deserialize)]
+pub struct ResumePayload {
+    /// The token from `welcome` or the last `resume_response`.
+    pub reconnect_token: String,
+    /// The channels to take back and where the client stopped in each (`null`:
+    /// take the channel back without recovery).
+    #[serde(default)]
+    pub positions: std::collections::BTreeMap<String, Option<StreamPosition>>,
+}
+
 /// A position in a channel's stream: an offset within an epoch.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct StreamPosition {

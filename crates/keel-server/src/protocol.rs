@@ -9,8 +9,8 @@
 use keel::{Connection, Handler, Hub, Message};
 use keel_protocol::encode;
 use keel_protocol::{
-    kind, ChannelPayload, ClientEnvelope, ErrorCode, HistoryPayload, PublishPayload, RpcPayload,
-    SubscribePayload,
+    kind, ChannelPayload, ClientEnvelope, ErrorCode, HistoryPayload, PublishPayload,
+    ResumePayload, RpcPayload, SubscribePayload,
 };
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -26,7 +26,7 @@ pub struct Gateway {
 struct Welcome<'a> {
     client_id: &'a str,
     session_id: String,
-    /// Reconnect tokens arrive with session resume; until then, null.
+    /// Null when `enable_reconnect` is off.
     reconnect_token: Option<String>,
     heartbeat: HeartbeatInfo,
     resume_ttl_ms: u64,
@@ -56,9 +56,9 @@ impl Handler for Gateway {
     fn on_connect(&self, hub: &Hub, conn: &Connection) {
         let cfg = hub.config();
         let welcome = Welcome {
-            client_id: conn.client_id(),
+            client_id: &conn.client_id(),
             session_id: conn.session_id(),
-            reconnect_token: None,
+            reconnect_token: cfg.enable_reconnect.then(|| hub.reconnect_token(conn)),
             heartbeat: HeartbeatInfo {
                 interval_ms: cfg.heartbeat_interval.as_millis() as u64,
                 timeout_ms: cfg.heartbeat_timeout.as_millis() as u64,
@@ -115,6 +115,9 @@ fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
                 ErrorCode::LimitExceeded
             }
             keel::ErrorKind::ConnectionNotFound => ErrorCode::NotFound,
+            keel::ErrorKind::InvalidToken => ErrorCode::InvalidToken,
+            keel::ErrorKind::TokenExpired => ErrorCode::TokenExpired,
+            keel::ErrorKind::Forbidden => ErrorCode::Forbidden,
             _ => ErrorCode::Internal,
         };
         conn.send_text(hub, encode::error(code, e.detail(), rid));
@@ -126,7 +129,7 @@ fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
                 Ok(p) => p,
                 Err(e) => return bad_payload(e),
             };
-            match hub.subscribe(conn.client_id(), &p.channel, p.since.as_ref()) {
+            match hub.subscribe(&conn.client_id(), &p.channel, p.since.as_ref()) {
                 Ok((pos, recovered, replayed)) => reply(&serde_json::json!({
                     "channel": p.channel,
                     "offset": pos.offset,
@@ -142,7 +145,7 @@ fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
                 Ok(p) => p,
                 Err(e) => return bad_payload(e),
             };
-            match hub.leave_room(conn.client_id(), &p.channel) {
+            match hub.leave_room(&conn.client_id(), &p.channel) {
                 Ok(_) => reply(&serde_json::json!({ "channel": p.channel })),
                 Err(e) => hub_error(e),
             }
@@ -152,7 +155,7 @@ fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
                 Ok(p) => p,
                 Err(e) => return bad_payload(e),
             };
-            match hub.publish(&p.channel, p.data, Some(conn.client_id())) {
+            match hub.publish(&p.channel, p.data, Some(&conn.client_id())) {
                 // The hot reply: a typed payload, no intermediate `Value`.
                 Ok(publication) => {
                     conn.send_text(
@@ -207,7 +210,23 @@ fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
             conn.send_text(hub, encode::pong(rid));
         }
         kind::PONG => {}
-        kind::AUTH | kind::RESUME | kind::REFRESH => fail(
+        kind::RESUME => {
+            let p: ResumePayload = match env.payload() {
+                Ok(p) => p,
+                Err(e) => return bad_payload(e),
+            };
+            let positions: Vec<(String, Option<keel_protocol::StreamPosition>)> =
+                p.positions.into_iter().collect();
+            // No authentication yet: every connection is anonymous, so the token
+            // alone decides whose session this becomes.
+            match hub.resume(conn, &p.reconnect_token, &positions, None) {
+                Ok(r) => {
+                    conn.send_text(hub, encode::reply(&env.kind, &r, rid));
+                }
+                Err(e) => hub_error(e),
+            }
+        }
+        kind::AUTH | kind::REFRESH => fail(
             ErrorCode::UnknownType,
             &format!("`{}` is not enabled on this server yet", env.kind),
         ),
@@ -220,18 +239,7 @@ fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
 
 /// `presence_response` payload (also `GET /api/presence/{channel}`).
 pub fn presence(hub: &Hub, channel: &str) -> serde_json::Value {
-    let clients: Vec<serde_json::Value> = hub
-        .get_room_members(channel)
-        .into_iter()
-        .map(|id| {
-            let info = hub
-                .get_connection(&id)
-                .map(|c| c.metadata().clone())
-                .unwrap_or(serde_json::Value::Null);
-            serde_json::json!({ "client_id": id, "info": info })
-        })
-        .collect();
-    serde_json::json!({ "channel": channel, "clients": clients })
+    serde_json::json!({ "channel": channel, "clients": hub.presence(channel) })
 }
 
 /// `history_response` payload (also `GET /api/history/{channel}`): the payloads of

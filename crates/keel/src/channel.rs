@@ -9,8 +9,14 @@
 //! the lock is held for microseconds per thousand members. There is no global lock
 //! on this path.
 //!
-//! A channel is forgotten when it has no members and no live history; if it comes
-//! back, it gets a new epoch, since its old offsets can no longer be served.
+//! A channel is forgotten when it has no members, no lingering presence and no
+//! live history; if it comes back, it gets a new epoch, since its old offsets can
+//! no longer be served.
+//!
+//! Presence is the members plus, for `presence_ttl` after their last sign of life,
+//! those that vanished without a clean close (their session may come back); a
+//! clean leave is immediate. With `presence_events`, joins and leaves are published
+//! into the channel's stream as ordinary messages (offsets, history, recovery).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -49,6 +55,21 @@ pub struct Publication {
     pub dropped: usize,
 }
 
+/// One client present in a channel.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PresenceEntry {
+    /// The client.
+    pub client_id: String,
+    /// What the application attached at connect time (null if nothing).
+    pub info: serde_json::Value,
+}
+
+/// A member that vanished without a clean close: still present until `until`.
+pub(crate) struct Absent {
+    info: serde_json::Value,
+    until: Instant,
+}
+
 /// A publication as kept in history: the encoded `message` frame, sent again as-is
 /// on replay.
 #[derive(Debug, Clone)]
@@ -63,6 +84,8 @@ pub(crate) struct ChannelState {
     pub(crate) offset: u64,
     pub(crate) epoch: Arc<str>,
     pub(crate) history: VecDeque<Entry>,
+    /// Members that vanished and still count as present.
+    pub(crate) absent: HashMap<Arc<str>, Absent>,
     /// Set when the channel was dropped from the registry; a holder of a stale
     /// `Arc` must look the channel up again.
     pub(crate) dead: bool,
@@ -84,17 +107,22 @@ pub(crate) struct Channels {
     epoch_seq: AtomicU64,
     history_size: usize,
     history_ttl: Duration,
+    presence_ttl: Duration,
+    presence_events: bool,
 }
 
 impl Channels {
-    pub(crate) fn new(num_shards: usize, history_size: usize, history_ttl: Duration) -> Self {
+    pub(crate) fn new(config: &crate::Config) -> Self {
+        let num_shards = config.num_shards.max(1);
         Channels {
+            presence_ttl: config.presence_ttl,
+            presence_events: config.presence_events,
             shards: (0..num_shards).map(|_| RwLock::default()).collect(),
             hasher: Default::default(),
             epoch_base: format!("{:08x}", rand::random::<u32>()),
             epoch_seq: AtomicU64::new(0),
-            history_size,
-            history_ttl,
+            history_size: config.history_size,
+            history_ttl: config.history_ttl,
         }
     }
 
@@ -127,6 +155,7 @@ impl Channels {
                         offset: 0,
                         epoch: epoch.into(),
                         history: VecDeque::new(),
+                        absent: HashMap::new(),
                         dead: false,
                     }),
                 })
@@ -185,8 +214,13 @@ impl Channels {
                     }
                 }
             }
-            st.members
-                .insert(conn.inner.client_id.clone(), conn.clone());
+            let id = conn.client_id();
+            let was_present = st.members.contains_key(&id) || st.absent.remove(&id).is_some();
+            if self.presence_events && !was_present {
+                // Before the insert: the joining client does not get its own join.
+                self.presence_event(hub, &ch.name, st, "join", &id, conn.metadata());
+            }
+            st.members.insert(id, conn.clone());
             {
                 let mut mine = conn.inner.channels.lock();
                 if !mine.iter().any(|c| **c == *ch.name) {
@@ -195,7 +229,7 @@ impl Channels {
             }
             if conn.inner.gone.load(std::sync::atomic::Ordering::Acquire) {
                 // The connection is unregistering and may have missed this join.
-                st.members.remove(conn.client_id());
+                st.members.remove(&conn.client_id());
             }
             let pos = StreamPosition {
                 offset: st.offset,
@@ -206,18 +240,40 @@ impl Channels {
     }
 
     /// Removes `conn` from `name` (only this connection, not a newer one with the
-    /// same client_id). Returns whether it was a member.
-    pub(crate) fn leave(&self, name: &str, conn: &Connection) -> bool {
+    /// same client_id). With `linger`, it stays present until that instant (it
+    /// vanished; its session may resume); without, it leaves at once. Returns
+    /// whether it was a member.
+    pub(crate) fn leave(
+        &self,
+        hub: &Hub,
+        name: &str,
+        conn: &Connection,
+        linger: Option<Instant>,
+    ) -> bool {
         conn.inner.channels.lock().retain(|c| &**c != name);
         let Some(ch) = self.get(name) else {
             return false;
         };
         let removed = {
             let mut st = ch.state.lock();
-            match st.members.get(conn.client_id()) {
-                Some(m) if m.same(conn) => st.members.remove(conn.client_id()).is_some(),
+            let id = conn.client_id();
+            let removed = match st.members.get(&id) {
+                Some(m) if m.same(conn) => st.members.remove(&id).is_some(),
                 _ => false,
+            };
+            if removed {
+                match linger {
+                    Some(until) => {
+                        let info = conn.metadata().clone();
+                        st.absent.insert(id, Absent { info, until });
+                    }
+                    None if self.presence_events => {
+                        self.presence_event(hub, name, &mut st, "leave", &id, conn.metadata());
+                    }
+                    None => {}
+                }
             }
+            removed
         };
         self.forget_if_idle(&ch);
         removed
@@ -227,7 +283,7 @@ impl Channels {
     fn forget_if_idle(&self, ch: &Arc<Channel>) {
         let mut shard = self.shard(&ch.name).write();
         let mut st = ch.state.lock();
-        if st.members.is_empty() && st.history.is_empty() && !st.dead {
+        if st.members.is_empty() && st.history.is_empty() && st.absent.is_empty() && !st.dead {
             if let Some(cur) = shard.get(&ch.name) {
                 if Arc::ptr_eq(cur, ch) {
                     shard.remove(&ch.name);
@@ -246,28 +302,101 @@ impl Channels {
         data: &RawValue,
         publisher: Option<&str>,
     ) -> Publication {
-        self.with_live(name, |_, st| {
-            st.offset += 1;
-            let offset = st.offset;
-            let frame = keel_protocol::encode::message(name, data, offset, &st.epoch, publisher);
-            if self.history_size > 0 {
-                st.history.push_back(Entry {
-                    offset,
-                    at: Instant::now(),
-                    frame: frame.clone(),
-                });
-                while st.history.len() > self.history_size {
-                    st.history.pop_front();
+        self.with_live(name, |_, st| self.publish_locked(hub, name, st, data, publisher))
+    }
+
+    /// `publish` with the channel's lock held.
+    fn publish_locked(
+        &self,
+        hub: &Hub,
+        name: &str,
+        st: &mut ChannelState,
+        data: &RawValue,
+        publisher: Option<&str>,
+    ) -> Publication {
+        st.offset += 1;
+        let offset = st.offset;
+        let frame = keel_protocol::encode::message(name, data, offset, &st.epoch, publisher);
+        if self.history_size > 0 {
+            st.history.push_back(Entry {
+                offset,
+                at: Instant::now(),
+                frame: frame.clone(),
+            });
+            while st.history.len() > self.history_size {
+                st.history.pop_front();
+            }
+        }
+        let result = fan_out(hub, st.members.values(), &frame);
+        Publication {
+            offset,
+            epoch: st.epoch.to_string(),
+            delivered: result.sent,
+            dropped: result.dropped,
+        }
+    }
+
+    /// Publishes a `join` / `leave` event into the channel's stream.
+    fn presence_event(
+        &self,
+        hub: &Hub,
+        name: &str,
+        st: &mut ChannelState,
+        event: &str,
+        client_id: &str,
+        info: &serde_json::Value,
+    ) {
+        let data = serde_json::json!({ "presence": event, "client_id": client_id, "info": info });
+        if let Ok(raw) = serde_json::value::to_raw_value(&data) {
+            self.publish_locked(hub, name, st, &raw, None);
+        }
+    }
+
+    /// Who is present in `name`: members that showed a sign of life within
+    /// `presence_ttl`, and vanished ones whose presence has not expired.
+    pub(crate) fn presence(&self, hub: &Hub, name: &str) -> Vec<PresenceEntry> {
+        let Some(ch) = self.get(name) else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let now_ms = hub.now_ms();
+        let ttl_ms = self.presence_ttl.as_millis() as u64;
+        let st = ch.state.lock();
+        let mut out: Vec<PresenceEntry> = st
+            .members
+            .iter()
+            .filter(|(_, c)| {
+                now_ms.saturating_sub(c.inner.last_seen.load(std::sync::atomic::Ordering::Relaxed))
+                    <= ttl_ms
+            })
+            .map(|(id, c)| PresenceEntry {
+                client_id: id.to_string(),
+                info: c.metadata().clone(),
+            })
+            .collect();
+        out.extend(
+            st.absent
+                .iter()
+                .filter(|(_, a)| a.until > now)
+                .map(|(id, a)| PresenceEntry {
+                    client_id: id.to_string(),
+                    info: a.info.clone(),
+                }),
+        );
+        out
+    }
+
+    /// Ends the lingering presence of `client_id` in `name` now (a resumed session
+    /// that did not take this channel back).
+    pub(crate) fn end_presence(&self, hub: &Hub, name: &str, client_id: &str) {
+        if let Some(ch) = self.get(name) {
+            let mut st = ch.state.lock();
+            if let Some(a) = st.absent.remove(client_id) {
+                if self.presence_events {
+                    self.presence_event(hub, name, &mut st, "leave", client_id, &a.info);
                 }
             }
-            let result = fan_out(hub, st.members.values(), &frame);
-            Publication {
-                offset,
-                epoch: st.epoch.to_string(),
-                delivered: result.sent,
-                dropped: result.dropped,
-            }
-        })
+        }
     }
 
     /// The encoded publications of `name` after `after` (oldest first, at most
@@ -314,8 +443,9 @@ impl Channels {
         })
     }
 
-    /// Drops expired history and forgets idle channels. Called by the sweeper.
-    pub(crate) fn sweep(&self) {
+    /// Drops expired history and presence (publishing `leave` events), and forgets
+    /// idle channels. Called by the sweeper.
+    pub(crate) fn sweep(&self, hub: &Hub) {
         let now = Instant::now();
         for shard in self.shards.iter() {
             let idle: Vec<Arc<Channel>> = shard
@@ -330,7 +460,21 @@ impl Channels {
                     {
                         st.history.pop_front();
                     }
-                    st.members.is_empty() && st.history.is_empty()
+                    if !st.absent.is_empty() {
+                        let expired: Vec<(Arc<str>, serde_json::Value)> = st
+                            .absent
+                            .iter()
+                            .filter(|(_, a)| a.until <= now)
+                            .map(|(id, a)| (id.clone(), a.info.clone()))
+                            .collect();
+                        for (id, info) in expired {
+                            st.absent.remove(&id);
+                            if self.presence_events {
+                                self.presence_event(hub, &ch.name, &mut st, "leave", &id, &info);
+                            }
+                        }
+                    }
+                    st.members.is_empty() && st.history.is_empty() && st.absent.is_empty()
                 })
                 .cloned()
                 .collect();

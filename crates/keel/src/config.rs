@@ -110,6 +110,9 @@ pub struct Config {
     pub reconnect_token_ttl: Duration,
     /// Whether sessions can be resumed after a disconnect.
     pub enable_reconnect: bool,
+    /// Key of the reconnect tokens' HMAC-SHA256. Every node of a cluster needs the
+    /// same one; `None` generates a random key at start, valid on this node only.
+    pub reconnect_secret: Option<String>,
     /// permessage-deflate on or off.
     pub compression: Compression,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or an env-filter string).
@@ -138,6 +141,8 @@ pub struct Config {
     pub history_ttl: Duration,
     /// How long presence survives a client that vanished without a clean close.
     pub presence_ttl: Duration,
+    /// Whether channels get `join` / `leave` events as channel messages.
+    pub presence_events: bool,
     /// Most messages queued for one connection.
     pub send_queue_max_messages: usize,
     /// Most bytes queued for one connection.
@@ -183,6 +188,7 @@ impl Default for Config {
             max_message_size: 1024 * 1024,
             reconnect_token_ttl: Duration::from_secs(3600),
             enable_reconnect: true,
+            reconnect_secret: None,
             compression: Compression::Deflate,
             log_level: "info".into(),
             log_format: LogFormat::Text,
@@ -197,6 +203,7 @@ impl Default for Config {
             history_size: 100,
             history_ttl: Duration::from_secs(300),
             presence_ttl: Duration::from_secs(51),
+            presence_events: false,
             send_queue_max_messages: 1024,
             send_queue_max_bytes: 512 * 1024,
             slow_consumer_policy: SlowConsumerPolicy::DropOldest,
@@ -267,6 +274,7 @@ options! {
     "max_message_size", "1048576", "Largest inbound frame or message in bytes; larger closes with 1009.";
     "reconnect_token_ttl", "1h", "How long a reconnect token and a detached session stay valid.";
     "enable_reconnect", "true", "Whether sessions can be resumed.";
+    "reconnect_secret", "", "Key (at least 16 bytes) of the reconnect tokens' HMAC-SHA256; give every node of a cluster the same one. Empty: random at start, tokens valid on this node only.";
     "compression", "deflate", "`deflate` (permessage-deflate, no context takeover, shared pool) or `none`.";
     "log_level", "info", "`error`, `warn`, `info`, `debug`, `trace`, or a tracing env-filter string.";
     "log_format", "text", "`text` or `json`.";
@@ -280,7 +288,8 @@ options! {
     "memory_check_interval", "60s", "How often total memory is checked.";
     "history_size", "100", "Publications kept per channel for recovery.";
     "history_ttl", "5m", "How long a publication stays in history.";
-    "presence_ttl", "51s", "How long presence outlives a client that vanished.";
+    "presence_ttl", "51s", "How long presence outlives a client's last sign of life when it vanished without a clean close.";
+    "presence_events", "false", "Whether channels carry `join` / `leave` events as channel messages (`data: {\"presence\": \"join\", \"client_id\", \"info\"}`).";
     "send_queue_max_messages", "1024", "Most messages queued for one connection.";
     "send_queue_max_bytes", "524288", "Most bytes queued for one connection.";
     "slow_consumer_policy", "drop_oldest", "`drop_oldest`, `drop_newest` or `disconnect` (4000 after `slow_consumer_timeout` full).";
@@ -335,6 +344,12 @@ impl Config {
                 self.reconnect_token_ttl = positive_duration(v).map_err(err)?
             }
             "enable_reconnect" => self.enable_reconnect = boolean(v).map_err(err)?,
+            "reconnect_secret" => {
+                if !v.is_empty() && v.len() < 16 {
+                    return Err(err("must be at least 16 bytes long".into()));
+                }
+                self.reconnect_secret = (!v.is_empty()).then(|| v.to_string())
+            }
             "compression" => {
                 self.compression = match v {
                     "deflate" => Compression::Deflate,
@@ -379,6 +394,7 @@ impl Config {
             "history_size" => self.history_size = count(v).map_err(err)?,
             "history_ttl" => self.history_ttl = positive_duration(v).map_err(err)?,
             "presence_ttl" => self.presence_ttl = positive_duration(v).map_err(err)?,
+            "presence_events" => self.presence_events = boolean(v).map_err(err)?,
             "send_queue_max_messages" => self.send_queue_max_messages = positive(v).map_err(err)?,
             "send_queue_max_bytes" => self.send_queue_max_bytes = positive(v).map_err(err)?,
             "slow_consumer_policy" => {

@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::hub::Hub;
 use crate::memory::UserData;
@@ -111,11 +111,22 @@ pub(crate) struct ConnStats {
     pub(crate) dropped: AtomicU64,
 }
 
-pub(crate) struct ConnInner {
-    /// Who the client is; the registry key.
+/// A connection's identity: the registry key and the session it carries.
+#[derive(Clone)]
+pub(crate) struct Ident {
     pub(crate) client_id: Arc<str>,
-    /// Unique per connection (a replaced connection keeps its client_id, not this).
+    /// A UUID; survives disconnects through resume (a connection that replaced
+    /// another by client_id alone gets a new one).
     pub(crate) session_id: u128,
+    /// The generation the session's current reconnect token carries; a resume
+    /// must present exactly this one, and moves it on.
+    pub(crate) generation: u64,
+}
+
+pub(crate) struct ConnInner {
+    /// Who the client is and which session it is in. Changes at most on a resume,
+    /// while the connection is briefly out of the registry and of every channel.
+    pub(crate) ident: RwLock<Ident>,
     /// Whatever the application attached at connect time (presence info, claims).
     /// Boxed: most connections carry none, and a `Value` inline costs 32 bytes each.
     pub(crate) metadata: Option<Box<serde_json::Value>>,
@@ -127,6 +138,9 @@ pub(crate) struct ConnInner {
     pub(crate) kill: AtomicBool,
     /// Set when unregistering starts: a channel join racing with it undoes itself.
     pub(crate) gone: AtomicBool,
+    /// Set when a resume on another connection took this one's session over: its
+    /// end must not leave a detached copy of the session behind.
+    pub(crate) taken_over: AtomicBool,
     /// Why the server closed it, if it did; decided by whoever queued the Close.
     pub(crate) close_reason: Mutex<Option<(DisconnectReason, u16)>>,
     /// Channels this connection is in, for cleanup and `get_client_rooms`.
@@ -148,7 +162,7 @@ pub struct Connection {
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
-            .field("client_id", &self.inner.client_id)
+            .field("client_id", &self.client_id())
             .field("session_id", &self.session_id())
             .finish_non_exhaustive()
     }
@@ -158,14 +172,18 @@ impl Connection {
     pub(crate) fn new(client_id: Arc<str>, metadata: serde_json::Value, now_ms: u64) -> Self {
         Connection {
             inner: Arc::new(ConnInner {
-                client_id,
-                session_id: rand::random(),
+                ident: RwLock::new(Ident {
+                    client_id,
+                    session_id: rand::random(),
+                    generation: 0,
+                }),
                 metadata: (!metadata.is_null()).then(|| Box::new(metadata)),
                 connected_at: Instant::now(),
                 last_seen: AtomicU64::new(now_ms),
                 queue: SendQueue::default(),
                 kill: AtomicBool::new(false),
                 gone: AtomicBool::new(false),
+                taken_over: AtomicBool::new(false),
                 close_reason: Mutex::new(None),
                 channels: Mutex::new(Default::default()),
                 user_data: Mutex::new(None),
@@ -174,14 +192,18 @@ impl Connection {
         }
     }
 
-    /// The client's id.
-    pub fn client_id(&self) -> &str {
-        &self.inner.client_id
+    /// The client's id (it changes only when the connection resumes a session).
+    pub fn client_id(&self) -> Arc<str> {
+        self.inner.ident.read().client_id.clone()
     }
 
-    /// This connection's session id (a UUID, unique per connection).
+    /// The session id (a UUID): new per connection, carried over by a resume.
     pub fn session_id(&self) -> String {
-        uuid::Uuid::from_u128(self.inner.session_id).to_string()
+        uuid::Uuid::from_u128(self.inner.ident.read().session_id).to_string()
+    }
+
+    pub(crate) fn ident(&self) -> Ident {
+        self.inner.ident.read().clone()
     }
 
     /// What the application attached at connect time.

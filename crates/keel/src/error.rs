@@ -30,6 +30,8 @@ pub enum ErrorKind {
     InvalidArgument,
     /// The WebSocket handshake could not be completed.
     Handshake,
+    /// Authenticated, but not allowed to do this (resume another client's session).
+    Forbidden,
 }
 
 /// A Keel error: a kind and a human-readable detail.
@@ -64,6 +66,7 @@ impl Error {
             ErrorKind::ConnectionNotFound => 404,
             ErrorKind::ConnectionLimitExceeded | ErrorKind::Shutdown => 503,
             ErrorKind::TokenExpired | ErrorKind::InvalidToken => 401,
+            ErrorKind::Forbidden => 403,
             ErrorKind::MemoryLimitExceeded => 507,
             ErrorKind::InvalidArgument | ErrorKind::Handshake => 400,
             ErrorKind::HeartbeatTimeout | ErrorKind::BroadcastFailed => 500,

@@ -1,13 +1,14 @@
 //! The Hub's sweeper: heartbeats, heartbeat timeouts, slow-consumer timeouts,
-//! memory checks and history expiry, for all connections, from one task.
+//! memory checks, history and presence expiry and the reclaiming of detached
+//! sessions, for all connections, from one task.
 //!
 //! # Why a sweep and not a timer per connection
 //!
 //! A timer per connection costs a timer-wheel entry and a task wake-up per tick
 //! for every idle connection, and a separate ping task would cost a task each.
 //! Here each connection has one `last_seen` atomic, stored by its own task when a
-//! frame arrives. One task wakes every `tick` (a quarter of the smaller of interval
-//! and timeout, at least 10 ms) and walks the registry: it closes connections silent
+//! frame arrives. One task wakes every `tick` (a quarter of the smallest of
+//! interval, timeout, presence TTL and session TTL, at least 10 ms) and walks the registry: it closes connections silent
 //! for longer than `interval + timeout`, and pings one shard in `num_shards` per
 //! `interval / num_shards`, so heartbeats are spread over the interval instead of
 //! arriving in one burst. An idle connection's task is woken once per interval, to
@@ -29,16 +30,17 @@ use crate::connection::{Connection, DisconnectReason};
 use crate::hub::{Hub, HubInner};
 
 pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
-    let (interval, timeout, shards, check_every) = match hub.upgrade() {
+    let (interval, timeout, shards, check_every, expiries) = match hub.upgrade() {
         Some(h) => (
             h.config.heartbeat_interval,
             h.config.heartbeat_timeout,
             h.config.num_shards.max(1),
             h.config.memory_check_interval,
+            h.config.presence_ttl.min(h.config.reconnect_token_ttl),
         ),
         None => return,
     };
-    let tick = (interval.min(timeout) / 4).max(Duration::from_millis(10));
+    let tick = (interval.min(timeout).min(expiries) / 4).max(Duration::from_millis(10));
     let ping_step = interval / shards as u32;
     let start = Instant::now();
     // Shard i is first pinged at i * ping_step, then every interval.
@@ -60,8 +62,9 @@ pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
         if now >= next_memory_check {
             next_memory_check = now + check_every;
             crate::shutdown::enforce_total_memory(&hub);
-            hub.inner.channels.sweep();
         }
+        hub.inner.channels.sweep(&hub);
+        hub.reclaim_sessions();
     }
 }
 

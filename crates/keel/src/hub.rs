@@ -20,7 +20,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::channel::{Channels, Publication, StreamPosition};
+use crate::channel::{Channels, PresenceEntry, Publication, StreamPosition};
 use crate::config::Config;
 use crate::connection::{self, Connection, DisconnectReason};
 use crate::error::{Error, ErrorKind, Result};
@@ -28,6 +28,8 @@ use crate::handler::{Handler, NoopHandler};
 use crate::memory::{self, MemoryUsage, UserData};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::queue::Limits;
+use crate::session::{Detached, Resumed, Sessions};
+use crate::token::{self, ReconnectClaims};
 use crate::transport::{Outgoing, Transport, Upgrade};
 
 type Shard = RwLock<HashMap<Arc<str>, Connection>>;
@@ -39,6 +41,8 @@ pub(crate) struct HubInner {
     shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
     pub(crate) channels: Channels,
+    /// Detached sessions and the reconnect-token key.
+    pub(crate) sessions: Sessions,
     pub(crate) metrics: Metrics,
     transport: Transport,
     started: Instant,
@@ -103,7 +107,8 @@ impl Hub {
                 handler: Arc::new(handler),
                 shards: (0..shards).map(|_| RwLock::default()).collect(),
                 hasher: Default::default(),
-                channels: Channels::new(shards, config.history_size, config.history_ttl),
+                channels: Channels::new(&config),
+                sessions: Sessions::new(config.reconnect_secret.as_deref(), config.reconnect_token_ttl),
                 metrics: Metrics::default(),
                 transport: Transport::new(&config),
                 started: Instant::now(),
@@ -261,16 +266,20 @@ impl Hub {
     }
 
     fn register(&self, conn: &Connection) {
-        let old = self
-            .shard(conn.client_id())
-            .write()
-            .insert(conn.inner.client_id.clone(), conn.clone());
         self.inner.metrics.connects.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             client_id = %conn.client_id(),
             session_id = %conn.session_id(),
             "connect"
         );
+        self.insert_registry(conn);
+    }
+
+    /// Puts `conn` in the registry under its client_id, replacing (4002) whoever
+    /// held it.
+    fn insert_registry(&self, conn: &Connection) {
+        let id = conn.client_id();
+        let old = self.shard(&id).write().insert(id.clone(), conn.clone());
         if let Some(old) = old {
             old.close_as(
                 DisconnectReason::Replaced,
@@ -285,16 +294,49 @@ impl Hub {
     pub(crate) fn unregister(&self, conn: &Connection, reason: DisconnectReason, code: u16) {
         conn.inner.gone.store(true, Ordering::Release);
         {
-            let mut shard = self.shard(conn.client_id()).write();
-            if shard.get(conn.client_id()).is_some_and(|c| c.same(conn)) {
-                shard.remove(conn.client_id());
+            let id = conn.client_id();
+            let mut shard = self.shard(&id).write();
+            if shard.get(&id).is_some_and(|c| c.same(conn)) {
+                shard.remove(&id);
             }
         }
+        // Keep the session for a resume unless the client said goodbye (1000), the
+        // server ended it on purpose, or another connection has it now.
+        let keep = self.inner.config.enable_reconnect
+            && !conn.inner.taken_over.load(Ordering::Acquire)
+            && match reason {
+                DisconnectReason::ClientClosed => code != keel_protocol::close::NORMAL,
+                DisconnectReason::ConnectionLost
+                | DisconnectReason::HeartbeatTimeout
+                | DisconnectReason::SlowConsumer
+                | DisconnectReason::Shutdown
+                | DisconnectReason::InternalError => true,
+                _ => false,
+            };
+        // A vanished client stays present until `presence_ttl` after its last frame.
+        let linger = keep.then(|| {
+            self.inner.started
+                + Duration::from_millis(conn.inner.last_seen.load(Ordering::Relaxed))
+                + self.inner.config.presence_ttl
+        });
         let channels: Vec<Arc<str>> = std::mem::take(&mut *conn.inner.channels.lock());
-        for ch in channels {
-            self.inner.channels.leave(&ch, conn);
+        for ch in &channels {
+            self.inner.channels.leave(self, ch, conn, linger);
         }
-        if let Some(ud) = conn.inner.user_data.lock().take() {
+        let user_data = conn.inner.user_data.lock().take();
+        if keep {
+            let ident = conn.ident();
+            self.inner.sessions.detach(
+                ident.session_id,
+                Detached {
+                    client_id: ident.client_id,
+                    generation: ident.generation,
+                    user_data,
+                    channels,
+                    expires: Instant::now() + self.inner.sessions.ttl,
+                },
+            );
+        } else if let Some(ud) = user_data {
             self.inner
                 .user_data_bytes
                 .fetch_sub(ud.bytes, Ordering::Relaxed);
@@ -363,7 +405,7 @@ impl Hub {
         for shard in self.inner.shards.iter() {
             let conns: Vec<Connection> = shard.read().values().cloned().collect();
             for (i, c) in conns.iter().enumerate() {
-                if exclude.contains(&c.client_id()) {
+                if exclude.contains(&&*c.client_id()) {
                     continue;
                 }
                 result.add(c.push_counted(self, Outgoing::Text(frame.clone())));
@@ -492,7 +534,14 @@ impl Hub {
     /// Removes `client_id` from `room`. Ok(false) if it was not in it.
     pub fn leave_room(&self, client_id: &str, room: &str) -> Result<bool> {
         let c = self.require(client_id)?;
-        Ok(self.inner.channels.leave(room, &c))
+        Ok(self.inner.channels.leave(self, room, &c, None))
+    }
+
+    /// Who is present in `channel`: connected members with a sign of life within
+    /// `presence_ttl`, and clients that vanished without a clean close less than
+    /// `presence_ttl` after their last frame.
+    pub fn presence(&self, channel: &str) -> Vec<PresenceEntry> {
+        self.inner.channels.presence(self, channel)
     }
 
     /// Client ids in `room`.
@@ -530,7 +579,7 @@ impl Hub {
         let frame = text.into();
         let mut result = BroadcastResult::default();
         for c in self.inner.channels.members(room) {
-            if exclude.is_some_and(|x| x == c.client_id()) {
+            if exclude.is_some_and(|x| x == &*c.client_id()) {
                 continue;
             }
             result.add(c.push_counted(self, Outgoing::Text(frame.clone())));
@@ -572,6 +621,243 @@ impl Hub {
         self.inner.channels.history(channel, after, limit)
     }
 
+    /// A reconnect token for `client_id`'s current session and generation, valid
+    /// for `reconnect_token_ttl`. The gateway puts one in `welcome` and each
+    /// `resume_response`.
+    pub fn generate_reconnect_token(&self, client_id: &str) -> Result<String> {
+        let c = self.require(client_id)?;
+        Ok(self.token_for(&c))
+    }
+
+    /// A reconnect token for `conn`'s session as it is now (what `welcome` carries).
+    pub fn reconnect_token(&self, conn: &Connection) -> String {
+        self.token_for(conn)
+    }
+
+    fn token_for(&self, conn: &Connection) -> String {
+        let ident = conn.ident();
+        self.inner.sessions.signer.sign(&ReconnectClaims {
+            client_id: ident.client_id.to_string(),
+            session_id: uuid::Uuid::from_u128(ident.session_id).to_string(),
+            generation: ident.generation,
+            expires_at_ms: token::unix_ms() + self.inner.sessions.ttl.as_millis() as u64,
+        })
+    }
+
+    /// The claims of `token` if it was signed with this Hub's `reconnect_secret`
+    /// and has not expired: [`ErrorKind::InvalidToken`] for a malformed, tampered
+    /// or foreign token, [`ErrorKind::TokenExpired`] for one past its expiry. Says
+    /// nothing about whether it was already used (that is [`resume`](Self::resume)'s
+    /// business).
+    pub fn validate_reconnect_token(&self, token: &str) -> Result<ReconnectClaims> {
+        self.inner.sessions.signer.verify(token, token::unix_ms())
+    }
+
+    /// Detached sessions waiting for a resume.
+    pub fn get_detached_session_count(&self) -> usize {
+        self.inner.sessions.count()
+    }
+
+    /// Resumes the session `token` names on connection `conn`: `conn` takes the
+    /// session's client_id and session_id (a connection still holding them is
+    /// closed with 4002), gets its user data back, and is subscribed to each channel
+    /// in `positions`, with what it missed after each position replayed (or nothing,
+    /// and `recovered: false`, where history no longer has all of it).
+    ///
+    /// Refused, with `conn` left as it was (a new session): a forged, malformed or
+    /// already used token ([`ErrorKind::InvalidToken`]), an expired one or a session
+    /// already reclaimed ([`ErrorKind::TokenExpired`]), a session of another client
+    /// when `conn` authenticated as someone (`authenticated_as`;
+    /// [`ErrorKind::Forbidden`]), and resume when `enable_reconnect` is off
+    /// ([`ErrorKind::InvalidArgument`]).
+    ///
+    /// A token is good for one resume: the result carries its successor. On a node
+    /// that does not hold the session (another node of a cluster, or after a
+    /// restart), a valid unexpired token still restores the identity and the
+    /// subscriptions, without user data (`restored_state: false`).
+    pub fn resume(
+        &self,
+        conn: &Connection,
+        token: &str,
+        positions: &[(String, Option<keel_protocol::StreamPosition>)],
+        authenticated_as: Option<&str>,
+    ) -> Result<Resumed> {
+        let m = &self.inner.metrics;
+        let result = self.resume_inner(conn, token, positions, authenticated_as);
+        let outcome = match &result {
+            Ok(_) => 0,
+            Err(e) if e.kind() == &ErrorKind::TokenExpired => 2,
+            Err(e) if e.kind() == &ErrorKind::Forbidden => 3,
+            Err(_) => 1,
+        };
+        m.resumes[outcome].fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok(r) => tracing::info!(
+                client_id = %r.client_id,
+                session_id = %r.session_id,
+                replayed = r.replayed,
+                restored_state = r.restored_state,
+                "resume"
+            ),
+            Err(e) => tracing::info!(
+                client_id = %conn.client_id(),
+                error = ?e.kind(),
+                "resume refused"
+            ),
+        }
+        result
+    }
+
+    fn resume_inner(
+        &self,
+        conn: &Connection,
+        token: &str,
+        positions: &[(String, Option<keel_protocol::StreamPosition>)],
+        authenticated_as: Option<&str>,
+    ) -> Result<Resumed> {
+        if !self.inner.config.enable_reconnect {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "session resume is disabled on this server",
+            ));
+        }
+        for (channel, _) in positions {
+            check_channel_name(channel)?;
+        }
+        let sessions = &self.inner.sessions;
+        let claims = sessions.signer.verify_signature(token)?;
+        let invalid = |why: &str| Error::new(ErrorKind::InvalidToken, why.to_string());
+        let session_id = uuid::Uuid::parse_str(&claims.session_id)
+            .map_err(|_| invalid("invalid reconnect token"))?
+            .as_u128();
+        if authenticated_as.is_some_and(|me| me != claims.client_id) {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "the session belongs to another client",
+            ));
+        }
+        let mine = conn.ident();
+        if mine.session_id == session_id {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "this connection already is that session",
+            ));
+        }
+        let now = Instant::now();
+        // Where is the session? Detached here, still attached to an open
+        // connection here, or nowhere on this node.
+        let same = |d: &Detached| {
+            d.generation == claims.generation && *d.client_id == *claims.client_id
+        };
+        let (user_data, lingering, restored_state) = match sessions.take_if(session_id, same) {
+            Ok(d) if d.expires <= now => {
+                self.free_user_data(d.user_data);
+                return Err(Error::new(ErrorKind::TokenExpired, "session expired"));
+            }
+            Ok(d) => (d.user_data, d.channels, true),
+            Err(true) => return Err(invalid("reconnect token already used")),
+            Err(false) => match self.get_connection(&claims.client_id) {
+                Some(old) if old.ident().session_id == session_id => {
+                    if old.ident().generation != claims.generation {
+                        return Err(invalid("reconnect token already used"));
+                    }
+                    // Still open (a zombie, or two tabs): take it over.
+                    old.inner.taken_over.store(true, Ordering::Release);
+                    let ud = old.inner.user_data.lock().take();
+                    (ud, Vec::new(), true)
+                }
+                _ => {
+                    if claims.expires_at_ms < token::unix_ms() {
+                        return Err(Error::new(
+                            ErrorKind::TokenExpired,
+                            "reconnect token expired",
+                        ));
+                    }
+                    (None, Vec::new(), false)
+                }
+            },
+        };
+
+        // Rebind: out of every channel and the registry under the old identity...
+        let joined: Vec<Arc<str>> = std::mem::take(&mut *conn.inner.channels.lock());
+        for ch in &joined {
+            self.inner.channels.leave(self, ch, conn, None);
+        }
+        {
+            let mut shard = self.shard(&mine.client_id).write();
+            if shard.get(&mine.client_id).is_some_and(|c| c.same(conn)) {
+                shard.remove(&mine.client_id);
+            }
+        }
+        // ...then in under the session's, with its user data.
+        *conn.inner.ident.write() = crate::connection::Ident {
+            client_id: Arc::from(claims.client_id.as_str()),
+            session_id,
+            generation: claims.generation + 1,
+        };
+        let previous = std::mem::replace(&mut *conn.inner.user_data.lock(), user_data);
+        self.free_user_data(previous);
+        self.insert_registry(conn);
+        // A copy detached by a connection that ended while we took it over.
+        if let Some(stale) = sessions.take(session_id) {
+            let mut slot = conn.inner.user_data.lock();
+            if slot.is_none() {
+                *slot = stale.user_data;
+            } else {
+                self.free_user_data(stale.user_data);
+            }
+        }
+
+        let mut resumed = Resumed {
+            client_id: claims.client_id.clone(),
+            session_id: claims.session_id.clone(),
+            reconnect_token: self.token_for(conn),
+            recovered: Default::default(),
+            positions: Default::default(),
+            replayed: 0,
+            restored_state,
+        };
+        for (channel, since) in positions {
+            let (pos, recovered, replayed) =
+                self.inner
+                    .channels
+                    .join_since(self, channel, conn, since.as_ref());
+            resumed.recovered.insert(channel.clone(), recovered);
+            resumed.positions.insert(channel.clone(), pos);
+            resumed.replayed += replayed;
+        }
+        // Channels the session was in but did not ask back: its presence ends now.
+        for ch in lingering {
+            if !resumed.recovered.contains_key(&*ch) {
+                self.inner.channels.end_presence(self, &ch, &claims.client_id);
+            }
+        }
+        Ok(resumed)
+    }
+
+    fn free_user_data(&self, ud: Option<Box<crate::memory::UserData>>) {
+        if let Some(ud) = ud {
+            self.inner
+                .user_data_bytes
+                .fetch_sub(ud.bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Frees detached sessions past their TTL. Called by the sweeper.
+    pub(crate) fn reclaim_sessions(&self) {
+        let (freed, bytes) = self.inner.sessions.reclaim(Instant::now());
+        if freed > 0 {
+            self.inner
+                .user_data_bytes
+                .fetch_sub(bytes, Ordering::Relaxed);
+            self.inner
+                .metrics
+                .sessions_expired
+                .fetch_add(freed as u64, Ordering::Relaxed);
+            tracing::debug!(freed, "detached sessions reclaimed");
+        }
+    }
+
     /// A snapshot of the counters and gauges.
     pub fn metrics_snapshot(&self) -> MetricsSnapshot {
         let live: Vec<Connection> = self
@@ -585,6 +871,7 @@ impl Hub {
             live.iter(),
             self.inner.channels.count(),
             self.inner.user_data_bytes.load(Ordering::Relaxed),
+            self.inner.sessions.count(),
         )
     }
 

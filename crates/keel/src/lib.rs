@@ -48,7 +48,10 @@
 //!   slow-consumer policies.
 //! - `heartbeat` (internal): the sweeper: pings, timeouts, slow consumers, memory
 //!   checks.
-//! - [`channel`]: channels, offsets, epochs and history (the in-memory broker).
+//! - [`channel`]: channels, offsets, epochs, history and presence (the in-memory
+//!   broker).
+//! - [`session`]: sessions kept after a disconnect, for `resume`.
+//! - [`token`]: reconnect tokens (HMAC-SHA256).
 //! - [`memory`]: user data accounting and eviction.
 //! - [`shutdown`]: graceful shutdown and its [`ShutdownReport`].
 //! - [`metrics`]: counters and the Prometheus rendering.
@@ -67,10 +70,12 @@ pub mod hub;
 pub mod memory;
 pub mod metrics;
 mod queue;
+pub mod session;
 pub mod shutdown;
+pub mod token;
 mod transport;
 
-pub use channel::{Publication, StreamPosition};
+pub use channel::{PresenceEntry, Publication, StreamPosition};
 pub use config::Config;
 pub use connection::{Connection, DisconnectReason, Message};
 pub use error::{Error, ErrorKind, Result};
@@ -78,7 +83,9 @@ pub use handler::{Handler, NoopHandler};
 pub use hub::{BroadcastResult, Hub};
 pub use memory::MemoryUsage;
 pub use metrics::MetricsSnapshot;
+pub use session::Resumed;
 pub use shutdown::ShutdownReport;
+pub use token::ReconnectClaims;
 pub use transport::{Upgrade, UpgradeRejection};
 
 /// Re-exported so applications can build raw JSON for [`Hub::publish`].

@@ -21,6 +21,10 @@ pub(crate) struct Metrics {
     pub(crate) publications: AtomicU64,
     pub(crate) rejected_limit: AtomicU64,
     pub(crate) rejected_draining: AtomicU64,
+    /// Resumes by outcome: resumed, invalid, expired, forbidden.
+    pub(crate) resumes: [AtomicU64; 4],
+    /// Detached sessions freed at the end of their TTL.
+    pub(crate) sessions_expired: AtomicU64,
     dropped_oldest: AtomicU64,
     dropped_newest: AtomicU64,
     /// Counters of connections that have ended.
@@ -84,8 +88,14 @@ pub struct MetricsSnapshot {
     pub send_queue_bytes: usize,
     /// Messages waiting in send queues.
     pub send_queue_messages: usize,
-    /// Bytes of user data.
+    /// Bytes of user data (of connections and of detached sessions).
     pub user_data_bytes: usize,
+    /// Sessions resumes, by outcome (`resumed`, `invalid`, `expired`, `forbidden`).
+    pub resumes_total: Vec<(&'static str, u64)>,
+    /// Detached sessions waiting for a resume.
+    pub sessions_detached: usize,
+    /// Detached sessions freed at the end of their TTL.
+    pub sessions_expired_total: u64,
 }
 
 impl MetricsSnapshot {
@@ -94,6 +104,7 @@ impl MetricsSnapshot {
         live: impl Iterator<Item = &'a crate::Connection>,
         channels: usize,
         user_data_bytes: usize,
+        sessions_detached: usize,
     ) -> Self {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut s = MetricsSnapshot {
@@ -118,6 +129,13 @@ impl MetricsSnapshot {
                 ("draining", r(&m.rejected_draining)),
             ],
             user_data_bytes,
+            resumes_total: ["resumed", "invalid", "expired", "forbidden"]
+                .iter()
+                .zip(&m.resumes)
+                .map(|(l, v)| (*l, r(v)))
+                .collect(),
+            sessions_detached,
+            sessions_expired_total: r(&m.sessions_expired),
             ..Default::default()
         };
         for c in live {
@@ -212,6 +230,18 @@ impl MetricsSnapshot {
             "Bytes of per-connection user data.",
             self.user_data_bytes.to_string(),
         );
+        one(
+            "keel_sessions_detached",
+            "gauge",
+            "Sessions kept for a resume after their connection ended.",
+            self.sessions_detached.to_string(),
+        );
+        one(
+            "keel_sessions_expired_total",
+            "counter",
+            "Detached sessions freed unresumed at the end of reconnect_token_ttl.",
+            self.sessions_expired_total.to_string(),
+        );
         let mut labelled = |name: &str, help: &str, label: &str, rows: &[(&str, u64)]| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
             for (l, v) in rows {
@@ -235,6 +265,12 @@ impl MetricsSnapshot {
             "WebSocket upgrades refused.",
             "reason",
             &self.rejected_total,
+        );
+        labelled(
+            "keel_resumes_total",
+            "Session resumes, by outcome.",
+            "result",
+            &self.resumes_total,
         );
         o
     }
