@@ -41,7 +41,10 @@ impl Default for ReconnectOptions {
 impl ReconnectOptions {
     /// The base (largest possible delay) of attempt `attempt` (from 1).
     pub fn base(&self, attempt: u32) -> Duration {
-        let exp = self.factor.max(1.0).powi(attempt.saturating_sub(1).min(64) as i32);
+        let exp = self
+            .factor
+            .max(1.0)
+            .powi(attempt.saturating_sub(1).min(64) as i32);
         let secs = (self.initial_delay.as_secs_f64() * exp).min(self.max_delay.as_secs_f64());
         Duration::from_secs_f64(secs.max(0.0))
     }
@@ -80,7 +83,10 @@ mod tests {
             let mut seen_high = Duration::ZERO;
             for _ in 0..2000 {
                 let d = o.delay(attempt, &mut rng);
-                assert!(d >= Duration::from_secs(*base) / 2, "{d:?} under half of {base}s");
+                assert!(
+                    d >= Duration::from_secs(*base) / 2,
+                    "{d:?} under half of {base}s"
+                );
                 assert!(d <= Duration::from_secs(*base), "{d:?} over {base}s");
                 seen_low = seen_low.min(d);
                 seen_high = seen_high.max(d);

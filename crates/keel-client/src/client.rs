@@ -171,7 +171,10 @@ impl Client {
     /// [`Event::Message`], in order, and the subscription survives reconnects.
     pub async fn subscribe(&self, channel: &str) -> Result<Subscribed> {
         let v = self
-            .request(keel_protocol::kind::SUBSCRIBE, json!({ "channel": channel }))
+            .request(
+                keel_protocol::kind::SUBSCRIBE,
+                json!({ "channel": channel }),
+            )
             .await?;
         Ok(Subscribed {
             offset: v["offset"].as_u64().unwrap_or(0),
@@ -235,9 +238,7 @@ impl Client {
         if let Some(limit) = limit {
             payload["limit"] = json!(limit);
         }
-        let v = self
-            .request(keel_protocol::kind::HISTORY, payload)
-            .await?;
+        let v = self.request(keel_protocol::kind::HISTORY, payload).await?;
         Ok(v["messages"]
             .as_array()
             .map(|a| a.iter().filter_map(Publication::from_payload).collect())
@@ -377,11 +378,10 @@ impl Task {
                 break format!("gave up after {attempt} attempts: {}", end.reason);
             }
             attempt += 1;
-            let delay = self.shutdown_hint.take().unwrap_or_else(|| {
-                self.opts
-                    .reconnect
-                    .delay(attempt, &mut rand::thread_rng())
-            });
+            let delay = self
+                .shutdown_hint
+                .take()
+                .unwrap_or_else(|| self.opts.reconnect.delay(attempt, &mut rand::thread_rng()));
             tracing::debug!(attempt, ?delay, reason = %end.reason, "reconnecting");
             self.emit(Event::Reconnecting { attempt, delay }).await;
             if !self.wait_offline(delay).await {
@@ -685,9 +685,10 @@ impl Task {
                     self.tracker.subscribing(&ch);
                     positions.insert(
                         ch,
-                        pos.map_or(Value::Null, |(offset, epoch)| {
-                            json!({ "offset": offset, "epoch": epoch })
-                        }),
+                        pos.map_or(
+                            Value::Null,
+                            |(offset, epoch)| json!({ "offset": offset, "epoch": epoch }),
+                        ),
                     );
                 }
                 ok &= self
@@ -851,7 +852,10 @@ impl Task {
                     actions.extend(self.tracker.anchor(&ch, r, pos));
                 }
                 self.emit(Event::Resumed {
-                    client_id: payload["client_id"].as_str().unwrap_or_default().to_string(),
+                    client_id: payload["client_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
                     recovered,
                 })
                 .await;

@@ -405,13 +405,24 @@ mod tests {
     fn large_gaps_are_fetched_in_batches() {
         let mut t = anchored_at(0);
         let a = t.on_message(p(HISTORY_BATCH + 51));
-        assert!(matches!(a[0], Action::FetchHistory { since: 0, limit: HISTORY_BATCH, .. }));
+        assert!(matches!(
+            a[0],
+            Action::FetchHistory {
+                since: 0,
+                limit: HISTORY_BATCH,
+                ..
+            }
+        ));
         let batch: Vec<Publication> = (1..=HISTORY_BATCH).map(p).collect();
         let a = t.on_history("c", Some("e"), Some(batch));
         assert_eq!(delivered(&a).len(), HISTORY_BATCH as usize);
         assert!(matches!(
             a.last(),
-            Some(Action::FetchHistory { since: HISTORY_BATCH, limit: 50, .. })
+            Some(Action::FetchHistory {
+                since: HISTORY_BATCH,
+                limit: 50,
+                ..
+            })
         ));
         let rest: Vec<Publication> = (HISTORY_BATCH + 1..=HISTORY_BATCH + 50).map(p).collect();
         let a = t.on_history("c", Some("e"), Some(rest));

@@ -9,8 +9,8 @@
 use keel::{Connection, Handler, Hub, Message};
 use keel_protocol::encode;
 use keel_protocol::{
-    kind, ChannelPayload, ClientEnvelope, ErrorCode, HistoryPayload, PublishPayload,
-    ResumePayload, RpcPayload, SubscribePayload,
+    kind, ChannelPayload, ClientEnvelope, ErrorCode, HistoryPayload, PublishPayload, ResumePayload,
+    RpcPayload, SubscribePayload,
 };
 use serde::Serialize;
 use serde_json::value::RawValue;

@@ -302,7 +302,9 @@ impl Channels {
         data: &RawValue,
         publisher: Option<&str>,
     ) -> Publication {
-        self.with_live(name, |_, st| self.publish_locked(hub, name, st, data, publisher))
+        self.with_live(name, |_, st| {
+            self.publish_locked(hub, name, st, data, publisher)
+        })
     }
 
     /// `publish` with the channel's lock held.

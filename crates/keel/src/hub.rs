@@ -108,7 +108,10 @@ impl Hub {
                 shards: (0..shards).map(|_| RwLock::default()).collect(),
                 hasher: Default::default(),
                 channels: Channels::new(&config),
-                sessions: Sessions::new(config.reconnect_secret.as_deref(), config.reconnect_token_ttl),
+                sessions: Sessions::new(
+                    config.reconnect_secret.as_deref(),
+                    config.reconnect_token_ttl,
+                ),
                 metrics: Metrics::default(),
                 transport: Transport::new(&config),
                 started: Instant::now(),
@@ -746,9 +749,8 @@ impl Hub {
         let now = Instant::now();
         // Where is the session? Detached here, still attached to an open
         // connection here, or nowhere on this node.
-        let same = |d: &Detached| {
-            d.generation == claims.generation && *d.client_id == *claims.client_id
-        };
+        let same =
+            |d: &Detached| d.generation == claims.generation && *d.client_id == *claims.client_id;
         let (user_data, lingering, restored_state) = match sessions.take_if(session_id, same) {
             Ok(d) if d.expires <= now => {
                 self.free_user_data(d.user_data);
@@ -829,7 +831,9 @@ impl Hub {
         // Channels the session was in but did not ask back: its presence ends now.
         for ch in lingering {
             if !resumed.recovered.contains_key(&*ch) {
-                self.inner.channels.end_presence(self, &ch, &claims.client_id);
+                self.inner
+                    .channels
+                    .end_presence(self, &ch, &claims.client_id);
             }
         }
         Ok(resumed)
