@@ -54,30 +54,32 @@ impl Dialect {
     pub(crate) async fn setup(self, conn: &mut Conn, room: &str, join: bool) -> anyhow::Result<()> {
         match self {
             Dialect::Keel => {
-                expect_text(conn, |t| t.starts_with(br#"{"type":"welcome""#))
+                expect_text(conn, self, |t| t.starts_with(br#"{"type":"welcome""#))
                     .await
                     .context("no welcome")?;
                 if join {
                     let sub = format!(r#"{{"type":"subscribe","payload":{{"channel":"{room}"}}}}"#);
                     conn.send_text(sub.as_bytes()).await?;
-                    expect_text(conn, |t| t.starts_with(br#"{"type":"subscribe_response""#))
-                        .await
-                        .context("no subscribe_response")?;
+                    expect_text(conn, self, |t| {
+                        t.starts_with(br#"{"type":"subscribe_response""#)
+                    })
+                    .await
+                    .context("no subscribe_response")?;
                 }
             }
             Dialect::Trivial => {}
             Dialect::SocketIo => {
-                expect_text(conn, |t| t.starts_with(b"0{"))
+                expect_text(conn, self, |t| t.starts_with(b"0{"))
                     .await
                     .context("no engine.io open")?;
                 conn.send_text(b"40").await?;
-                expect_text(conn, |t| t.starts_with(b"40"))
+                expect_text(conn, self, |t| t.starts_with(b"40"))
                     .await
                     .context("no namespace connect")?;
                 if join {
                     let j = format!(r#"42["join","{room}"]"#);
                     conn.send_text(j.as_bytes()).await?;
-                    expect_text(conn, |t| t.starts_with(br#"42["joined""#))
+                    expect_text(conn, self, |t| t.starts_with(br#"42["joined""#))
                         .await
                         .context("no join ack")?;
                 }
@@ -112,21 +114,39 @@ impl Dialect {
 
 /// Reads frames until a text frame for which `want` is true (answering Pings on the
 /// way); fails on close or after 10 s.
-async fn expect_text(conn: &mut Conn, want: impl Fn(&[u8]) -> bool) -> anyhow::Result<()> {
+async fn expect_text(
+    conn: &mut Conn,
+    dialect: Dialect,
+    want: impl Fn(&[u8]) -> bool,
+) -> anyhow::Result<()> {
+    next_text(conn, dialect, want).await.map(drop)
+}
+
+/// Reads frames until a text frame for which `want` is true and returns it,
+/// answering WebSocket Pings and the dialect's own pings on the way; fails on close or
+/// after 10 s.
+pub(crate) async fn next_text(
+    conn: &mut Conn,
+    dialect: Dialect,
+    want: impl Fn(&[u8]) -> bool,
+) -> anyhow::Result<Vec<u8>> {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let mut pong = None;
+        let mut out = Vec::new();
         while let Some(f) = conn.next_frame() {
             match f.opcode {
-                1 if want(f.payload) => return Ok(()),
+                1 if want(f.payload) => return Ok(f.payload.to_vec()),
+                1 => {
+                    if let Answer::Text(t) = dialect.answer(f.payload) {
+                        wire::encode(&mut out, 1, t);
+                    }
+                }
                 8 => bail!("closed by server"),
-                9 => pong = Some(f.payload.to_vec()),
+                9 => wire::encode(&mut out, 10, f.payload),
                 _ => {}
             }
         }
-        if let Some(p) = pong {
-            let mut out = Vec::new();
-            wire::encode(&mut out, 10, &p);
+        if !out.is_empty() {
             tokio::io::AsyncWriteExt::write_all(&mut conn.tcp, &out).await?;
         }
         match tokio::time::timeout_at(deadline, conn.fill()).await {

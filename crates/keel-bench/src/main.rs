@@ -6,6 +6,7 @@
 //! keel-bench slow   --addr ... --subs 1000 --rate 100 --slow-fraction 0.1
 //! keel-bench rooms  --addr ... --rooms 100 --per-room 10 --rate 1
 //! keel-bench churn  --addr ... --rate 2000 --total 100000
+//! keel-bench resume --addr ... --cuts 1000
 //! ```
 //!
 //! Each run prints one JSON object (and appends it to `--json FILE`, tagged with
@@ -15,6 +16,7 @@
 //! measures; it never starts or stops a server.
 
 mod dialect;
+mod resume;
 mod scenarios;
 mod stats;
 mod wire;
@@ -25,13 +27,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-const USAGE: &str = "usage: keel-bench <idle|fanout|slow|rooms|churn> --addr HOST:PORT [--protocol keel|trivial|socketio] [--pid PID] [options]
+const USAGE: &str = "usage: keel-bench <idle|fanout|slow|rooms|churn|resume> --addr HOST:PORT [--protocol keel|trivial|socketio] [--pid PID] [options]
   common:  --sources N (spread over 127.0.0.2..; default 64)  --ramp-rate N/s (default 5000)  --json FILE  --label NAME
   idle:    --conns N (1000)  --hold DURATION (30s)
   fanout:  --subs N (1000)  --rate MSG/S (100)  --size BYTES (100)  --duration D (10s)
   slow:    as fanout, plus --slow-fraction F (0.1)
   rooms:   --rooms R (100)  --per-room K (10)  --rate MSG/S per member (1)  --duration D (10s)
-  churn:   --rate CYCLES/S (2000)  --total N (100000)";
+  churn:   --rate CYCLES/S (2000)  --total N (100000)
+  resume:  --cuts N (1000): reset a subscriber, reconnect, resume; time to resume_response (keel only)";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -134,6 +137,7 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await
             }
+            "resume" => resume::resume(&target, num("cuts", "1000")? as usize).await,
             other => bail!("unknown scenario `{other}`\n{USAGE}"),
         }
     })?;

@@ -35,7 +35,7 @@ pub(crate) struct Target {
 }
 
 impl Target {
-    fn source(&self, i: usize) -> Option<IpAddr> {
+    pub(crate) fn source(&self, i: usize) -> Option<IpAddr> {
         (!self.sources.is_empty()).then(|| self.sources[i % self.sources.len()])
     }
 }

@@ -15,17 +15,15 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use yawc::frame::OpCode;
-use yawc::{Frame, TcpWebSocket};
 
 use crate::backoff::ReconnectOptions;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::Event;
 use crate::stream::{Action, Publication, Tracker};
+use crate::transport::{Incoming, Socket};
 
 /// How a [`Client`] behaves. `ClientOptions::default()` is what most applications want.
 #[derive(Debug, Clone, PartialEq)]
@@ -317,11 +315,7 @@ impl Task {
         let stop_reason = loop {
             let end = match tokio::time::timeout(
                 self.opts.connect_timeout,
-                yawc::WebSocket::connect(self.url.clone()).with_options(
-                    yawc::Options::default()
-                        .with_limits(self.opts.max_message_size, self.opts.max_message_size)
-                        .with_no_delay(),
-                ),
+                Socket::connect(&self.url, self.opts.max_message_size),
             )
             .await
             {
@@ -461,14 +455,14 @@ impl Task {
         self.next_id.to_string()
     }
 
-    async fn send(&mut self, ws: &mut TcpWebSocket, v: &Value) -> bool {
-        ws.send(Frame::text(v.to_string())).await.is_ok()
+    async fn send(&mut self, ws: &mut Socket, v: &Value) -> bool {
+        ws.send_text(v.to_string()).await
     }
 
     /// Sends a request of the task's own.
     async fn send_internal(
         &mut self,
-        ws: &mut TcpWebSocket,
+        ws: &mut Socket,
         kind: &str,
         payload: Value,
         purpose: Purpose,
@@ -493,7 +487,7 @@ impl Task {
     /// Sends an application request.
     async fn send_app(
         &mut self,
-        ws: &mut TcpWebSocket,
+        ws: &mut Socket,
         kind: String,
         mut payload: Value,
         reply: oneshot::Sender<Result<Value>>,
@@ -532,7 +526,7 @@ impl Task {
     }
 
     /// Serves one connection until it ends.
-    async fn serve(&mut self, mut ws: TcpWebSocket) -> End {
+    async fn serve(&mut self, mut ws: Socket) -> End {
         let mut end = End {
             code: None,
             reason: String::new(),
@@ -565,9 +559,9 @@ impl Task {
                         return end;
                     };
                     last_heard = Instant::now();
-                    match frame.opcode() {
-                        OpCode::Text => {
-                            let Ok(v) = serde_json::from_slice::<Value>(frame.payload()) else {
+                    match frame {
+                        Incoming::Text(text) => {
+                            let Ok(v) = serde_json::from_slice::<Value>(&text) else {
                                 continue;
                             };
                             if v["type"] == "welcome" && !end.welcomed {
@@ -587,17 +581,12 @@ impl Task {
                                 return end;
                             }
                         }
-                        OpCode::Close => {
-                            end.code = frame.close_code().map(u16::from);
-                            end.reason = frame
-                                .close_reason()
-                                .ok()
-                                .flatten()
-                                .unwrap_or_default()
-                                .to_string();
+                        Incoming::Close { code, reason } => {
+                            end.code = code;
+                            end.reason = reason;
                             // Read on until the socket ends (the close handshake).
                         }
-                        _ => {}
+                        Incoming::Other => {}
                     }
                 }
                 cmd = self.commands.recv(), if accept_commands => match cmd {
@@ -609,13 +598,7 @@ impl Task {
                     }
                     Some(Command::Close) | None => {
                         self.closing = true;
-                        let _ = ws
-                            .send(Frame::close(yawc::close::CloseCode::Normal, "client closed"))
-                            .await;
-                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                            while ws.next().await.is_some() {}
-                        })
-                        .await;
+                        ws.close("client closed").await;
                         end.code = Some(keel_protocol::close::NORMAL);
                         end.reason = "closed by the application".into();
                         return end;
@@ -639,7 +622,7 @@ impl Task {
         }
     }
 
-    async fn expire_requests(&mut self, ws: &mut TcpWebSocket, now: Instant) {
+    async fn expire_requests(&mut self, ws: &mut Socket, now: Instant) {
         let expired: Vec<String> = self
             .pending
             .iter()
@@ -667,7 +650,7 @@ impl Task {
 
     /// `welcome`: resume the previous session if there is one, else subscribe
     /// again to what we follow; then send what was queued.
-    async fn on_welcome(&mut self, ws: &mut TcpWebSocket, p: &Value) -> bool {
+    async fn on_welcome(&mut self, ws: &mut Socket, p: &Value) -> bool {
         let s = |k: &str| p[k].as_str().unwrap_or_default().to_string();
         self.emit(Event::Connected {
             client_id: s("client_id"),
@@ -712,7 +695,7 @@ impl Task {
     }
 
     /// Subscribes again to every channel followed, each from its last position.
-    async fn resubscribe_all(&mut self, ws: &mut TcpWebSocket) -> bool {
+    async fn resubscribe_all(&mut self, ws: &mut Socket) -> bool {
         let mut ok = true;
         for (ch, pos) in self.tracker.positions() {
             self.tracker.subscribing(&ch);
@@ -732,7 +715,7 @@ impl Task {
         ok
     }
 
-    async fn on_envelope(&mut self, ws: &mut TcpWebSocket, mut v: Value) -> bool {
+    async fn on_envelope(&mut self, ws: &mut Socket, mut v: Value) -> bool {
         let kind = v["type"].as_str().unwrap_or_default().to_string();
         let payload = v["payload"].take();
         match kind.as_str() {
@@ -783,7 +766,7 @@ impl Task {
 
     async fn on_answer(
         &mut self,
-        ws: &mut TcpWebSocket,
+        ws: &mut Socket,
         purpose: Purpose,
         payload: Value,
         error: Option<(String, String)>,
@@ -864,7 +847,7 @@ impl Task {
         }
     }
 
-    async fn perform(&mut self, ws: &mut TcpWebSocket, actions: Vec<Action>) -> bool {
+    async fn perform(&mut self, ws: &mut Socket, actions: Vec<Action>) -> bool {
         let mut ok = true;
         for a in actions {
             match a {

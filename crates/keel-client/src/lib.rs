@@ -34,12 +34,14 @@
 //! - `stream`: per-channel offsets, gap detection and repair.
 //! - [`event`]: [`Event`], what the application is told.
 //! - [`error`]: [`Error`] and [`ErrorKind`].
+//! - `transport` (internal): the only module that knows the WebSocket crate.
 
 pub mod backoff;
 mod client;
 pub mod error;
 pub mod event;
 mod stream;
+mod transport;
 
 pub use backoff::ReconnectOptions;
 pub use client::{Client, ClientOptions, Events, Published, Subscribed};

@@ -4,7 +4,10 @@
 //! server side (Hub, connection task, queue, transport buffers, hyper's upgraded
 //! stream).
 //!
-//! The figure is printed (run with `--nocapture`). The design target is 2 KB; the
+//! Then the clients vanish and the same region tells what a session kept for
+//! `resume` costs once its connection is gone.
+//!
+//! The figures are printed (run with `--nocapture`). The design target is 2 KB; the
 //! check below is a regression guard at 3 KB (measured: about 2.7 KB, see
 //! `docs/benchmarks.md`), so a change that adds a buffer per connection fails here
 //! rather than in a benchmark nobody ran.
@@ -97,6 +100,24 @@ async fn idle_connection_heap_cost() {
         per_conn < 3072.0,
         "idle connection costs {per_conn:.0} bytes of heap, over the 3 KB guard"
     );
+
+    // Now every client vanishes (FIN, no close frame): each session is kept for
+    // resume. What stays on the heap is what a retained session costs.
     drop(clients);
+    common::eventually("all sessions detached", || {
+        hub.get_detached_session_count() == CONNS
+    })
+    .await;
+    common::eventually("connections gone", || hub.get_connection_count() == 1).await;
+    let stats = region.change();
+    let net = stats.bytes_allocated as i64 - stats.bytes_deallocated as i64;
+    let per_session = net as f64 / CONNS as f64;
+    println!(
+        "retained session heap: {per_session:.0} bytes per detached session ({CONNS} sessions)"
+    );
+    assert!(
+        per_session < 1024.0,
+        "a detached session costs {per_session:.0} bytes of heap, over the 1 KB guard"
+    );
     drop(warm);
 }
