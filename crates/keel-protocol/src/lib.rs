@@ -187,6 +187,19 @@ pub struct HistoryPayload {
     pub limit: Option<usize>,
 }
 
+/// Payload of `auth` and `refresh`: a JWT. Its `Debug` never shows the token.
+#[derive(Deserialize)]
+pub struct AuthPayload {
+    /// The JWT.
+    pub token: String,
+}
+
+impl std::fmt::Debug for AuthPayload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthPayload").finish_non_exhaustive()
+    }
+}
+
 /// Payload of `resume`.
 #[derive(Debug, Deserialize)]
 pub struct ResumePayload {

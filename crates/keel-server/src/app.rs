@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
-use keel::{Config, Hub, ShutdownReport, Upgrade};
+use keel::{Authenticator, Config, Hub, Identity, ShutdownReport, Tickets, Upgrade};
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 use tokio::sync::Notify;
@@ -30,7 +30,15 @@ pub struct AppState {
     hub: Hub,
     api_key: Arc<str>,
     node_id: Arc<str>,
+    /// JWT checks; `None` when no key is configured.
+    auth: Option<Arc<Authenticator>>,
+    /// One-time tickets issued by `POST /api/ticket`.
+    tickets: Arc<Tickets>,
 }
+
+/// Most tickets outstanding at once (each is a few hundred bytes until redeemed
+/// or expired).
+const MAX_TICKETS: usize = 100_000;
 
 /// A running gateway.
 pub struct Running {
@@ -85,6 +93,8 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         .await
         .map_err(|e| anyhow::anyhow!("option `listen`: cannot bind {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
+    let auth = Authenticator::from_config(&config)?.map(Arc::new);
+    let tickets = Arc::new(Tickets::new(config.auth_ticket_ttl, MAX_TICKETS));
     let node_id: Arc<str> = config.node_id.clone().into();
     let drain_timeout = config.drain_timeout;
     let ws_path = config.ws_path.clone();
@@ -93,6 +103,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         config,
         Gateway {
             node_id: node_id.to_string(),
+            auth: auth.clone(),
         },
     );
     hub.start();
@@ -100,9 +111,19 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         hub: hub.clone(),
         api_key: api_key.clone().into(),
         node_id,
+        auth,
+        tickets,
     };
     let app = router(state.clone(), &ws_path, metrics_on);
     tracing::info!(%addr, "listening on {addr}");
+    let cfg = hub.config();
+    if !cfg.auth_configured() && cfg.auth_allow_anonymous {
+        tracing::warn!(
+            "AUTH IS NOT CONFIGURED: any client can connect anonymously and subscribe or \
+             publish to any channel. Set [auth] jwt_secret or jwt_public_key_file (and \
+             allow_anonymous = false) before exposing this gateway."
+        );
+    }
     if hub.config().allowed_origins.is_empty() {
         tracing::debug!(
             "allowed_origins is empty: only same-origin or Origin-less upgrades are accepted"
@@ -152,6 +173,7 @@ fn router(state: AppState, ws_path: &str, metrics_on: bool) -> Router {
         .route("/api/publish", post(api_publish))
         .route("/api/broadcast", post(api_broadcast))
         .route("/api/disconnect", post(api_disconnect))
+        .route("/api/ticket", post(api_ticket))
         .route("/api/stats", get(api_stats))
         .route("/api/presence/{channel}", get(api_presence))
         .route("/api/history/{channel}", get(api_history))
@@ -206,19 +228,76 @@ fn unavailable(detail: &str) -> Response {
     r
 }
 
+/// Credentials a client may bring to the upgrade. Deserialized from the query
+/// string; `Debug` is not derived so they cannot end up in a log line.
+#[derive(Deserialize, Default)]
+struct Credentials {
+    token: Option<String>,
+    ticket: Option<String>,
+}
+
+fn unauthorized(detail: &str) -> Response {
+    (StatusCode::UNAUTHORIZED, Json(json!({"error": detail}))).into_response()
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
 async fn ws_upgrade(
     State(state): State<AppState>,
     headers: HeaderMap,
+    Query(creds): Query<Credentials>,
     upgrade: Upgrade,
 ) -> Response {
     if !origin_allowed(&state.hub.config().allowed_origins, &headers) {
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
-    let client_id = uuid::Uuid::new_v4().to_string();
-    match state
-        .hub
-        .connect(client_id, upgrade, serde_json::Value::Null)
-    {
+    // Refuse early what would be refused anyway, before spending a credential.
+    if let Err(e) = state.hub.check_admission() {
+        return unavailable(e.detail());
+    }
+    let cfg = state.hub.config();
+    let jwt = creds
+        .token
+        .as_deref()
+        .or_else(|| cookie(&headers, &cfg.auth_cookie_name));
+    let identity: Option<Identity> = if let Some(ticket) = creds.ticket.as_deref() {
+        match state.tickets.redeem(ticket) {
+            Ok(id) => Some(id),
+            Err(e) => return unauthorized(e.detail()),
+        }
+    } else if let Some(token) = jwt {
+        let Some(auth) = &state.auth else {
+            return unauthorized("token auth is not configured");
+        };
+        match auth.verify(token) {
+            Ok(id) => Some(id),
+            Err(e) => return unauthorized(e.detail()),
+        }
+    } else {
+        None
+    };
+    let result = match identity {
+        Some(id) => state.hub.connect_as(id, upgrade),
+        None if cfg.auth_first_message => state.hub.connect_awaiting_auth(upgrade),
+        None if cfg.auth_allow_anonymous => {
+            let client_id = uuid::Uuid::new_v4().to_string();
+            state
+                .hub
+                .connect(client_id, upgrade, serde_json::Value::Null)
+        }
+        None => return unauthorized("credentials required"),
+    };
+    match result {
         Ok(response) => response,
         Err(e) if e.http_status() == 503 => unavailable(e.detail()),
         Err(e) => (
@@ -355,6 +434,48 @@ async fn api_disconnect(State(state): State<AppState>, body: Json<DisconnectBody
     match state.hub.disconnect_with(&body.client_id, code, reason) {
         Ok(()) => Json(json!({"disconnected": true})).into_response(),
         Err(e) => (StatusCode::NOT_FOUND, Json(json!({"error": e.detail()}))).into_response(),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct TicketBody {
+    client_id: Option<String>,
+    #[serde(default)]
+    info: serde_json::Value,
+    channels: Option<Vec<String>>,
+}
+
+/// `POST /api/ticket`: a one-time ticket for `?ticket=` on the upgrade.
+async fn api_ticket(State(state): State<AppState>, body: bytes::Bytes) -> Response {
+    // An empty body asks for a ticket with a generated client_id.
+    let body: TicketBody = if body.iter().all(u8::is_ascii_whitespace) {
+        TicketBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => return bad_request(format!("bad ticket request: {e}")),
+        }
+    };
+    let client_id = body
+        .client_id
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    if client_id.is_empty() || client_id.len() > 255 || client_id.chars().any(char::is_control) {
+        return bad_request("client_id must be 1 to 255 printable characters");
+    }
+    let identity = Identity {
+        client_id: client_id.clone(),
+        info: body.info,
+        channels: body.channels,
+        expires_at: None,
+    };
+    match state.tickets.issue(identity) {
+        Ok(ticket) => Json(json!({
+            "ticket": ticket,
+            "client_id": client_id,
+            "expires_in": state.tickets.ttl().as_secs_f64(),
+        }))
+        .into_response(),
+        Err(e) => unavailable(e.detail()),
     }
 }
 

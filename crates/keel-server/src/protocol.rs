@@ -6,11 +6,13 @@
 //! the transport handles 1007 and 1009). This module must not touch sockets or
 //! queues directly: it calls the Hub, like any application would.
 
-use keel::{Connection, Handler, Hub, Message};
+use std::sync::Arc;
+
+use keel::{Authenticator, Connection, Handler, Hub, Message};
 use keel_protocol::encode;
 use keel_protocol::{
-    kind, ChannelPayload, ClientEnvelope, ErrorCode, HistoryPayload, PublishPayload, ResumePayload,
-    RpcPayload, SubscribePayload,
+    kind, AuthPayload, ChannelPayload, ClientEnvelope, ErrorCode, HistoryPayload, PublishPayload,
+    ResumePayload, RpcPayload, SubscribePayload,
 };
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -20,6 +22,18 @@ use serde_json::value::RawValue;
 pub struct Gateway {
     /// Node name sent in `welcome`.
     pub node_id: String,
+    /// Checks the JWTs of `auth` and `refresh`; `None` when no key is configured.
+    pub auth: Option<Arc<Authenticator>>,
+}
+
+#[derive(Serialize)]
+struct AuthReply<'a> {
+    client_id: &'a str,
+}
+
+#[derive(Serialize)]
+struct RefreshReply {
+    expires_at: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -52,8 +66,8 @@ struct HeartbeatInfo {
     mode: &'static str,
 }
 
-impl Handler for Gateway {
-    fn on_connect(&self, hub: &Hub, conn: &Connection) {
+impl Gateway {
+    fn welcome(&self, hub: &Hub, conn: &Connection) {
         let cfg = hub.config();
         let welcome = Welcome {
             client_id: &conn.client_id(),
@@ -70,9 +84,59 @@ impl Handler for Gateway {
         conn.send_text(hub, encode::envelope("welcome", welcome, None));
     }
 
+    /// A first-message client's first frame: `auth` with a JWT, or the end.
+    fn first_message(&self, hub: &Hub, conn: &Connection, text: &str) {
+        let refuse = |code: ErrorCode, detail: &str, rid| {
+            conn.send_and_close(
+                encode::error(code, detail, rid),
+                keel_protocol::close::POLICY_VIOLATION,
+                "authentication failed",
+            );
+        };
+        let env = match ClientEnvelope::parse(text) {
+            Ok(env) => env,
+            Err(e) => return refuse(e.code(), e.detail(), None),
+        };
+        let rid = env.request_id;
+        if env.kind != kind::AUTH {
+            return refuse(ErrorCode::Unauthorized, "authenticate first (`auth`)", rid);
+        }
+        let p: AuthPayload = match env.payload() {
+            Ok(p) => p,
+            Err(_) => return refuse(ErrorCode::InvalidMessage, "`auth` needs a `token`", rid),
+        };
+        let Some(auth) = &self.auth else {
+            return refuse(ErrorCode::Unauthorized, "token auth is not configured", rid);
+        };
+        match auth.verify(&p.token) {
+            Ok(identity) => {
+                let client_id = identity.client_id.clone();
+                if let Err(e) = hub.authenticate(conn, identity) {
+                    return refuse(ErrorCode::InvalidMessage, e.detail(), rid);
+                }
+                let reply = AuthReply {
+                    client_id: &client_id,
+                };
+                conn.send_text(hub, encode::reply(&env.kind, reply, rid));
+                self.welcome(hub, conn);
+            }
+            Err(e) => refuse(error_code(&e), e.detail(), rid),
+        }
+    }
+}
+
+impl Handler for Gateway {
+    fn on_connect(&self, hub: &Hub, conn: &Connection) {
+        // A first-message client hears nothing before its `auth_response`.
+        if !conn.awaiting_auth() {
+            self.welcome(hub, conn);
+        }
+    }
+
     fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) {
         match msg {
-            Message::Text(text) => handle_text(hub, conn, text),
+            Message::Text(text) if conn.awaiting_auth() => self.first_message(hub, conn, text),
+            Message::Text(text) => handle_text(self, hub, conn, text),
             Message::Binary(_) => {
                 conn.close(
                     keel_protocol::close::UNSUPPORTED_DATA,
@@ -83,7 +147,24 @@ impl Handler for Gateway {
     }
 }
 
-fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
+/// The protocol error code for a library error.
+fn error_code(e: &keel::Error) -> ErrorCode {
+    match e.kind() {
+        keel::ErrorKind::InvalidArgument => ErrorCode::InvalidMessage,
+        keel::ErrorKind::MemoryLimitExceeded | keel::ErrorKind::ConnectionLimitExceeded => {
+            ErrorCode::LimitExceeded
+        }
+        keel::ErrorKind::ConnectionNotFound => ErrorCode::NotFound,
+        keel::ErrorKind::InvalidToken => ErrorCode::InvalidToken,
+        keel::ErrorKind::TokenExpired => ErrorCode::TokenExpired,
+        keel::ErrorKind::Forbidden => ErrorCode::Forbidden,
+        keel::ErrorKind::Unauthorized => ErrorCode::Unauthorized,
+        keel::ErrorKind::RateLimited => ErrorCode::RateLimited,
+        _ => ErrorCode::Internal,
+    }
+}
+
+fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) {
     let env = match ClientEnvelope::parse(text) {
         Ok(env) => env,
         Err(e) => {
@@ -109,18 +190,7 @@ fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
         );
     };
     let hub_error = |e: keel::Error| {
-        let code = match e.kind() {
-            keel::ErrorKind::InvalidArgument => ErrorCode::InvalidMessage,
-            keel::ErrorKind::MemoryLimitExceeded | keel::ErrorKind::ConnectionLimitExceeded => {
-                ErrorCode::LimitExceeded
-            }
-            keel::ErrorKind::ConnectionNotFound => ErrorCode::NotFound,
-            keel::ErrorKind::InvalidToken => ErrorCode::InvalidToken,
-            keel::ErrorKind::TokenExpired => ErrorCode::TokenExpired,
-            keel::ErrorKind::Forbidden => ErrorCode::Forbidden,
-            _ => ErrorCode::Internal,
-        };
-        conn.send_text(hub, encode::error(code, e.detail(), rid));
+        conn.send_text(hub, encode::error(error_code(&e), e.detail(), rid));
     };
 
     match env.kind.as_ref() {
@@ -217,19 +287,47 @@ fn handle_text(hub: &Hub, conn: &Connection, text: &str) {
             };
             let positions: Vec<(String, Option<keel_protocol::StreamPosition>)> =
                 p.positions.into_iter().collect();
-            // No authentication yet: every connection is anonymous, so the token
-            // alone decides whose session this becomes.
-            match hub.resume(conn, &p.reconnect_token, &positions, None) {
+            // A reconnect token is not a credential: an authenticated connection
+            // may only resume its own client's session.
+            let me = conn.identity().map(|i| i.client_id);
+            match hub.resume(conn, &p.reconnect_token, &positions, me.as_deref()) {
                 Ok(r) => {
                     conn.send_text(hub, encode::reply(&env.kind, &r, rid));
                 }
                 Err(e) => hub_error(e),
             }
         }
-        kind::AUTH | kind::REFRESH => fail(
-            ErrorCode::UnknownType,
-            &format!("`{}` is not enabled on this server yet", env.kind),
+        kind::AUTH => fail(
+            ErrorCode::InvalidMessage,
+            "`auth` is only accepted as the first message of an unauthenticated connection",
         ),
+        kind::REFRESH => {
+            let p: AuthPayload = match env.payload() {
+                Ok(p) => p,
+                Err(e) => return bad_payload(e),
+            };
+            let Some(auth) = &gw.auth else {
+                return fail(ErrorCode::Unauthorized, "token auth is not configured");
+            };
+            if !conn.is_authenticated() {
+                return fail(
+                    ErrorCode::Unauthorized,
+                    "this connection did not authenticate",
+                );
+            }
+            match auth.verify(&p.token).and_then(|id| {
+                let exp = id.expires_at;
+                hub.refresh_identity(conn, id).map(|()| exp)
+            }) {
+                Ok(expires_at) => {
+                    conn.send_text(
+                        hub,
+                        encode::reply(&env.kind, RefreshReply { expires_at }, rid),
+                    );
+                }
+                Err(e) => hub_error(e),
+            }
+        }
         other => fail(
             ErrorCode::UnknownType,
             &format!("unknown message type `{other}`"),

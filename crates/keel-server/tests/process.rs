@@ -304,3 +304,103 @@ async fn generated_api_key_is_printed_once_and_works() {
     let (s, _) = http(p.addr, "GET", "/api/stats", Some(&key), None).await;
     assert_eq!(s, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_tickets_never_reach_the_logs_at_any_level() {
+    let secret = "log-test-jwt-secret-0123456789";
+    let p = spawn(
+        &[],
+        &[
+            ("KEEL_LOG_LEVEL", "trace"),
+            ("KEEL_LOG_FORMAT", "json"),
+            ("KEEL_API_KEY", "log-test-api-key"),
+            ("KEEL_AUTH_JWT_SECRET", secret),
+            ("KEEL_AUTH_ALLOW_ANONYMOUS", "false"),
+        ],
+    )
+    .await;
+    let exp = jsonwebtoken::get_current_timestamp() + 600;
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "logged-user", "exp": exp}),
+        &key,
+    )
+    .unwrap();
+    let refreshed = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "logged-user", "exp": exp + 1}),
+        &key,
+    )
+    .unwrap();
+    let (_, body) = http(
+        p.addr,
+        "POST",
+        "/api/ticket",
+        Some("log-test-api-key"),
+        Some(json!({"client_id": "ticket-user"})),
+    )
+    .await;
+    let ticket = serde_json::from_str::<Value>(&body).unwrap()["ticket"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut a = Client::connect_url(&format!("ws://{}/ws?token={token}", p.addr)).await;
+    let r = a.request("refresh", json!({"token": refreshed})).await;
+    assert_eq!(r["type"], "refresh_response", "{r}");
+    let mut b = Client::connect_url(&format!("ws://{}/ws?ticket={ticket}", p.addr)).await;
+    let reconnect = b.welcome["payload"]["reconnect_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Refused credentials are not logged either.
+    assert!(Raw::connect_to(p.addr, &format!("/ws?ticket={ticket}"), "")
+        .await
+        .is_err());
+    let forged = format!("{token}x");
+    assert!(Raw::connect_to(p.addr, &format!("/ws?token={forged}"), "")
+        .await
+        .is_err());
+    let r = b
+        .request(
+            "resume",
+            json!({"reconnect_token": reconnect, "positions": {}}),
+        )
+        .await;
+    assert_eq!(r["type"], "error");
+    drop(a);
+    drop(b);
+    eventually("both disconnects logged", || {
+        p.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("\"disconnect\""))
+            .count()
+            >= 2
+    })
+    .await;
+    let lines = p.lines.lock().unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"level\":\"DEBUG\"") || l.contains("\"level\":\"TRACE\"")),
+        "verbose levels are on: {lines:?}"
+    );
+    // JWT signatures and tickets are long random strings: any of them in a
+    // line means a credential leaked.
+    let signature = |t: &str| t.rsplit('.').next().unwrap().to_string();
+    for secret_part in [
+        signature(&token),
+        signature(&refreshed),
+        ticket.clone(),
+        signature(&reconnect),
+        secret.to_string(),
+        "log-test-api-key".to_string(),
+    ] {
+        assert!(
+            lines.iter().all(|l| !l.contains(&secret_part)),
+            "a credential leaked into the logs"
+        );
+    }
+}

@@ -218,7 +218,7 @@ impl Channels {
             let was_present = st.members.contains_key(&id) || st.absent.remove(&id).is_some();
             if self.presence_events && !was_present {
                 // Before the insert: the joining client does not get its own join.
-                self.presence_event(hub, &ch.name, st, "join", &id, conn.metadata());
+                self.presence_event(hub, &ch.name, st, "join", &id, &conn.info());
             }
             st.members.insert(id, conn.clone());
             {
@@ -264,11 +264,11 @@ impl Channels {
             if removed {
                 match linger {
                     Some(until) => {
-                        let info = conn.metadata().clone();
+                        let info = conn.info();
                         st.absent.insert(id, Absent { info, until });
                     }
                     None if self.presence_events => {
-                        self.presence_event(hub, name, &mut st, "leave", &id, conn.metadata());
+                        self.presence_event(hub, name, &mut st, "leave", &id, &conn.info());
                     }
                     None => {}
                 }
@@ -373,7 +373,7 @@ impl Channels {
             })
             .map(|(id, c)| PresenceEntry {
                 client_id: id.to_string(),
-                info: c.metadata().clone(),
+                info: c.info(),
             })
             .collect();
         out.extend(

@@ -154,6 +154,25 @@ pub struct Config {
     /// Origins allowed to open a WebSocket (`https://app.example.com`,
     /// `https://*.example.com`); empty allows same-origin and no Origin header.
     pub allowed_origins: Vec<String>,
+    /// `[auth] jwt_secret`: HMAC key of HS256/384/512 JWTs (`None`: no HS tokens).
+    pub auth_jwt_secret: Option<String>,
+    /// `[auth] jwt_public_key_file`: PEM public key (RSA or EC) of RS*/PS*/ES* JWTs.
+    pub auth_jwt_public_key_file: Option<std::path::PathBuf>,
+    /// `[auth] allow_anonymous`: whether a client without credentials may connect
+    /// (with a generated client_id).
+    pub auth_allow_anonymous: bool,
+    /// `[auth] first_message`: whether a client without credentials at the
+    /// upgrade may send `auth` as its first frame instead.
+    pub auth_first_message: bool,
+    /// `[auth] timeout`: how long a first-message client has to authenticate.
+    pub auth_timeout: Duration,
+    /// `[auth] cookie_name`: the cookie carrying a JWT (a session cookie).
+    pub auth_cookie_name: String,
+    /// `[auth] ticket_ttl`: how long a one-time ticket stays redeemable.
+    pub auth_ticket_ttl: Duration,
+    /// `[auth] refresh_grace`: how long a connection whose JWT expired has to send
+    /// `refresh` before it is closed with 1008.
+    pub auth_refresh_grace: Duration,
     /// Broker: `memory` (one node) or `redis`.
     pub broker: BrokerKind,
     /// Redis URL for `broker = "redis"`.
@@ -209,6 +228,14 @@ impl Default for Config {
             slow_consumer_policy: SlowConsumerPolicy::DropOldest,
             slow_consumer_timeout: Duration::from_secs(5),
             allowed_origins: Vec::new(),
+            auth_jwt_secret: None,
+            auth_jwt_public_key_file: None,
+            auth_allow_anonymous: true,
+            auth_first_message: false,
+            auth_timeout: Duration::from_secs(5),
+            auth_cookie_name: "keel_token".into(),
+            auth_ticket_ttl: Duration::from_secs(30),
+            auth_refresh_grace: Duration::from_secs(30),
             broker: BrokerKind::Memory,
             redis_url: "redis://127.0.0.1:6379".into(),
             drain_timeout: Duration::from_secs(30),
@@ -295,6 +322,14 @@ options! {
     "slow_consumer_policy", "drop_oldest", "`drop_oldest`, `drop_newest` or `disconnect` (4000 after `slow_consumer_timeout` full).";
     "slow_consumer_timeout", "5s", "Under `disconnect`, how long a queue may stay full.";
     "allowed_origins", "", "Comma-separated origins allowed to connect (`https://*.example.com` matches subdomains); empty allows same-origin and no Origin.";
+    "auth_jwt_secret", "", "`[auth] jwt_secret`: HMAC key (at least 16 bytes) of HS256/384/512 JWTs in `?token=`, the cookie or `auth`. Empty: no HS tokens.";
+    "auth_jwt_public_key_file", "", "`[auth] jwt_public_key_file`: PEM public key (RSA or EC) of RS256/ES256 JWTs.";
+    "auth_allow_anonymous", "true", "`[auth] allow_anonymous`: clients without credentials connect with a generated client_id; false answers them 401 (unless `first_message`).";
+    "auth_first_message", "false", "`[auth] first_message`: a client without credentials may send `auth` as its first frame within `auth_timeout` (else close 1008).";
+    "auth_timeout", "5s", "`[auth] timeout`: time a first-message client has to authenticate.";
+    "auth_cookie_name", "keel_token", "`[auth] cookie_name`: cookie whose value is checked like a `?token=` JWT.";
+    "auth_ticket_ttl", "30s", "`[auth] ticket_ttl`: lifetime of a one-time ticket from `POST /api/ticket`.";
+    "auth_refresh_grace", "30s", "`[auth] refresh_grace`: after its JWT expires (error `token_expired`), a connection has this long to `refresh` before close 1008.";
     "broker", "memory", "`memory` (one node) or `redis` (cluster; arrives with the Redis broker).";
     "redis_url", "redis://127.0.0.1:6379", "Redis URL for `broker = \"redis\"`.";
     "drain_timeout", "30s", "How long a graceful shutdown waits before force-closing.";
@@ -420,6 +455,30 @@ impl Config {
                     .map(|s| s.trim_end_matches('/').to_ascii_lowercase())
                     .collect()
             }
+            "auth_jwt_secret" => {
+                if !v.is_empty() && v.len() < 16 {
+                    return Err(err("must be at least 16 bytes long".into()));
+                }
+                self.auth_jwt_secret = (!v.is_empty()).then(|| v.to_string())
+            }
+            "auth_jwt_public_key_file" => {
+                self.auth_jwt_public_key_file = (!v.is_empty()).then(|| v.into())
+            }
+            "auth_allow_anonymous" => self.auth_allow_anonymous = boolean(v).map_err(err)?,
+            "auth_first_message" => self.auth_first_message = boolean(v).map_err(err)?,
+            "auth_timeout" => self.auth_timeout = positive_duration(v).map_err(err)?,
+            "auth_cookie_name" => {
+                if v.is_empty()
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    return Err(err(format!("`{v}` is not a cookie name")));
+                }
+                self.auth_cookie_name = v.into()
+            }
+            "auth_ticket_ttl" => self.auth_ticket_ttl = positive_duration(v).map_err(err)?,
+            "auth_refresh_grace" => self.auth_refresh_grace = duration(v).map_err(err)?,
             "broker" => {
                 self.broker = match v {
                     "memory" => BrokerKind::Memory,
@@ -444,6 +503,11 @@ impl Config {
             _ => return Err(err("unknown option".into())),
         }
         Ok(())
+    }
+
+    /// Whether any credential is configured (a JWT key of either kind).
+    pub fn auth_configured(&self) -> bool {
+        self.auth_jwt_secret.is_some() || self.auth_jwt_public_key_file.is_some()
     }
 
     /// Checks relations between options that no single value can break alone.

@@ -24,6 +24,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
+use crate::auth::Identity;
 use crate::hub::Hub;
 use crate::memory::UserData;
 use crate::queue::{Pushed, SendQueue};
@@ -53,11 +54,14 @@ pub enum DisconnectReason {
     MemoryEvicted,
     /// The handler panicked on one of its messages (1011).
     InternalError,
+    /// Authentication failed, timed out, or the credential expired without a
+    /// `refresh` (1008).
+    AuthFailed,
 }
 
 impl DisconnectReason {
     /// Every reason, for metrics.
-    pub const ALL: [DisconnectReason; 10] = [
+    pub const ALL: [DisconnectReason; 11] = [
         DisconnectReason::ClientClosed,
         DisconnectReason::ConnectionLost,
         DisconnectReason::ServerClosed,
@@ -68,6 +72,7 @@ impl DisconnectReason {
         DisconnectReason::Shutdown,
         DisconnectReason::MemoryEvicted,
         DisconnectReason::InternalError,
+        DisconnectReason::AuthFailed,
     ];
 
     /// The name used in logs and metric labels.
@@ -83,6 +88,7 @@ impl DisconnectReason {
             DisconnectReason::Shutdown => "shutdown",
             DisconnectReason::MemoryEvicted => "memory_evicted",
             DisconnectReason::InternalError => "internal_error",
+            DisconnectReason::AuthFailed => "auth_failed",
         }
     }
 
@@ -123,6 +129,26 @@ pub(crate) struct Ident {
     pub(crate) generation: u64,
 }
 
+/// What a credential said about a connection; absent for anonymous connections.
+pub(crate) struct AuthState {
+    /// Who it is (None while it waits for a first-message `auth`).
+    pub(crate) identity: Option<Identity>,
+    /// Set once `token_expired` was sent: closed with 1008 at this instant unless
+    /// a `refresh` comes first.
+    pub(crate) refresh_deadline: Option<Instant>,
+}
+
+impl AuthState {
+    /// The state of a connection that authenticated as `identity` (or, with
+    /// `None`, waits for its first-message `auth`).
+    pub(crate) fn boxed(identity: Option<Identity>) -> Option<Box<AuthState>> {
+        Some(Box::new(AuthState {
+            identity,
+            refresh_deadline: None,
+        }))
+    }
+}
+
 pub(crate) struct ConnInner {
     /// Who the client is and which session it is in. Changes at most on a resume,
     /// while the connection is briefly out of the registry and of every channel.
@@ -149,6 +175,8 @@ pub(crate) struct ConnInner {
     pub(crate) channels: Mutex<Vec<Arc<str>>>,
     /// Lazily allocated: most connections never store user data.
     pub(crate) user_data: Mutex<Option<Box<UserData>>>,
+    /// Boxed and optional: anonymous connections pay 8 bytes for it.
+    pub(crate) auth: Mutex<Option<Box<AuthState>>>,
     pub(crate) stats: ConnStats,
 }
 
@@ -169,7 +197,12 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    pub(crate) fn new(client_id: Arc<str>, metadata: serde_json::Value, now_ms: u64) -> Self {
+    pub(crate) fn new(
+        client_id: Arc<str>,
+        metadata: serde_json::Value,
+        auth: Option<Box<AuthState>>,
+        now_ms: u64,
+    ) -> Self {
         Connection {
             inner: Arc::new(ConnInner {
                 ident: RwLock::new(Ident {
@@ -187,6 +220,7 @@ impl Connection {
                 close_reason: Mutex::new(None),
                 channels: Mutex::new(Default::default()),
                 user_data: Mutex::new(None),
+                auth: Mutex::new(auth),
                 stats: ConnStats::default(),
             }),
         }
@@ -210,6 +244,110 @@ impl Connection {
     pub fn metadata(&self) -> &serde_json::Value {
         static NULL: serde_json::Value = serde_json::Value::Null;
         self.inner.metadata.as_deref().unwrap_or(&NULL)
+    }
+
+    /// Who the connection authenticated as; `None` for an anonymous connection
+    /// or one still waiting for its first-message `auth`.
+    pub fn identity(&self) -> Option<Identity> {
+        self.inner
+            .auth
+            .lock()
+            .as_ref()
+            .and_then(|a| a.identity.clone())
+    }
+
+    /// Whether the connection authenticated with a credential.
+    pub fn is_authenticated(&self) -> bool {
+        self.inner
+            .auth
+            .lock()
+            .as_ref()
+            .is_some_and(|a| a.identity.is_some())
+    }
+
+    /// Whether the connection waits for a first-message `auth`.
+    pub fn awaiting_auth(&self) -> bool {
+        self.inner
+            .auth
+            .lock()
+            .as_ref()
+            .is_some_and(|a| a.identity.is_none())
+    }
+
+    /// What presence shows about the client: its credential's `info`, or the
+    /// metadata given at connect time.
+    pub fn info(&self) -> serde_json::Value {
+        match self
+            .inner
+            .auth
+            .lock()
+            .as_ref()
+            .and_then(|a| a.identity.as_ref())
+        {
+            Some(id) => id.info.clone(),
+            None => self.metadata().clone(),
+        }
+    }
+
+    /// Checks the credential's expiry (called by the sweeper): at expiry the client
+    /// gets `error token_expired`; `grace` later, unless it refreshed, the
+    /// connection is closed with 1008. A first-message client that has not
+    /// authenticated within `auth_timeout` is closed with 1008 too.
+    pub(crate) fn check_auth(
+        &self,
+        hub: &Hub,
+        now: Instant,
+        unix_s: u64,
+        grace: std::time::Duration,
+        auth_timeout: std::time::Duration,
+    ) {
+        let mut guard = self.inner.auth.lock();
+        let Some(st) = guard.as_mut() else { return };
+        let Some(id) = &st.identity else {
+            if now.duration_since(self.inner.connected_at) >= auth_timeout {
+                drop(guard);
+                let err = keel_protocol::encode::error(
+                    keel_protocol::ErrorCode::Unauthorized,
+                    "no auth within auth_timeout",
+                    None,
+                );
+                self.send_then_close(
+                    DisconnectReason::AuthFailed,
+                    err,
+                    keel_protocol::close::POLICY_VIOLATION,
+                    "auth timeout",
+                );
+            }
+            return;
+        };
+        let Some(exp) = id.expires_at else { return };
+        if unix_s < exp {
+            return;
+        }
+        match st.refresh_deadline {
+            None => {
+                st.refresh_deadline = Some(now + grace);
+                drop(guard);
+                self.send_text(
+                    hub,
+                    keel_protocol::encode::error(
+                        keel_protocol::ErrorCode::TokenExpired,
+                        "token expired: send refresh with a new token",
+                        None,
+                    ),
+                );
+            }
+            Some(deadline) if now >= deadline => {
+                drop(guard);
+                self.close_as(
+                    DisconnectReason::AuthFailed,
+                    keel_protocol::close::POLICY_VIOLATION,
+                    "token expired",
+                    false,
+                );
+            }
+            Some(_) => {}
+        }
     }
 
     /// When it connected.
@@ -282,6 +420,17 @@ impl Connection {
         } else {
             false
         }
+    }
+
+    /// Queues `text` (an `error`, typically), then a Close with `code`, with
+    /// nothing in between. A 1008 counts as an auth failure in metrics and logs.
+    pub fn send_and_close(&self, text: Bytes, code: u16, reason: &str) -> bool {
+        let why = if code == keel_protocol::close::POLICY_VIOLATION {
+            DisconnectReason::AuthFailed
+        } else {
+            DisconnectReason::ServerClosed
+        };
+        self.send_then_close(why, text, code, reason)
     }
 
     /// Queues `text`, then a Close, with nothing in between.

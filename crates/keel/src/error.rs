@@ -32,6 +32,10 @@ pub enum ErrorKind {
     Handshake,
     /// Authenticated, but not allowed to do this (resume another client's session).
     Forbidden,
+    /// No valid credential where one is required.
+    Unauthorized,
+    /// Over a rate limit.
+    RateLimited,
 }
 
 /// A Keel error: a kind and a human-readable detail.
@@ -65,7 +69,8 @@ impl Error {
         match self.kind {
             ErrorKind::ConnectionNotFound => 404,
             ErrorKind::ConnectionLimitExceeded | ErrorKind::Shutdown => 503,
-            ErrorKind::TokenExpired | ErrorKind::InvalidToken => 401,
+            ErrorKind::TokenExpired | ErrorKind::InvalidToken | ErrorKind::Unauthorized => 401,
+            ErrorKind::RateLimited => 429,
             ErrorKind::Forbidden => 403,
             ErrorKind::MemoryLimitExceeded => 507,
             ErrorKind::InvalidArgument | ErrorKind::Handshake => 400,

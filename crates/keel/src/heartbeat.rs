@@ -1,6 +1,7 @@
 //! The Hub's sweeper: heartbeats, heartbeat timeouts, slow-consumer timeouts,
-//! memory checks, history and presence expiry and the reclaiming of detached
-//! sessions, for all connections, from one task.
+//! memory checks, history and presence expiry, credential expiry and auth
+//! timeouts, and the reclaiming of detached sessions, for all connections, from
+//! one task.
 //!
 //! # Why a sweep and not a timer per connection
 //!
@@ -36,7 +37,13 @@ pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
             h.config.heartbeat_timeout,
             h.config.num_shards.max(1),
             h.config.memory_check_interval,
-            h.config.presence_ttl.min(h.config.reconnect_token_ttl),
+            h.config.presence_ttl.min(h.config.reconnect_token_ttl).min(
+                if h.config.auth_first_message {
+                    h.config.auth_timeout
+                } else {
+                    Duration::MAX
+                },
+            ),
         ),
         None => return,
     };
@@ -75,6 +82,8 @@ fn sweep(hub: &Hub, now: Instant, next_ping: &mut [Instant], interval: Duration)
     let slow_timeout = cfg.slow_consumer_timeout;
     let disconnect_slow = cfg.slow_consumer_policy == SlowConsumerPolicy::Disconnect;
     let mut json_encoded = false;
+    let unix_s = crate::token::unix_ms() / 1000;
+    let (grace, auth_timeout) = (cfg.auth_refresh_grace, cfg.auth_timeout);
     for (i, shard) in hub.shards().iter().enumerate() {
         let ping = now >= next_ping[i];
         if ping {
@@ -101,6 +110,7 @@ fn sweep(hub: &Hub, now: Instant, next_ping: &mut [Instant], interval: Duration)
                 );
                 continue;
             }
+            c.check_auth(hub, now, unix_s, grace, auth_timeout);
             if disconnect_slow {
                 if let Some(since) = c.inner.queue.full_since() {
                     if now.duration_since(since) >= slow_timeout {

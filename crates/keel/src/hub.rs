@@ -17,12 +17,14 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 use serde::Serialize;
 use serde_json::value::RawValue;
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Identity;
 use crate::channel::{Channels, PresenceEntry, Publication, StreamPosition};
 use crate::config::Config;
-use crate::connection::{self, Connection, DisconnectReason};
+use crate::connection::{self, AuthState, Connection, DisconnectReason};
 use crate::error::{Error, ErrorKind, Result};
 use crate::handler::{Handler, NoopHandler};
 use crate::memory::{self, MemoryUsage, UserData};
@@ -187,13 +189,24 @@ impl Hub {
 
     /// Checks whether a new connection would be accepted now, without reserving a
     /// place: `Err` with [`ErrorKind::Shutdown`] while draining,
-    /// [`ErrorKind::ConnectionLimitExceeded`] at `max_connections`.
+    /// [`ErrorKind::ConnectionLimitExceeded`] at `max_connections`. A refusal is
+    /// counted in the metrics as [`connect`](Self::connect)'s would be, so a
+    /// caller that checks first (before spending a one-time ticket, say) and then
+    /// connects counts each refused client once.
     pub fn check_admission(&self) -> Result<()> {
         if self.is_draining() {
+            self.inner
+                .metrics
+                .rejected_draining
+                .fetch_add(1, Ordering::Relaxed);
             return Err(Error::new(ErrorKind::Shutdown, "server is draining"));
         }
         if let Some(max) = self.inner.config.max_connections {
             if self.inner.reserved.load(Ordering::Acquire) >= max {
+                self.inner
+                    .metrics
+                    .rejected_limit
+                    .fetch_add(1, Ordering::Relaxed);
                 return Err(Error::new(
                     ErrorKind::ConnectionLimitExceeded,
                     format!("at max_connections ({max})"),
@@ -242,6 +255,40 @@ impl Hub {
         upgrade: Upgrade,
         metadata: serde_json::Value,
     ) -> Result<Response> {
+        self.connect_inner(Arc::from(client_id.into()), upgrade, metadata, None)
+    }
+
+    /// Like [`connect`](Self::connect), for a client whose credential checked out:
+    /// the connection's client_id is the identity's, presence shows its `info`,
+    /// [`Connection::identity`] returns it, and when it carries an expiry the
+    /// client gets `error token_expired` at that time and is closed with 1008
+    /// `auth_refresh_grace` later unless it [`refresh`](Self::refresh_identity)es.
+    pub fn connect_as(&self, identity: Identity, upgrade: Upgrade) -> Result<Response> {
+        let client_id = Arc::from(identity.client_id.as_str());
+        self.connect_inner(
+            client_id,
+            upgrade,
+            Value::Null,
+            AuthState::boxed(Some(identity)),
+        )
+    }
+
+    /// Accepts a connection that will authenticate with its first message: it is
+    /// registered under a generated client_id, [`Connection::awaiting_auth`] is
+    /// true, and it is closed with 1008 unless [`authenticate`](Self::authenticate)
+    /// is called within `auth_timeout`.
+    pub fn connect_awaiting_auth(&self, upgrade: Upgrade) -> Result<Response> {
+        let client_id = Arc::from(uuid::Uuid::new_v4().to_string());
+        self.connect_inner(client_id, upgrade, Value::Null, AuthState::boxed(None))
+    }
+
+    fn connect_inner(
+        &self,
+        client_id: Arc<str>,
+        upgrade: Upgrade,
+        metadata: serde_json::Value,
+        auth: Option<Box<AuthState>>,
+    ) -> Result<Response> {
         self.reserve()?;
         let (response, socket) = match self.inner.transport.accept(upgrade) {
             Ok(r) => r,
@@ -251,7 +298,6 @@ impl Hub {
             }
         };
         let hub = self.clone();
-        let client_id: Arc<str> = Arc::from(client_id.into());
         let tasks = self.inner.tasks.clone();
         // Two tasks in sequence: the first waits for the handshake to finish, the
         // second is the connection's driver alone, so a long-lived connection's task
@@ -261,11 +307,76 @@ impl Hub {
                 hub.inner.reserved.fetch_sub(1, Ordering::AcqRel);
                 return;
             };
-            let conn = Connection::new(client_id, metadata, hub.now_ms());
+            let conn = Connection::new(client_id, metadata, auth, hub.now_ms());
             hub.register(&conn);
             tasks.spawn(connection::Driver::new(hub, conn, socket));
         });
         Ok(response)
+    }
+
+    /// Completes a first-message authentication: `conn` (which must be
+    /// [awaiting auth](Connection::awaiting_auth)) takes `identity`'s client_id,
+    /// replacing (4002) a connection that holds it. Errors with
+    /// [`ErrorKind::InvalidArgument`] if `conn` is not waiting for auth.
+    pub fn authenticate(&self, conn: &Connection, identity: Identity) -> Result<()> {
+        {
+            let mut auth = conn.inner.auth.lock();
+            match auth.as_mut() {
+                Some(st) if st.identity.is_none() => st.identity = Some(identity.clone()),
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidArgument,
+                        "this connection is not waiting for auth",
+                    ))
+                }
+            }
+        }
+        let mut ident = conn.ident();
+        ident.client_id = Arc::from(identity.client_id.as_str());
+        self.rebind(conn, ident);
+        Ok(())
+    }
+
+    /// Replaces an authenticated connection's credential with a newer one for the
+    /// same client (`refresh`): its expiry moves on and a pending `token_expired`
+    /// close is called off. [`ErrorKind::Forbidden`] for another client_id,
+    /// [`ErrorKind::InvalidArgument`] for a connection that never authenticated.
+    pub fn refresh_identity(&self, conn: &Connection, identity: Identity) -> Result<()> {
+        let mut auth = conn.inner.auth.lock();
+        let Some(st) = auth.as_mut().filter(|st| st.identity.is_some()) else {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "this connection did not authenticate",
+            ));
+        };
+        if st.identity.as_ref().map(|i| i.client_id.as_str()) != Some(identity.client_id.as_str()) {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "the new token is for another client",
+            ));
+        }
+        st.identity = Some(identity);
+        st.refresh_deadline = None;
+        Ok(())
+    }
+
+    /// Moves `conn` to identity `ident`: out of every channel and of the registry
+    /// under its current client_id, then into the registry under the new one
+    /// (replacing, 4002, whoever holds it).
+    fn rebind(&self, conn: &Connection, ident: crate::connection::Ident) {
+        let mine = conn.ident();
+        let joined: Vec<Arc<str>> = std::mem::take(&mut *conn.inner.channels.lock());
+        for ch in &joined {
+            self.inner.channels.leave(self, ch, conn, None);
+        }
+        {
+            let mut shard = self.shard(&mine.client_id).write();
+            if shard.get(&mine.client_id).is_some_and(|c| c.same(conn)) {
+                shard.remove(&mine.client_id);
+            }
+        }
+        *conn.inner.ident.write() = ident;
+        self.insert_registry(conn);
     }
 
     fn register(&self, conn: &Connection) {
@@ -780,26 +891,17 @@ impl Hub {
             },
         };
 
-        // Rebind: out of every channel and the registry under the old identity...
-        let joined: Vec<Arc<str>> = std::mem::take(&mut *conn.inner.channels.lock());
-        for ch in &joined {
-            self.inner.channels.leave(self, ch, conn, None);
-        }
-        {
-            let mut shard = self.shard(&mine.client_id).write();
-            if shard.get(&mine.client_id).is_some_and(|c| c.same(conn)) {
-                shard.remove(&mine.client_id);
-            }
-        }
-        // ...then in under the session's, with its user data.
-        *conn.inner.ident.write() = crate::connection::Ident {
-            client_id: Arc::from(claims.client_id.as_str()),
-            session_id,
-            generation: claims.generation + 1,
-        };
+        // Rebind to the session's identity, with its user data.
+        self.rebind(
+            conn,
+            crate::connection::Ident {
+                client_id: Arc::from(claims.client_id.as_str()),
+                session_id,
+                generation: claims.generation + 1,
+            },
+        );
         let previous = std::mem::replace(&mut *conn.inner.user_data.lock(), user_data);
         self.free_user_data(previous);
-        self.insert_registry(conn);
         // A copy detached by a connection that ended while we took it over.
         if let Some(stale) = sessions.take(session_id) {
             let mut slot = conn.inner.user_data.lock();

@@ -52,6 +52,7 @@
 //!   broker).
 //! - [`session`]: sessions kept after a disconnect, for `resume`.
 //! - [`token`]: reconnect tokens (HMAC-SHA256).
+//! - [`auth`]: JWT verification, one-time tickets, [`Identity`].
 //! - [`memory`]: user data accounting and eviction.
 //! - [`shutdown`]: graceful shutdown and its [`ShutdownReport`].
 //! - [`metrics`]: counters and the Prometheus rendering.
@@ -60,6 +61,7 @@
 //! - [`error`]: [`Error`] and [`ErrorKind`].
 //! - `transport` (internal): the only module that knows the WebSocket crate.
 
+pub mod auth;
 pub mod channel;
 pub mod config;
 pub mod connection;
@@ -75,6 +77,7 @@ pub mod shutdown;
 pub mod token;
 mod transport;
 
+pub use auth::{Authenticator, Identity, Tickets};
 pub use channel::{PresenceEntry, Publication, StreamPosition};
 pub use config::Config;
 pub use connection::{Connection, DisconnectReason, Message};

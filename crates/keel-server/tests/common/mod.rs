@@ -39,11 +39,21 @@ pub struct Client {
     pub welcome: Value,
 }
 
+/// A WebSocket to `url`, with nothing read yet.
+pub async fn open(url: &str) -> TcpWebSocket {
+    yawc::WebSocket::connect(url.parse().unwrap())
+        .await
+        .expect("websocket connects")
+}
+
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Client {
-        let mut ws = yawc::WebSocket::connect(ws_url(addr).parse().unwrap())
-            .await
-            .expect("websocket connects");
+        Self::connect_url(&ws_url(addr)).await
+    }
+
+    /// Connects to `url` (with `?token=` or `?ticket=`, say) and reads `welcome`.
+    pub async fn connect_url(url: &str) -> Client {
+        let mut ws = open(url).await;
         let welcome = recv_json(&mut ws).await;
         assert_eq!(
             welcome["type"], "welcome",
@@ -155,9 +165,19 @@ impl Raw {
 
     /// Handshakes with extra header lines; Err(status line) if not 101.
     pub async fn connect_with(addr: SocketAddr, extra_headers: &str) -> Result<Raw, String> {
+        Self::connect_to(addr, "/ws", extra_headers).await
+    }
+
+    /// Handshakes at `path` (with a query string, say) with extra header lines;
+    /// Err(status line and headers) if not 101.
+    pub async fn connect_to(
+        addr: SocketAddr,
+        path: &str,
+        extra_headers: &str,
+    ) -> Result<Raw, String> {
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         let req = format!(
-            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
         );
         tcp.write_all(req.as_bytes()).await.unwrap();
@@ -176,7 +196,26 @@ impl Raw {
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_string();
         if !head.starts_with("HTTP/1.1 101") {
-            return Err(head);
+            // Read the body too (by Content-Length), so callers can check it.
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < end + len {
+                let n = tokio::time::timeout(WAIT, tcp.read(&mut chunk))
+                    .await
+                    .expect("body in time")
+                    .unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return Err(String::from_utf8_lossy(&buf).to_string());
         }
         Ok(Raw {
             tcp,
