@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use keel::{Authenticator, Connection, Handler, Hub, Message};
+use keel::{Action, Authenticator, Connection, Handler, Hub, Message};
 use keel_protocol::encode;
 use keel_protocol::{
     kind, AuthPayload, ChannelPayload, ClientEnvelope, ErrorCode, HistoryPayload, PublishPayload,
@@ -151,9 +151,9 @@ impl Handler for Gateway {
 fn error_code(e: &keel::Error) -> ErrorCode {
     match e.kind() {
         keel::ErrorKind::InvalidArgument => ErrorCode::InvalidMessage,
-        keel::ErrorKind::MemoryLimitExceeded | keel::ErrorKind::ConnectionLimitExceeded => {
-            ErrorCode::LimitExceeded
-        }
+        keel::ErrorKind::MemoryLimitExceeded
+        | keel::ErrorKind::ConnectionLimitExceeded
+        | keel::ErrorKind::LimitExceeded => ErrorCode::LimitExceeded,
         keel::ErrorKind::ConnectionNotFound => ErrorCode::NotFound,
         keel::ErrorKind::InvalidToken => ErrorCode::InvalidToken,
         keel::ErrorKind::TokenExpired => ErrorCode::TokenExpired,
@@ -199,6 +199,9 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) {
                 Ok(p) => p,
                 Err(e) => return bad_payload(e),
             };
+            if let Err(e) = hub.authorize(conn, Action::Subscribe, &p.channel) {
+                return hub_error(e);
+            }
             match hub.subscribe(&conn.client_id(), &p.channel, p.since.as_ref()) {
                 Ok((pos, recovered, replayed)) => reply(&serde_json::json!({
                     "channel": p.channel,
@@ -225,6 +228,9 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) {
                 Ok(p) => p,
                 Err(e) => return bad_payload(e),
             };
+            if let Err(e) = hub.authorize(conn, Action::Publish, &p.channel) {
+                return hub_error(e);
+            }
             match hub.publish(&p.channel, p.data, Some(&conn.client_id())) {
                 // The hot reply: a typed payload, no intermediate `Value`.
                 Ok(publication) => {
@@ -262,6 +268,9 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) {
                 Ok(p) => p,
                 Err(e) => return bad_payload(e),
             };
+            if let Err(e) = hub.authorize(conn, Action::Presence, &p.channel) {
+                return hub_error(e);
+            }
             reply(&presence(hub, &p.channel))
         }
         kind::HISTORY => {
@@ -269,6 +278,9 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) {
                 Ok(p) => p,
                 Err(e) => return bad_payload(e),
             };
+            if let Err(e) = hub.authorize(conn, Action::History, &p.channel) {
+                return hub_error(e);
+            }
             reply(&history(
                 hub,
                 &p.channel,
@@ -285,8 +297,20 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) {
                 Ok(p) => p,
                 Err(e) => return bad_payload(e),
             };
-            let positions: Vec<(String, Option<keel_protocol::StreamPosition>)> =
-                p.positions.into_iter().collect();
+            // Channels this client may no longer subscribe to are not taken back
+            // (a private channel is judged by the session's own client_id).
+            let owner = hub
+                .validate_reconnect_token(&p.reconnect_token)
+                .map(|c| c.client_id)
+                .ok();
+            let positions: Vec<(String, Option<keel_protocol::StreamPosition>)> = p
+                .positions
+                .into_iter()
+                .filter(|(ch, _)| match ch.strip_prefix('#') {
+                    Some(id) => owner.as_deref() == Some(id),
+                    None => hub.authorize(conn, Action::Subscribe, ch).is_ok(),
+                })
+                .collect();
             // A reconnect token is not a credential: an authenticated connection
             // may only resume its own client's session.
             let me = conn.identity().map(|i| i.client_id);

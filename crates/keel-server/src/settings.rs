@@ -159,6 +159,25 @@ pub fn flatten_toml(text: &str) -> anyhow::Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for (k, v) in table {
         match v {
+            // [[namespaces]] name = "chat" ... becomes namespaces.chat.KEY.
+            toml::Value::Array(items) if k == "namespaces" => {
+                for item in items {
+                    let toml::Value::Table(t) = item else {
+                        bail!("`namespaces` must be an array of tables ([[namespaces]])");
+                    };
+                    let Some(toml::Value::String(name)) = t.get("name") else {
+                        bail!("every [[namespaces]] entry needs a `name`");
+                    };
+                    let name = name.clone();
+                    out.push((format!("namespaces.{name}"), String::new()));
+                    for (k2, v2) in t {
+                        if k2 != "name" {
+                            let opt = format!("namespaces.{name}.{k2}");
+                            out.push((opt.clone(), scalar(&opt, v2)?));
+                        }
+                    }
+                }
+            }
             toml::Value::Table(t) => {
                 for (k2, v2) in t {
                     out.push((format!("{k}_{k2}"), scalar(&format!("{k}.{k2}"), v2)?));
@@ -262,6 +281,31 @@ mod tests {
             loaded.warnings,
             vec!["ignoring unknown environment variable KEEL_HEARTBEAT_INTERVL"]
         );
+    }
+
+    #[test]
+    fn namespaces_are_an_array_of_tables() {
+        let v = flatten_toml(
+            "[[namespaces]]\nname = \"chat\"\npublish = true\nhistory_size = 10\n\
+             [[namespaces]]\nname = \"feed\"\n",
+        )
+        .unwrap();
+        let mut c = Config::default();
+        for (k, val) in &v {
+            c.set(k, val).unwrap();
+        }
+        assert_eq!(c.namespaces.len(), 2);
+        assert_eq!(c.namespaces[0].name, "chat");
+        assert!(c.namespaces[0].publish);
+        assert_eq!(c.namespaces[0].history_size, Some(10));
+        assert!(
+            !c.namespaces[1].publish,
+            "namespaces default to no client publishing"
+        );
+        assert!(flatten_toml("[[namespaces]]\npublish = true\n").is_err());
+        let mut c = Config::default();
+        assert!(c.set("namespaces.chat.subscribe", "everyone").is_err());
+        assert!(c.set("namespaces.chat.colour", "red").is_err());
     }
 
     #[test]

@@ -107,6 +107,8 @@ pub(crate) struct Channels {
     epoch_seq: AtomicU64,
     history_size: usize,
     history_ttl: Duration,
+    /// Namespaces with their own history settings and presence events.
+    namespaces: Vec<crate::config::Namespace>,
     presence_ttl: Duration,
     presence_events: bool,
 }
@@ -123,6 +125,20 @@ impl Channels {
             epoch_seq: AtomicU64::new(0),
             history_size: config.history_size,
             history_ttl: config.history_ttl,
+            namespaces: config.namespaces.clone(),
+        }
+    }
+
+    /// History size, history TTL and presence events of channel `name`: its
+    /// namespace's where it sets them, else the top-level options.
+    fn rules(&self, name: &str) -> (usize, Duration, bool) {
+        match crate::permissions::namespace(&self.namespaces, name) {
+            Some(n) => (
+                n.history_size.unwrap_or(self.history_size),
+                n.history_ttl.unwrap_or(self.history_ttl),
+                n.presence_events.unwrap_or(self.presence_events),
+            ),
+            None => (self.history_size, self.history_ttl, self.presence_events),
         }
     }
 
@@ -199,8 +215,9 @@ impl Channels {
             let mut recovered = false;
             let mut replayed = 0;
             if let Some(since) = since {
+                let (_, history_ttl, _) = self.rules(name);
                 let now = Instant::now();
-                let live = |e: &&Entry| now.duration_since(e.at) <= self.history_ttl;
+                let live = |e: &&Entry| now.duration_since(e.at) <= history_ttl;
                 let wanted = st.offset.saturating_sub(since.offset);
                 let first_kept = st.history.iter().find(live).map(|e| e.offset);
                 let complete = since.epoch == *st.epoch
@@ -216,7 +233,7 @@ impl Channels {
             }
             let id = conn.client_id();
             let was_present = st.members.contains_key(&id) || st.absent.remove(&id).is_some();
-            if self.presence_events && !was_present {
+            if self.rules(name).2 && !was_present {
                 // Before the insert: the joining client does not get its own join.
                 self.presence_event(hub, &ch.name, st, "join", &id, &conn.info());
             }
@@ -267,7 +284,7 @@ impl Channels {
                         let info = conn.info();
                         st.absent.insert(id, Absent { info, until });
                     }
-                    None if self.presence_events => {
+                    None if self.rules(name).2 => {
                         self.presence_event(hub, name, &mut st, "leave", &id, &conn.info());
                     }
                     None => {}
@@ -319,13 +336,14 @@ impl Channels {
         st.offset += 1;
         let offset = st.offset;
         let frame = keel_protocol::encode::message(name, data, offset, &st.epoch, publisher);
-        if self.history_size > 0 {
+        let (history_size, _, _) = self.rules(name);
+        if history_size > 0 {
             st.history.push_back(Entry {
                 offset,
                 at: Instant::now(),
                 frame: frame.clone(),
             });
-            while st.history.len() > self.history_size {
+            while st.history.len() > history_size {
                 st.history.pop_front();
             }
         }
@@ -394,7 +412,7 @@ impl Channels {
         if let Some(ch) = self.get(name) {
             let mut st = ch.state.lock();
             if let Some(a) = st.absent.remove(client_id) {
-                if self.presence_events {
+                if self.rules(name).2 {
                     self.presence_event(hub, name, &mut st, "leave", client_id, &a.info);
                 }
             }
@@ -411,10 +429,11 @@ impl Channels {
     ) -> Option<(StreamPosition, Vec<Bytes>)> {
         let ch = self.get(name)?;
         let st = ch.state.lock();
+        let (_, history_ttl, _) = self.rules(name);
         let frames = st
             .history
             .iter()
-            .filter(|e| e.offset > after && Instant::now().duration_since(e.at) <= self.history_ttl)
+            .filter(|e| e.offset > after && Instant::now().duration_since(e.at) <= history_ttl)
             .take(limit)
             .map(|e| e.frame.clone())
             .collect();
@@ -454,11 +473,12 @@ impl Channels {
                 .read()
                 .values()
                 .filter(|ch| {
+                    let (_, history_ttl, presence_events) = self.rules(&ch.name);
                     let mut st = ch.state.lock();
                     while st
                         .history
                         .front()
-                        .is_some_and(|e| now.duration_since(e.at) > self.history_ttl)
+                        .is_some_and(|e| now.duration_since(e.at) > history_ttl)
                     {
                         st.history.pop_front();
                     }
@@ -471,7 +491,7 @@ impl Channels {
                             .collect();
                         for (id, info) in expired {
                             st.absent.remove(&id);
-                            if self.presence_events {
+                            if presence_events {
                                 self.presence_event(hub, &ch.name, &mut st, "leave", &id, &info);
                             }
                         }

@@ -83,6 +83,42 @@ pub enum BrokerKind {
     Redis,
 }
 
+/// A channel namespace: the rules for channels named `<name>:...`.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Namespace {
+    /// The prefix before `:`.
+    pub name: String,
+    /// Who may subscribe (and read presence and history).
+    pub subscribe: crate::permissions::SubscribeRule,
+    /// Whether clients may publish.
+    pub publish: bool,
+    /// Whether clients may ask for presence.
+    pub presence: bool,
+    /// Join/leave events in the stream (`None`: the top-level `presence_events`).
+    pub presence_events: Option<bool>,
+    /// History size (`None`: the top-level `history_size`).
+    pub history_size: Option<usize>,
+    /// History TTL (`None`: the top-level `history_ttl`).
+    pub history_ttl: Option<Duration>,
+}
+
+impl Namespace {
+    /// A namespace with the defaults: authenticated subscribers, no client
+    /// publishing, presence on, the top-level history settings.
+    pub fn new(name: &str) -> Self {
+        Namespace {
+            name: name.to_string(),
+            subscribe: crate::permissions::SubscribeRule::Authenticated,
+            publish: false,
+            presence: true,
+            presence_events: None,
+            history_size: None,
+            history_ttl: None,
+        }
+    }
+}
+
 /// Every option of Keel, defaulted. See `docs/configuration.md` for the table.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -173,6 +209,19 @@ pub struct Config {
     /// `[auth] refresh_grace`: how long a connection whose JWT expired has to send
     /// `refresh` before it is closed with 1008.
     pub auth_refresh_grace: Duration,
+    /// Channel namespaces (`[[namespaces]]` in the file; `namespaces.NAME.KEY` as
+    /// a flag), each with its own permissions and history.
+    pub namespaces: Vec<Namespace>,
+    /// Most channels one connection may be subscribed to (`None`: unlimited).
+    pub max_subscriptions_per_connection: Option<usize>,
+    /// Longest channel name accepted, in bytes.
+    pub max_channel_name_length: usize,
+    /// Messages per second one connection may send (0: no limit).
+    pub rate_limit_messages: u32,
+    /// How many messages above the rate a connection may send in a burst.
+    pub rate_limit_burst: u32,
+    /// How long a connection may keep exceeding the rate before close 4003.
+    pub rate_limit_close_after: Duration,
     /// Broker: `memory` (one node) or `redis`.
     pub broker: BrokerKind,
     /// Redis URL for `broker = "redis"`.
@@ -236,6 +285,12 @@ impl Default for Config {
             auth_cookie_name: "keel_token".into(),
             auth_ticket_ttl: Duration::from_secs(30),
             auth_refresh_grace: Duration::from_secs(30),
+            namespaces: Vec::new(),
+            max_subscriptions_per_connection: Some(1000),
+            max_channel_name_length: 255,
+            rate_limit_messages: 0,
+            rate_limit_burst: 50,
+            rate_limit_close_after: Duration::from_secs(10),
             broker: BrokerKind::Memory,
             redis_url: "redis://127.0.0.1:6379".into(),
             drain_timeout: Duration::from_secs(30),
@@ -330,6 +385,11 @@ options! {
     "auth_cookie_name", "keel_token", "`[auth] cookie_name`: cookie whose value is checked like a `?token=` JWT.";
     "auth_ticket_ttl", "30s", "`[auth] ticket_ttl`: lifetime of a one-time ticket from `POST /api/ticket`.";
     "auth_refresh_grace", "30s", "`[auth] refresh_grace`: after its JWT expires (error `token_expired`), a connection has this long to `refresh` before close 1008.";
+    "max_subscriptions_per_connection", "1000", "Most channels one connection may be subscribed to (0: unlimited); past it `subscribe` gets `limit_exceeded`.";
+    "max_channel_name_length", "255", "Longest channel name in bytes; longer names get `invalid_message`.";
+    "rate_limit_messages", "0", "Messages per second one connection may send (token bucket; 0: no limit). Over it: `error rate_limited` and the message is dropped.";
+    "rate_limit_burst", "50", "Depth of the bucket: messages a connection may send at once above the rate.";
+    "rate_limit_close_after", "10s", "A connection that keeps exceeding the rate this long is closed with 4003.";
     "broker", "memory", "`memory` (one node) or `redis` (cluster; arrives with the Redis broker).";
     "redis_url", "redis://127.0.0.1:6379", "Redis URL for `broker = \"redis\"`.";
     "drain_timeout", "30s", "How long a graceful shutdown waits before force-closing.";
@@ -479,6 +539,32 @@ impl Config {
             }
             "auth_ticket_ttl" => self.auth_ticket_ttl = positive_duration(v).map_err(err)?,
             "auth_refresh_grace" => self.auth_refresh_grace = duration(v).map_err(err)?,
+            "max_subscriptions_per_connection" => {
+                self.max_subscriptions_per_connection = optional_count(v).map_err(err)?
+            }
+            "max_channel_name_length" => {
+                let n = positive(v).map_err(err)?;
+                if n > 1024 {
+                    return Err(err("must be at most 1024".into()));
+                }
+                self.max_channel_name_length = n
+            }
+            ns if ns.starts_with("namespaces.") => self.set_namespace(ns, v).map_err(err)?,
+            "rate_limit_messages" => {
+                self.rate_limit_messages = count(v)
+                    .map_err(err)?
+                    .try_into()
+                    .map_err(|_| err(format!("`{v}` is too large")))?
+            }
+            "rate_limit_burst" => {
+                self.rate_limit_burst = positive(v)
+                    .map_err(err)?
+                    .try_into()
+                    .map_err(|_| err(format!("`{v}` is too large")))?
+            }
+            "rate_limit_close_after" => {
+                self.rate_limit_close_after = positive_duration(v).map_err(err)?
+            }
             "broker" => {
                 self.broker = match v {
                     "memory" => BrokerKind::Memory,
@@ -501,6 +587,51 @@ impl Config {
             "write_buffer_size" => self.write_buffer_size = count(v).map_err(err)?,
             "worker_threads" => self.worker_threads = count(v).map_err(err)?,
             _ => return Err(err("unknown option".into())),
+        }
+        Ok(())
+    }
+
+    /// `namespaces.NAME` (creates it) or `namespaces.NAME.KEY` with `value`.
+    fn set_namespace(&mut self, option: &str, v: &str) -> Result<(), String> {
+        let rest = &option["namespaces.".len()..];
+        let (name, key) = match rest.split_once('.') {
+            Some((n, k)) => (n, Some(k)),
+            None => (rest, None),
+        };
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+        {
+            return Err(format!(
+                "`{name}` is not a namespace name (letters, digits, - and _)"
+            ));
+        }
+        let i = match self.namespaces.iter().position(|n| n.name == name) {
+            Some(i) => i,
+            None => {
+                self.namespaces.push(Namespace::new(name));
+                self.namespaces.len() - 1
+            }
+        };
+        let n = &mut self.namespaces[i];
+        use crate::permissions::SubscribeRule as S;
+        match key {
+            None | Some("name") => {}
+            Some("subscribe") => {
+                n.subscribe = match v {
+                    "anyone" => S::Anyone,
+                    "authenticated" => S::Authenticated,
+                    "claim" => S::Claim,
+                    _ => return Err(format!("`{v}` is not one of anyone, authenticated, claim")),
+                }
+            }
+            Some("publish") => n.publish = boolean(v)?,
+            Some("presence") => n.presence = boolean(v)?,
+            Some("presence_events") => n.presence_events = Some(boolean(v)?),
+            Some("history_size") => n.history_size = Some(count(v)?),
+            Some("history_ttl") => n.history_ttl = Some(positive_duration(v)?),
+            Some(other) => return Err(format!("unknown namespace setting `{other}`")),
         }
         Ok(())
     }

@@ -28,6 +28,7 @@ use crate::auth::Identity;
 use crate::hub::Hub;
 use crate::memory::UserData;
 use crate::queue::{Pushed, SendQueue};
+use crate::rate::{Bucket, Verdict};
 use crate::transport::{self, Incoming, Outgoing, ReadError, Socket};
 
 /// Why a connection ended. Carried in logs, metrics and `on_disconnect`.
@@ -57,11 +58,13 @@ pub enum DisconnectReason {
     /// Authentication failed, timed out, or the credential expired without a
     /// `refresh` (1008).
     AuthFailed,
+    /// Kept sending over `rate_limit_messages` for `rate_limit_close_after` (4003).
+    RateLimited,
 }
 
 impl DisconnectReason {
     /// Every reason, for metrics.
-    pub const ALL: [DisconnectReason; 11] = [
+    pub const ALL: [DisconnectReason; 12] = [
         DisconnectReason::ClientClosed,
         DisconnectReason::ConnectionLost,
         DisconnectReason::ServerClosed,
@@ -73,6 +76,7 @@ impl DisconnectReason {
         DisconnectReason::MemoryEvicted,
         DisconnectReason::InternalError,
         DisconnectReason::AuthFailed,
+        DisconnectReason::RateLimited,
     ];
 
     /// The name used in logs and metric labels.
@@ -89,6 +93,7 @@ impl DisconnectReason {
             DisconnectReason::MemoryEvicted => "memory_evicted",
             DisconnectReason::InternalError => "internal_error",
             DisconnectReason::AuthFailed => "auth_failed",
+            DisconnectReason::RateLimited => "rate_limited",
         }
     }
 
@@ -483,6 +488,8 @@ pub(crate) struct Driver {
     close_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// How it ended as this task saw it, if the server did not decide it first.
     end: (DisconnectReason, u16),
+    /// The message rate limit's bucket; `None` when no limit is configured.
+    bucket: Option<Box<Bucket>>,
 }
 
 /// Inbound messages handled per poll before yielding to other tasks.
@@ -512,6 +519,11 @@ impl Driver {
                 true,
             );
         }
+        let bucket = hub
+            .inner
+            .rate
+            .as_ref()
+            .map(|l| Box::new(Bucket::new(l, hub.now_ms())));
         Driver {
             hub,
             conn,
@@ -519,6 +531,7 @@ impl Driver {
             close_sent: false,
             close_timer: None,
             end: (DisconnectReason::ConnectionLost, 1006),
+            bucket,
         }
     }
 
@@ -583,9 +596,54 @@ impl Driver {
         }
     }
 
+    /// Whether a data message may reach the handler under the rate limit.
+    fn admit(&mut self, now_ms: u64) -> bool {
+        let (Some(bucket), Some(limit)) = (self.bucket.as_mut(), self.hub.inner.rate.as_ref())
+        else {
+            return true;
+        };
+        match bucket.check(limit, now_ms) {
+            Verdict::Pass => true,
+            Verdict::Drop { notify } => {
+                self.hub
+                    .metrics()
+                    .rate_limited
+                    .fetch_add(1, Ordering::Relaxed);
+                if notify {
+                    self.conn.send_text(
+                        &self.hub,
+                        keel_protocol::encode::error(
+                            keel_protocol::ErrorCode::RateLimited,
+                            "too many messages: this one was dropped",
+                            None,
+                        ),
+                    );
+                }
+                false
+            }
+            Verdict::Close => {
+                self.hub
+                    .metrics()
+                    .rate_limited
+                    .fetch_add(1, Ordering::Relaxed);
+                self.conn.close_as(
+                    DisconnectReason::RateLimited,
+                    keel_protocol::close::RATE_LIMITED,
+                    "rate limited",
+                    true,
+                );
+                false
+            }
+        }
+    }
+
     fn on_frame(&mut self, frame: Incoming) {
+        let now_ms = self.hub.now_ms();
+        self.conn.inner.last_seen.store(now_ms, Ordering::Relaxed);
+        if matches!(frame, Incoming::Text(_) | Incoming::Binary(_)) && !self.admit(now_ms) {
+            return;
+        }
         let inner = &self.conn.inner;
-        inner.last_seen.store(self.hub.now_ms(), Ordering::Relaxed);
         match frame {
             Incoming::Text(bytes) => {
                 count_in(inner, bytes.len());

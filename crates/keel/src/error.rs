@@ -36,6 +36,8 @@ pub enum ErrorKind {
     Unauthorized,
     /// Over a rate limit.
     RateLimited,
+    /// Over a per-connection limit (subscriptions, say).
+    LimitExceeded,
 }
 
 /// A Keel error: a kind and a human-readable detail.
@@ -70,7 +72,7 @@ impl Error {
             ErrorKind::ConnectionNotFound => 404,
             ErrorKind::ConnectionLimitExceeded | ErrorKind::Shutdown => 503,
             ErrorKind::TokenExpired | ErrorKind::InvalidToken | ErrorKind::Unauthorized => 401,
-            ErrorKind::RateLimited => 429,
+            ErrorKind::RateLimited | ErrorKind::LimitExceeded => 429,
             ErrorKind::Forbidden => 403,
             ErrorKind::MemoryLimitExceeded => 507,
             ErrorKind::InvalidArgument | ErrorKind::Handshake => 400,

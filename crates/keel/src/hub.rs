@@ -39,6 +39,8 @@ type Shard = RwLock<HashMap<Arc<str>, Connection>>;
 pub(crate) struct HubInner {
     pub(crate) config: Config,
     limits: Limits,
+    /// The per-connection message rate limit, if one is configured.
+    pub(crate) rate: Option<crate::rate::RateLimit>,
     handler: Arc<dyn Handler>,
     shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
@@ -106,6 +108,7 @@ impl Hub {
                     max_bytes: config.send_queue_max_bytes,
                     policy: config.slow_consumer_policy,
                 },
+                rate: crate::rate::RateLimit::from_config(&config),
                 handler: Arc::new(handler),
                 shards: (0..shards).map(|_| RwLock::default()).collect(),
                 hasher: Default::default(),
@@ -625,7 +628,7 @@ impl Hub {
     /// Adds `client_id` to room (channel) `room`; returns the channel's position,
     /// after which every publication reaches it. Rooms and channels are one thing.
     pub fn join_room(&self, client_id: &str, room: &str) -> Result<StreamPosition> {
-        check_channel_name(room)?;
+        self.check_channel_name(room)?;
         let c = self.require(client_id)?;
         Ok(self.inner.channels.join(self, room, &c))
     }
@@ -640,7 +643,7 @@ impl Hub {
         channel: &str,
         since: Option<&keel_protocol::StreamPosition>,
     ) -> Result<(StreamPosition, bool, usize)> {
-        check_channel_name(channel)?;
+        self.check_channel_name(channel)?;
         let c = self.require(client_id)?;
         Ok(self.inner.channels.join_since(self, channel, &c, since))
     }
@@ -710,7 +713,7 @@ impl Hub {
         data: &RawValue,
         publisher: Option<&str>,
     ) -> Result<Publication> {
-        check_channel_name(channel)?;
+        self.check_channel_name(channel)?;
         self.inner
             .metrics
             .publications
@@ -836,7 +839,7 @@ impl Hub {
             ));
         }
         for (channel, _) in positions {
-            check_channel_name(channel)?;
+            self.check_channel_name(channel)?;
         }
         let sessions = &self.inner.sessions;
         let claims = sessions.signer.verify_signature(token)?;
@@ -1011,15 +1014,17 @@ impl BroadcastResult {
     }
 }
 
-/// Longest channel name accepted.
-pub const MAX_CHANNEL_NAME: usize = 255;
-
-fn check_channel_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > MAX_CHANNEL_NAME || name.chars().any(char::is_control) {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            format!("channel names are 1 to {MAX_CHANNEL_NAME} bytes without control characters"),
-        ));
+impl Hub {
+    /// Channel names are 1 to `max_channel_name_length` bytes without control
+    /// characters.
+    fn check_channel_name(&self, name: &str) -> Result<()> {
+        let max = self.inner.config.max_channel_name_length;
+        if name.is_empty() || name.len() > max || name.chars().any(char::is_control) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("channel names are 1 to {max} bytes without control characters"),
+            ));
+        }
+        Ok(())
     }
-    Ok(())
 }

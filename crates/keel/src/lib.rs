@@ -46,6 +46,7 @@
 //! - [`connection`]: a [`Connection`] handle and the one task that owns each socket.
 //! - `queue` (internal): the bounded per-connection send queue and the
 //!   slow-consumer policies.
+//! - `rate` (internal): the per-connection message rate limit (token bucket).
 //! - `heartbeat` (internal): the sweeper: pings, timeouts, slow consumers, memory
 //!   checks.
 //! - [`channel`]: channels, offsets, epochs, history and presence (the in-memory
@@ -53,6 +54,7 @@
 //! - [`session`]: sessions kept after a disconnect, for `resume`.
 //! - [`token`]: reconnect tokens (HMAC-SHA256).
 //! - [`auth`]: JWT verification, one-time tickets, [`Identity`].
+//! - [`permissions`]: namespaces, private channels, [`Hub::authorize`].
 //! - [`memory`]: user data accounting and eviction.
 //! - [`shutdown`]: graceful shutdown and its [`ShutdownReport`].
 //! - [`metrics`]: counters and the Prometheus rendering.
@@ -71,7 +73,9 @@ mod heartbeat;
 pub mod hub;
 pub mod memory;
 pub mod metrics;
+pub mod permissions;
 mod queue;
+mod rate;
 pub mod session;
 pub mod shutdown;
 pub mod token;
@@ -86,6 +90,7 @@ pub use handler::{Handler, NoopHandler};
 pub use hub::{BroadcastResult, Hub};
 pub use memory::MemoryUsage;
 pub use metrics::MetricsSnapshot;
+pub use permissions::Action;
 pub use session::Resumed;
 pub use shutdown::ShutdownReport;
 pub use token::ReconnectClaims;

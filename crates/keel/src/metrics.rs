@@ -18,6 +18,8 @@ pub(crate) struct Metrics {
     pub(crate) connects: AtomicU64,
     pub(crate) disconnects: [AtomicU64; DisconnectReason::ALL.len()],
     pub(crate) heartbeat_timeouts: AtomicU64,
+    /// Inbound messages dropped by the per-connection rate limit.
+    pub(crate) rate_limited: AtomicU64,
     pub(crate) publications: AtomicU64,
     pub(crate) rejected_limit: AtomicU64,
     pub(crate) rejected_draining: AtomicU64,
@@ -80,6 +82,8 @@ pub struct MetricsSnapshot {
     pub dropped_total: Vec<(&'static str, u64)>,
     /// Connections closed for silence.
     pub heartbeat_timeouts_total: u64,
+    /// Inbound messages dropped by the per-connection rate limit.
+    pub rate_limited_total: u64,
     /// Publications made.
     pub publications_total: u64,
     /// Upgrades refused, by reason.
@@ -123,6 +127,7 @@ impl MetricsSnapshot {
                 ("drop_newest", r(&m.dropped_newest)),
             ],
             heartbeat_timeouts_total: r(&m.heartbeat_timeouts),
+            rate_limited_total: r(&m.rate_limited),
             publications_total: r(&m.publications),
             rejected_total: vec![
                 ("limit", r(&m.rejected_limit)),
@@ -205,6 +210,12 @@ impl MetricsSnapshot {
             "counter",
             "Connections closed for heartbeat silence.",
             self.heartbeat_timeouts_total.to_string(),
+        );
+        one(
+            "keel_rate_limited_messages_total",
+            "counter",
+            "Inbound messages dropped by the per-connection rate limit.",
+            self.rate_limited_total.to_string(),
         );
         one(
             "keel_publications_total",
