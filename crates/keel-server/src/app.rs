@@ -300,6 +300,16 @@ async fn ws_upgrade(
     match result {
         Ok(response) => response,
         Err(e) if e.http_status() == 503 => unavailable(e.detail()),
+        Err(e) if e.http_status() == 429 => {
+            let mut r = (
+                StatusCode::TOO_MANY_REQUESTS,
+                Json(json!({"error": e.detail()})),
+            )
+                .into_response();
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
         Err(e) => (
             StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
             e.detail().to_string(),

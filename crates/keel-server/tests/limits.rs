@@ -1,7 +1,9 @@
 //! Abuse limits against a real gateway: one client flooding over its message
 //! rate is told `rate_limited`, loses only its own excess, and is closed with
-//! 4003 when it keeps on; a well-behaved client on the same node meanwhile gets
-//! every one of its messages.
+//! 4003 when it keeps on, while a well-behaved client on the same node gets every
+//! one of its messages; per-address connection caps (503) and connect rates
+//! (429), with `X-Forwarded-For` believed only from trusted proxies. Source
+//! addresses 127.0.0.x stand for different clients.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -101,4 +103,92 @@ async fn a_flooding_client_is_limited_and_closed_while_others_get_everything() {
         .request("publish", json!({"channel": "mine", "data": "after"}))
         .await;
     assert_eq!(r["type"], "publish_response", "{r}");
+}
+
+fn from(last: u8) -> Option<std::net::IpAddr> {
+    Some(std::net::IpAddr::from([127, 0, 0, last]))
+}
+
+fn status(r: &Result<Raw, String>) -> u16 {
+    match r {
+        Ok(_) => 101,
+        Err(head) => head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+    }
+}
+
+#[tokio::test]
+async fn connections_per_address_are_capped_and_freed_on_disconnect() {
+    let mut cfg = config();
+    cfg.set("max_connections_per_ip", "2").unwrap();
+    let gw = gateway(cfg).await;
+    let a1 = Raw::connect_from(from(2), gw.addr, "/ws", "").await;
+    let a2 = Raw::connect_from(from(2), gw.addr, "/ws", "").await;
+    let a3 = Raw::connect_from(from(2), gw.addr, "/ws", "").await;
+    assert_eq!((status(&a1), status(&a2), status(&a3)), (101, 101, 503));
+    assert!(a3
+        .err()
+        .unwrap()
+        .to_ascii_lowercase()
+        .contains("retry-after"));
+    // Another address is not affected.
+    let b = Raw::connect_from(from(3), gw.addr, "/ws", "").await;
+    assert_eq!(status(&b), 101);
+    // A place frees up when one of them leaves.
+    drop(a1);
+    eventually("the first to be gone", || {
+        gw.hub.get_connection_count() == 2
+    })
+    .await;
+    let a4 = Raw::connect_from(from(2), gw.addr, "/ws", "").await;
+    assert_eq!(status(&a4), 101);
+    let rejected = gw.hub.metrics_snapshot().rejected_total;
+    assert!(rejected.contains(&("ip_limit", 1)), "{rejected:?}");
+}
+
+#[tokio::test]
+async fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    let mut cfg = config();
+    cfg.set("max_connections_per_ip", "1").unwrap();
+    cfg.set("trusted_proxies", "127.0.0.10, 10.0.0.0/8")
+        .unwrap();
+    let gw = gateway(cfg).await;
+    let xff = |chain: &str| format!("X-Forwarded-For: {chain}\r\n");
+    // Through the trusted proxy, the client is the right-most untrusted hop.
+    let c1 = Raw::connect_from(from(10), gw.addr, "/ws", &xff("1.2.3.4")).await;
+    let c2 = Raw::connect_from(from(10), gw.addr, "/ws", &xff("9.9.9.9, 1.2.3.4, 10.0.0.5")).await;
+    let c3 = Raw::connect_from(from(10), gw.addr, "/ws", &xff("5.6.7.8")).await;
+    assert_eq!((status(&c1), status(&c2), status(&c3)), (101, 503, 101));
+    // From an untrusted peer the header is ignored: both count as 127.0.0.11.
+    let d1 = Raw::connect_from(from(11), gw.addr, "/ws", &xff("20.0.0.1")).await;
+    let d2 = Raw::connect_from(from(11), gw.addr, "/ws", &xff("20.0.0.2")).await;
+    assert_eq!((status(&d1), status(&d2)), (101, 503));
+}
+
+#[tokio::test]
+async fn connect_rate_per_address_answers_429() {
+    let mut cfg = config();
+    cfg.set("connection_rate_per_ip", "1").unwrap();
+    cfg.set("connection_burst_per_ip", "3").unwrap();
+    let gw = gateway(cfg).await;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let r = Raw::connect_from(from(20), gw.addr, "/ws", "").await;
+        seen.push(status(&r));
+        if let Err(head) = &r {
+            assert!(head.to_ascii_lowercase().contains("retry-after"), "{head}");
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![101, 101, 101, 429],
+        "a burst of 3, then the rate"
+    );
+    let other = Raw::connect_from(from(21), gw.addr, "/ws", "").await;
+    assert_eq!(status(&other), 101);
+    let rejected = gw.hub.metrics_snapshot().rejected_total;
+    assert!(rejected.contains(&("ip_rate", 1)), "{rejected:?}");
 }

@@ -216,6 +216,14 @@ pub struct Config {
     pub max_subscriptions_per_connection: Option<usize>,
     /// Longest channel name accepted, in bytes.
     pub max_channel_name_length: usize,
+    /// Most connections one client address may hold (`None`: unlimited).
+    pub max_connections_per_ip: Option<usize>,
+    /// New connections per second one client address may open (0: no limit).
+    pub connection_rate_per_ip: u32,
+    /// How many connections an address may open at once above that rate.
+    pub connection_burst_per_ip: u32,
+    /// Proxies whose `X-Forwarded-For` is believed (addresses or CIDR blocks).
+    pub trusted_proxies: Vec<crate::ip_limits::Cidr>,
     /// Messages per second one connection may send (0: no limit).
     pub rate_limit_messages: u32,
     /// How many messages above the rate a connection may send in a burst.
@@ -288,6 +296,10 @@ impl Default for Config {
             namespaces: Vec::new(),
             max_subscriptions_per_connection: Some(1000),
             max_channel_name_length: 255,
+            max_connections_per_ip: None,
+            connection_rate_per_ip: 0,
+            connection_burst_per_ip: 20,
+            trusted_proxies: Vec::new(),
             rate_limit_messages: 0,
             rate_limit_burst: 50,
             rate_limit_close_after: Duration::from_secs(10),
@@ -387,6 +399,10 @@ options! {
     "auth_refresh_grace", "30s", "`[auth] refresh_grace`: after its JWT expires (error `token_expired`), a connection has this long to `refresh` before close 1008.";
     "max_subscriptions_per_connection", "1000", "Most channels one connection may be subscribed to (0: unlimited); past it `subscribe` gets `limit_exceeded`.";
     "max_channel_name_length", "255", "Longest channel name in bytes; longer names get `invalid_message`.";
+    "max_connections_per_ip", "0", "Most connections one client address may hold (0: unlimited); past it upgrades get 503.";
+    "connection_rate_per_ip", "0", "New connections per second one client address may open (0: no limit); over it upgrades get 429.";
+    "connection_burst_per_ip", "20", "Connections an address may open at once above `connection_rate_per_ip`.";
+    "trusted_proxies", "", "Comma-separated addresses or CIDR blocks of proxies whose `X-Forwarded-For` names the client; from anyone else the header is ignored.";
     "rate_limit_messages", "0", "Messages per second one connection may send (token bucket; 0: no limit). Over it: `error rate_limited` and the message is dropped.";
     "rate_limit_burst", "50", "Depth of the bucket: messages a connection may send at once above the rate.";
     "rate_limit_close_after", "10s", "A connection that keeps exceeding the rate this long is closed with 4003.";
@@ -550,6 +566,30 @@ impl Config {
                 self.max_channel_name_length = n
             }
             ns if ns.starts_with("namespaces.") => self.set_namespace(ns, v).map_err(err)?,
+            "max_connections_per_ip" => {
+                self.max_connections_per_ip = optional_count(v).map_err(err)?
+            }
+            "connection_rate_per_ip" => {
+                self.connection_rate_per_ip = count(v)
+                    .map_err(err)?
+                    .try_into()
+                    .map_err(|_| err(format!("`{v}` is too large")))?
+            }
+            "connection_burst_per_ip" => {
+                self.connection_burst_per_ip = positive(v)
+                    .map_err(err)?
+                    .try_into()
+                    .map_err(|_| err(format!("`{v}` is too large")))?
+            }
+            "trusted_proxies" => {
+                self.trusted_proxies = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(crate::ip_limits::Cidr::parse)
+                    .collect::<Result<_, _>>()
+                    .map_err(err)?
+            }
             "rate_limit_messages" => {
                 self.rate_limit_messages = count(v)
                     .map_err(err)?

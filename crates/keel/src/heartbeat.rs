@@ -72,6 +72,9 @@ pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
         }
         hub.inner.channels.sweep(&hub);
         hub.reclaim_sessions();
+        if let Some(limits) = &hub.inner.ip_limits {
+            limits.sweep();
+        }
     }
 }
 

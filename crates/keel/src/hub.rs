@@ -41,6 +41,8 @@ pub(crate) struct HubInner {
     limits: Limits,
     /// The per-connection message rate limit, if one is configured.
     pub(crate) rate: Option<crate::rate::RateLimit>,
+    /// Per-address connection caps and rates, if configured.
+    pub(crate) ip_limits: Option<crate::ip_limits::IpLimits>,
     handler: Arc<dyn Handler>,
     shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
@@ -109,6 +111,7 @@ impl Hub {
                     policy: config.slow_consumer_policy,
                 },
                 rate: crate::rate::RateLimit::from_config(&config),
+                ip_limits: crate::ip_limits::IpLimits::from_config(&config),
                 handler: Arc::new(handler),
                 shards: (0..shards).map(|_| RwLock::default()).collect(),
                 hasher: Default::default(),
@@ -292,11 +295,45 @@ impl Hub {
         metadata: serde_json::Value,
         auth: Option<Box<AuthState>>,
     ) -> Result<Response> {
-        self.reserve()?;
+        // Per-address limits first: a flood from one address must not use up the
+        // node's places.
+        let ip = match &self.inner.ip_limits {
+            Some(limits) => {
+                let ip = crate::ip_limits::client_ip(
+                    &self.inner.config.trusted_proxies,
+                    upgrade.peer,
+                    upgrade.forwarded.as_deref(),
+                );
+                if let Some(ip) = ip {
+                    if let Err(e) = limits.admit(ip) {
+                        let m = &self.inner.metrics;
+                        let counter = if e.kind() == &ErrorKind::RateLimited {
+                            &m.rejected_ip_rate
+                        } else {
+                            &m.rejected_ip_limit
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                }
+                ip
+            }
+            None => None,
+        };
+        let release_ip = move |hub: &Hub| {
+            if let (Some(limits), Some(ip)) = (&hub.inner.ip_limits, ip) {
+                limits.release(ip);
+            }
+        };
+        if let Err(e) = self.reserve() {
+            release_ip(self);
+            return Err(e);
+        }
         let (response, socket) = match self.inner.transport.accept(upgrade) {
             Ok(r) => r,
             Err(e) => {
                 self.inner.reserved.fetch_sub(1, Ordering::AcqRel);
+                release_ip(self);
                 return Err(e);
             }
         };
@@ -308,9 +345,12 @@ impl Hub {
         self.inner.tasks.spawn(async move {
             let Some(socket) = socket.await else {
                 hub.inner.reserved.fetch_sub(1, Ordering::AcqRel);
+                release_ip(&hub);
                 return;
             };
-            let conn = Connection::new(client_id, metadata, auth, hub.now_ms());
+            // `ip` is set only when per-address limits are on: it is what releases
+            // the address's count when the connection ends.
+            let conn = Connection::new(client_id, metadata, auth, ip, hub.now_ms());
             hub.register(&conn);
             tasks.spawn(connection::Driver::new(hub, conn, socket));
         });
@@ -459,6 +499,9 @@ impl Hub {
                 .fetch_sub(ud.bytes, Ordering::Relaxed);
         }
         self.inner.reserved.fetch_sub(1, Ordering::AcqRel);
+        if let (Some(limits), Some(ip)) = (&self.inner.ip_limits, conn.inner.peer.as_deref()) {
+            limits.release(*ip);
+        }
         let m = &self.inner.metrics;
         m.disconnects[reason.index()].fetch_add(1, Ordering::Relaxed);
         if reason == DisconnectReason::HeartbeatTimeout {

@@ -46,6 +46,7 @@
 //! - [`connection`]: a [`Connection`] handle and the one task that owns each socket.
 //! - `queue` (internal): the bounded per-connection send queue and the
 //!   slow-consumer policies.
+//! - [`ip_limits`]: per-address connection caps and rates, trusted proxies.
 //! - `rate` (internal): the per-connection message rate limit (token bucket).
 //! - `heartbeat` (internal): the sweeper: pings, timeouts, slow consumers, memory
 //!   checks.
@@ -71,6 +72,7 @@ pub mod error;
 pub mod handler;
 mod heartbeat;
 pub mod hub;
+pub mod ip_limits;
 pub mod memory;
 pub mod metrics;
 pub mod permissions;

@@ -23,6 +23,10 @@ pub(crate) struct Metrics {
     pub(crate) publications: AtomicU64,
     pub(crate) rejected_limit: AtomicU64,
     pub(crate) rejected_draining: AtomicU64,
+    /// Upgrades refused at `max_connections_per_ip`.
+    pub(crate) rejected_ip_limit: AtomicU64,
+    /// Upgrades refused over `connection_rate_per_ip`.
+    pub(crate) rejected_ip_rate: AtomicU64,
     /// Resumes by outcome: resumed, invalid, expired, forbidden.
     pub(crate) resumes: [AtomicU64; 4],
     /// Detached sessions freed at the end of their TTL.
@@ -132,6 +136,8 @@ impl MetricsSnapshot {
             rejected_total: vec![
                 ("limit", r(&m.rejected_limit)),
                 ("draining", r(&m.rejected_draining)),
+                ("ip_limit", r(&m.rejected_ip_limit)),
+                ("ip_rate", r(&m.rejected_ip_rate)),
             ],
             user_data_bytes,
             resumes_total: ["resumed", "invalid", "expired", "forbidden"]

@@ -30,6 +30,11 @@ pub(crate) type Socket = yawc::WebSocket<yawc::HttpStream>;
 /// request, wrong version) are answered with 400 before any handler runs.
 pub struct Upgrade {
     inner: yawc::IncomingUpgrade,
+    /// The TCP peer, when the server was built with connect info
+    /// (`into_make_service_with_connect_info::<SocketAddr>`).
+    pub(crate) peer: Option<std::net::SocketAddr>,
+    /// `X-Forwarded-For`, believed only from `trusted_proxies`.
+    pub(crate) forwarded: Option<Box<str>>,
 }
 
 impl std::fmt::Debug for Upgrade {
@@ -60,7 +65,20 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
         let inner = yawc::IncomingUpgrade::from_request_parts(parts, state)
             .await
             .map_err(UpgradeRejection)?;
-        Ok(Upgrade { inner })
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0);
+        let forwarded = parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .map(Box::from);
+        Ok(Upgrade {
+            inner,
+            peer,
+            forwarded,
+        })
     }
 }
 

@@ -175,7 +175,22 @@ impl Raw {
         path: &str,
         extra_headers: &str,
     ) -> Result<Raw, String> {
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        Self::connect_from(None, addr, path, extra_headers).await
+    }
+
+    /// Like [`connect_to`](Self::connect_to), from source address `from`
+    /// (127.0.0.x: every loopback address is this machine's).
+    pub async fn connect_from(
+        from: Option<std::net::IpAddr>,
+        addr: SocketAddr,
+        path: &str,
+        extra_headers: &str,
+    ) -> Result<Raw, String> {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(ip) = from {
+            socket.bind(SocketAddr::new(ip, 0)).unwrap();
+        }
+        let mut tcp = socket.connect(addr).await.unwrap();
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
