@@ -62,6 +62,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
     type Rejection = UpgradeRejection;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        choose_deflate_offer(&mut parts.headers);
         let inner = yawc::IncomingUpgrade::from_request_parts(parts, state)
             .await
             .map_err(UpgradeRejection)?;
@@ -79,6 +80,55 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             peer,
             forwarded,
         })
+    }
+}
+
+/// Leaves one permessage-deflate offer in `Sec-WebSocket-Extensions`.
+///
+/// A client may offer the extension several times, in order of preference (RFC
+/// 7692 section 5); yawc reads only a header holding a single offer and treats
+/// anything else as no offer at all. So the first offer whose terms can be kept
+/// is chosen here: one that does not ask the server for a window under 15 bits
+/// (yawc, built without zlib, always compresses with 15), or, if every offer asks
+/// for that, the first (which yawc accepts without the window parameter, as it
+/// does for a single such offer). Other extensions are dropped: none is supported.
+fn choose_deflate_offer(headers: &mut axum::http::HeaderMap) {
+    let name = axum::http::header::SEC_WEBSOCKET_EXTENSIONS;
+    let offers: Vec<String> = headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|o| o.trim().to_string())
+        .filter(|o| {
+            o.split(';')
+                .next()
+                .is_some_and(|n| n.trim().eq_ignore_ascii_case("permessage-deflate"))
+        })
+        .collect();
+    let lines: Vec<&axum::http::HeaderValue> = headers.get_all(&name).iter().collect();
+    let single = lines.len() == 1 && offers.len() == 1 && !lines[0].as_bytes().contains(&b',');
+    if lines.is_empty() || single {
+        return;
+    }
+    let keepable = |offer: &str| {
+        !offer.split(';').skip(1).any(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            k.trim() == "server_max_window_bits"
+                && v.trim()
+                    .trim_matches('"')
+                    .parse::<u8>()
+                    .is_ok_and(|b| b < 15)
+        })
+    };
+    let chosen = offers
+        .iter()
+        .find(|o| keepable(o))
+        .or_else(|| offers.first())
+        .and_then(|o| axum::http::HeaderValue::from_str(o).ok());
+    headers.remove(&name);
+    if let Some(v) = chosen {
+        headers.insert(name, v);
     }
 }
 
@@ -129,6 +179,49 @@ impl Transport {
         let (parts, body) = response.into_parts();
         let response = Response::from_parts(parts, axum::body::Body::new(body));
         Ok((response, async move { fut.await.ok() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choose_deflate_offer;
+    use axum::http::{header::SEC_WEBSOCKET_EXTENSIONS as EXT, HeaderMap, HeaderValue};
+
+    fn chosen(values: &[&str]) -> Option<String> {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(EXT, HeaderValue::from_str(v).unwrap());
+        }
+        choose_deflate_offer(&mut h);
+        h.get(EXT).map(|v| v.to_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn one_offer_is_left_as_it_is() {
+        let one = "permessage-deflate; client_max_window_bits";
+        assert_eq!(chosen(&[one]).as_deref(), Some(one));
+        assert_eq!(chosen(&[]), None);
+    }
+
+    #[test]
+    fn the_first_offer_that_can_be_kept_wins() {
+        // Autobahn 13.7: a small server window first, then two it can have.
+        let v = "permessage-deflate; server_no_context_takeover; server_max_window_bits=9, \
+                 permessage-deflate; server_no_context_takeover, permessage-deflate";
+        assert_eq!(
+            chosen(&[v]).as_deref(),
+            Some("permessage-deflate; server_no_context_takeover")
+        );
+        // Offers split over two header lines, with an unknown extension.
+        assert_eq!(
+            chosen(&["x-webkit-deflate-frame", "permessage-deflate"]).as_deref(),
+            Some("permessage-deflate")
+        );
+        // Nothing keepable: the first, as yawc takes a single such offer.
+        let a = "permessage-deflate; server_max_window_bits=8";
+        let b = "permessage-deflate; server_max_window_bits=10";
+        assert_eq!(chosen(&[&format!("{a}, {b}")]).as_deref(), Some(a));
+        assert_eq!(chosen(&["x-unknown"]), None);
     }
 }
 
