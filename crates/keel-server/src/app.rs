@@ -94,6 +94,11 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("option `listen`: cannot bind {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let auth = Authenticator::from_config(&config)?.map(Arc::new);
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+        (None, None) => None,
+        _ => anyhow::bail!("options `tls_cert` and `tls_key` go together"),
+    };
     let tickets = Arc::new(Tickets::new(config.auth_ticket_ttl, MAX_TICKETS));
     let node_id: Arc<str> = config.node_id.clone().into();
     let drain_timeout = config.drain_timeout;
@@ -136,19 +141,30 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let task = tokio::spawn(async move {
         let server_stop = Arc::new(Notify::new());
         let server_stop2 = server_stop.clone();
-        // TCP_NODELAY: without it, Nagle holds a small write back while an earlier one
-        // is unacknowledged, and the client's delayed ACK turns that into 40 ms stalls.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { server_stop2.notified().await })
-            .await;
-        });
+        let until = async move { server_stop2.notified().await };
+        let server = match tls {
+            // TCP_NODELAY is set by the TLS listener before the handshake.
+            Some(acceptor) => {
+                let listener = crate::tls::TlsListener::new(listener, acceptor);
+                tokio::spawn(async move {
+                    match listener {
+                        // tap_io: axum gives connect info to TcpListener and TapIo only.
+                        Ok(l) => serve_on(l.tap_io(|_| {}), app, until).await,
+                        Err(e) => tracing::error!(error = %e, "TLS listener failed"),
+                    }
+                })
+            }
+            // TCP_NODELAY: without it, Nagle holds a small write back while an earlier
+            // one is unacknowledged, and the client's delayed ACK turns that into
+            // 40 ms stalls.
+            None => tokio::spawn(serve_on(
+                listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                }),
+                app,
+                until,
+            )),
+        };
         stop2.notified().await;
         let report = hub2.graceful_shutdown(drain_timeout).await;
         server_stop.notify_one();
@@ -162,6 +178,24 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         stop,
         task,
     })
+}
+
+/// Serves `app` on `listener` until `until` resolves, with each connection's peer
+/// address available to handlers (per-address limits need it).
+async fn serve_on<L, F>(
+    listener: axum::serve::TapIo<L, F>,
+    app: Router,
+    until: impl std::future::Future<Output = ()> + Send + 'static,
+) where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    F: FnMut(&mut L::Io) + Send + 'static,
+{
+    let _ = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(until)
+    .await;
 }
 
 fn rand_u32() -> u32 {

@@ -11,9 +11,11 @@
 //! - [`settings`]: config from file, `KEEL_*` environment and flags.
 //! - [`protocol`]: the protocol handler (a [`keel::Handler`]).
 //! - [`app`]: the HTTP router, API-key check and the serve/drain loop.
+//! - [`tls`]: `wss://` with rustls (`tls_cert`, `tls_key`).
 
 pub mod app;
 pub mod protocol;
 pub mod settings;
+pub mod tls;
 
 pub use app::{start, Running};

@@ -230,6 +230,11 @@ pub struct Config {
     pub rate_limit_burst: u32,
     /// How long a connection may keep exceeding the rate before close 4003.
     pub rate_limit_close_after: Duration,
+    /// PEM certificate chain for `wss://` served by the gateway itself (`None`:
+    /// plain `ws://`, TLS terminated by a proxy if at all).
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<std::path::PathBuf>,
     /// Broker: `memory` (one node) or `redis`.
     pub broker: BrokerKind,
     /// Redis URL for `broker = "redis"`.
@@ -303,6 +308,8 @@ impl Default for Config {
             rate_limit_messages: 0,
             rate_limit_burst: 50,
             rate_limit_close_after: Duration::from_secs(10),
+            tls_cert: None,
+            tls_key: None,
             broker: BrokerKind::Memory,
             redis_url: "redis://127.0.0.1:6379".into(),
             drain_timeout: Duration::from_secs(30),
@@ -406,6 +413,8 @@ options! {
     "rate_limit_messages", "0", "Messages per second one connection may send (token bucket; 0: no limit). Over it: `error rate_limited` and the message is dropped.";
     "rate_limit_burst", "50", "Depth of the bucket: messages a connection may send at once above the rate.";
     "rate_limit_close_after", "10s", "A connection that keeps exceeding the rate this long is closed with 4003.";
+    "tls_cert", "", "PEM certificate chain: the gateway serves `wss://` and `https://` itself (with `tls_key`). Empty: plain TCP (TLS at a proxy).";
+    "tls_key", "", "PEM private key of `tls_cert`.";
     "broker", "memory", "`memory` (one node) or `redis` (cluster; arrives with the Redis broker).";
     "redis_url", "redis://127.0.0.1:6379", "Redis URL for `broker = \"redis\"`.";
     "drain_timeout", "30s", "How long a graceful shutdown waits before force-closing.";
@@ -605,6 +614,8 @@ impl Config {
             "rate_limit_close_after" => {
                 self.rate_limit_close_after = positive_duration(v).map_err(err)?
             }
+            "tls_cert" => self.tls_cert = (!v.is_empty()).then(|| v.into()),
+            "tls_key" => self.tls_key = (!v.is_empty()).then(|| v.into()),
             "broker" => {
                 self.broker = match v {
                     "memory" => BrokerKind::Memory,
@@ -695,6 +706,9 @@ impl Config {
                 "send_queue_max_bytes",
                 "must hold at least one message of max_message_size (or 64 KiB)",
             ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(err("tls_cert", "tls_cert and tls_key go together"));
         }
         if self.num_shards > 4096 {
             return Err(err("num_shards", "must be at most 4096"));

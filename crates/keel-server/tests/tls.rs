@@ -1,0 +1,154 @@
+//! `wss://` served by the gateway itself: a self-signed certificate made in the
+//! test, a client that trusts exactly that certificate, a WebSocket upgrade and the
+//! protocol's `welcome` over TLS, HTTPS health, a plain-text client refused, and
+//! bad key files refused at start naming the option.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+struct Pki {
+    dir: std::path::PathBuf,
+    cert_der: CertificateDer<'static>,
+}
+
+fn pki(tag: &str) -> Pki {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("keel-tls-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), signing_key.serialize_pem()).unwrap();
+    Pki {
+        dir,
+        cert_der: cert.der().clone(),
+    }
+}
+
+fn tls_config(p: &Pki) -> keel::Config {
+    let mut c = config();
+    c.set("tls_cert", p.dir.join("cert.pem").to_str().unwrap())
+        .unwrap();
+    c.set("tls_key", p.dir.join("key.pem").to_str().unwrap())
+        .unwrap();
+    c
+}
+
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    p: &Pki,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = RootCertStore::empty();
+    roots.add(p.cert_der.clone()).unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake with the test certificate")
+}
+
+/// Reads until `\r\n\r\n`; returns the head and what came after it.
+async fn read_head(s: &mut (impl AsyncReadExt + Unpin)) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        assert!(n > 0, "closed before the head ended");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(p + 4);
+            return (String::from_utf8_lossy(&buf).to_string(), rest);
+        }
+    }
+}
+
+#[tokio::test]
+async fn websocket_and_https_over_tls_with_a_self_signed_certificate() {
+    let p = pki("ok");
+    let gw = gateway(tls_config(&p)).await;
+
+    let mut s = tls_connect(gw.addr, &p).await;
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, mut rest) = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // The first frame: an unmasked text frame carrying `welcome`.
+    while rest.len() < 4 {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0);
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(rest[0] & 0x0f, 1, "a text frame");
+    let (len, off) = match rest[1] & 0x7f {
+        126 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+        n => (n as usize, 2),
+    };
+    while rest.len() < off + len {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0);
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    let welcome: serde_json::Value = serde_json::from_slice(&rest[off..off + len]).unwrap();
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    eventually("registered", || gw.hub.get_connection_count() == 1).await;
+
+    let mut h = tls_connect(gw.addr, &p).await;
+    h.write_all(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_head(&mut h).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // Plain HTTP on the TLS port gets no answer but the end of the connection.
+    let mut plain = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    plain
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, plain.read_to_end(&mut out)).await;
+    assert!(!String::from_utf8_lossy(&out).contains("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn bad_tls_files_stop_start_up_naming_the_option() {
+    let p = pki("bad");
+    let mut c = tls_config(&p);
+    c.set("tls_cert", p.dir.join("missing.pem").to_str().unwrap())
+        .unwrap();
+    let e = keel_server::start(c).await.err().unwrap();
+    assert!(format!("{e:#}").contains("tls_cert"), "{e:#}");
+    let mut c = tls_config(&p);
+    // A certificate where the key should be.
+    c.set("tls_key", p.dir.join("cert.pem").to_str().unwrap())
+        .unwrap();
+    let e = keel_server::start(c).await.err().unwrap();
+    assert!(format!("{e:#}").contains("tls_key"), "{e:#}");
+    let mut c = config();
+    c.set("tls_cert", p.dir.join("cert.pem").to_str().unwrap())
+        .unwrap();
+    let e = keel_server::start(c).await.err().unwrap();
+    assert!(format!("{e:#}").contains("tls_key"), "{e:#}");
+}
