@@ -120,7 +120,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         tickets,
     };
     let app = router(state.clone(), &ws_path, metrics_on);
-    tracing::info!(%addr, "listening on {addr}");
+    let tls_on = tls.is_some();
     let cfg = hub.config();
     if !cfg.auth_configured() && cfg.auth_allow_anonymous {
         tracing::warn!(
@@ -129,6 +129,8 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
              allow_anonymous = false) before exposing this gateway."
         );
     }
+    // After the warning: whoever waits for this line has seen the warning too.
+    tracing::info!(%addr, tls = tls_on, "listening on {addr}");
     if hub.config().allowed_origins.is_empty() {
         tracing::debug!(
             "allowed_origins is empty: only same-origin or Origin-less upgrades are accepted"

@@ -135,7 +135,11 @@ impl Handler for Gateway {
 
     fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) {
         match msg {
-            Message::Text(text) if conn.awaiting_auth() => self.first_message(hub, conn, text),
+            // The lock behind `awaiting_auth` is taken only where first-message
+            // auth is on: not on every message of every connection.
+            Message::Text(text) if hub.config().auth_first_message && conn.awaiting_auth() => {
+                self.first_message(hub, conn, text)
+            }
             Message::Text(text) => handle_text(self, hub, conn, text),
             Message::Binary(_) => {
                 conn.close(

@@ -306,6 +306,31 @@ async fn generated_api_key_is_printed_once_and_works() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_warns_loudly_when_auth_is_not_configured() {
+    let warned = |p: &Proc| {
+        p.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("AUTH IS NOT CONFIGURED"))
+    };
+    let open = spawn(&[], &[("KEEL_API_KEY", "k")]).await;
+    eventually("the warning", || warned(&open)).await;
+    // Configured: no warning (the line after it, "listening on", has come).
+    let closed = spawn(
+        &[],
+        &[
+            ("KEEL_API_KEY", "k"),
+            ("KEEL_AUTH_JWT_SECRET", "a-configured-secret-0123"),
+        ],
+    )
+    .await;
+    let (s, _) = http(closed.addr, "GET", "/health/live", None, None).await;
+    assert_eq!(s, 200);
+    assert!(!warned(&closed), "{:?}", closed.lines.lock().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_tickets_never_reach_the_logs_at_any_level() {
     let secret = "log-test-jwt-secret-0123456789";
     let p = spawn(

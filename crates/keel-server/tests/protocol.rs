@@ -402,3 +402,51 @@ async fn disconnect_policy_closes_slow_consumer_with_4000() {
     assert_eq!(slow_count, Some(1));
     gw.shutdown().await;
 }
+
+/// Regression (found by the `protocol_decode` fuzz target): JSON numbers no f64
+/// holds are valid JSON; `publish` and the `echo` rpc forward `data` verbatim
+/// instead of re-parsing it, so they reach subscribers unchanged.
+#[tokio::test]
+async fn data_is_forwarded_verbatim_even_numbers_beyond_f64() {
+    let gw = gateway(config()).await;
+    let mut sub = Client::connect(gw.addr).await;
+    sub.subscribe("big").await;
+    let mut publisher = Raw::connect(gw.addr).await;
+    let text =
+        r#"{"type":"publish","payload":{"channel":"big","data":{"n":[4,8.806679214089E828]}}}"#;
+    publisher.send_frame(true, 1, text.as_bytes()).await;
+    use futures::StreamExt;
+    let frame = tokio::time::timeout(WAIT, async {
+        loop {
+            let f = sub.ws.next().await.expect("open");
+            if f.opcode() == yawc::frame::OpCode::Text
+                && f.payload().starts_with(br#"{"type":"message""#)
+            {
+                return f;
+            }
+        }
+    })
+    .await
+    .expect("the message arrives");
+    let body = String::from_utf8(frame.payload().to_vec()).unwrap();
+    assert!(
+        body.contains(r#""data":{"n":[4,8.806679214089E828]}"#),
+        "{body}"
+    );
+    let mut c = Client::connect(gw.addr).await;
+    c.send_text(r#"{"type":"rpc","payload":{"method":"echo","data":1e999},"request_id":"e"}"#)
+        .await;
+    let raw = tokio::time::timeout(WAIT, async {
+        loop {
+            let f = c.ws.next().await.expect("open");
+            if f.opcode() == yawc::frame::OpCode::Text
+                && f.payload().starts_with(br#"{"type":"rpc_response""#)
+            {
+                return String::from_utf8(f.payload().to_vec()).unwrap();
+            }
+        }
+    })
+    .await
+    .expect("the echo arrives");
+    assert!(raw.contains(r#""data":1e999"#), "{raw}");
+}

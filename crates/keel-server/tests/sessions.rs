@@ -432,6 +432,11 @@ async fn presence_events_announce_joins_and_leaves_in_the_stream() {
 async fn subscribing_with_since_while_publishing_loses_and_repeats_nothing() {
     let mut cfg = config();
     cfg.set("history_size", "100000").unwrap();
+    // This test is about the merge of replay and live stream, not backpressure: on a
+    // loaded machine a subscriber can fall more than the default 1024 messages
+    // behind, and drop_oldest would then (rightly) drop some.
+    cfg.set("send_queue_max_messages", "100000").unwrap();
+    cfg.set("send_queue_max_bytes", "67108864").unwrap();
     let gw = gateway(cfg).await;
     let hub = gw.hub.clone();
     const TOTAL: u64 = 3000;
