@@ -389,7 +389,9 @@ async fn an_anonymous_connection_cannot_refresh() {
 
 #[tokio::test]
 async fn resume_is_only_for_the_same_authenticated_client() {
-    let gw = gateway(hs_config()).await;
+    let mut cfg = hs_config();
+    cfg.set("auth_allow_anonymous", "true").unwrap();
+    let gw = gateway(cfg).await;
     let url = |sub: &str| format!("ws://{}/ws?token={}", gw.addr, hs256(user(sub)));
     let alice = Client::connect_url(&url("alice")).await;
     let tok = alice.welcome["payload"]["reconnect_token"]
@@ -406,6 +408,16 @@ async fn resume_is_only_for_the_same_authenticated_client() {
         .request("resume", json!({"reconnect_token": tok, "positions": {}}))
         .await;
     assert_eq!(r["payload"]["code"], "forbidden", "{r}");
+    // An anonymous connection holding alice's token is not alice either.
+    let mut anon = Client::connect(gw.addr).await;
+    let r = anon
+        .request("resume", json!({"reconnect_token": tok, "positions": {}}))
+        .await;
+    assert_eq!(r["payload"]["code"], "forbidden", "{r}");
+    assert!(r["payload"]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("authenticate"));
     assert_eq!(bob.request("ping", json!({})).await["type"], "pong");
     let mut alice = Client::connect_url(&url("alice")).await;
     let r = alice

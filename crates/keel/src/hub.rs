@@ -801,6 +801,7 @@ impl Hub {
             session_id: uuid::Uuid::from_u128(ident.session_id).to_string(),
             generation: ident.generation,
             expires_at_ms: token::unix_ms() + self.inner.sessions.ttl.as_millis() as u64,
+            authenticated: conn.is_authenticated(),
         })
     }
 
@@ -827,8 +828,9 @@ impl Hub {
     /// Refused, with `conn` left as it was (a new session): a forged, malformed or
     /// already used token ([`ErrorKind::InvalidToken`]), an expired one or a session
     /// already reclaimed ([`ErrorKind::TokenExpired`]), a session of another client
-    /// when `conn` authenticated as someone (`authenticated_as`;
-    /// [`ErrorKind::Forbidden`]), and resume when `enable_reconnect` is off
+    /// when `conn` authenticated as someone (`authenticated_as`), or the session
+    /// of an authenticated client when `conn` did not authenticate
+    /// ([`ErrorKind::Forbidden`] both), and resume when `enable_reconnect` is off
     /// ([`ErrorKind::InvalidArgument`]).
     ///
     /// A token is good for one resume: the result carries its successor. On a node
@@ -894,6 +896,14 @@ impl Hub {
             return Err(Error::new(
                 ErrorKind::Forbidden,
                 "the session belongs to another client",
+            ));
+        }
+        // A reconnect token is not a credential: the session of an authenticated
+        // client goes only to a connection that authenticated as that client.
+        if claims.authenticated && authenticated_as.is_none() {
+            return Err(Error::new(
+                ErrorKind::Forbidden,
+                "the session belongs to an authenticated client: authenticate first",
             ));
         }
         let mine = conn.ident();

@@ -35,6 +35,10 @@ pub struct ReconnectClaims {
     /// Expiry, milliseconds since the Unix epoch.
     #[serde(rename = "e")]
     pub expires_at_ms: u64,
+    /// Whether the session's connection had authenticated with a credential: then
+    /// only a connection authenticated as the same client may resume it.
+    #[serde(rename = "a", default, skip_serializing_if = "std::ops::Not::not")]
+    pub authenticated: bool,
 }
 
 /// Signs and checks reconnect tokens with one key.
@@ -122,6 +126,7 @@ mod tests {
             session_id: "6f0c2f5e-7d4b-4b6e-9a59-0e6e2c3b7a11".into(),
             generation: 3,
             expires_at_ms: 2_000,
+            authenticated: false,
         }
     }
 
