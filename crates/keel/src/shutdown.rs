@@ -35,9 +35,22 @@ impl Hub {
     /// later (`server_shutdown`, then close 1012), wait up to `timeout` for them to
     /// go, force-close the rest. Calling it again after it finished returns a report
     /// of an empty Hub.
-    pub async fn graceful_shutdown(&self, timeout: Duration) -> ShutdownReport {
-        let started = Instant::now();
+    ///
+    /// The Hub refuses new connections (and readiness can report draining) from the
+    /// moment this is called, before the returned future is first polled: a caller
+    /// that spawns the drain and answers at once (`POST /admin/drain`) must not
+    /// leave a window where it still looks ready.
+    pub fn graceful_shutdown(
+        &self,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = ShutdownReport> + Send + 'static {
         self.inner.draining.store(true, Ordering::Release);
+        let hub = self.clone();
+        async move { hub.drain(timeout).await }
+    }
+
+    async fn drain(&self, timeout: Duration) -> ShutdownReport {
+        let started = Instant::now();
         let conns: Vec<Connection> = self
             .shards()
             .iter()
