@@ -112,26 +112,14 @@ async fn gap_larger_than_history_is_reported_never_partial() {
     // Down long enough for 30 publications; history keeps 10.
     proxy.block(true);
     proxy.cut();
-    next_matching(&mut events, "Disconnected", |e| {
-        matches!(e, Event::Disconnected { .. })
-    })
-    .await;
+    disconnected(&mut events).await;
     for n in 1..=30 {
         publish(n).await;
     }
     proxy.block(false);
-    let resumed = next_matching(&mut events, "Resumed", |e| {
-        matches!(e, Event::Resumed { .. })
-    })
-    .await;
-    let Event::Resumed { recovered, .. } = resumed else {
-        unreachable!()
-    };
+    let recovered = resumed(&mut events).await;
     assert_eq!(recovered, BTreeMap::from([("c".to_string(), false)]));
-    let lost = next_matching(&mut events, "Unrecovered", |e| {
-        matches!(e, Event::Unrecovered { .. })
-    })
-    .await;
+    let lost = unrecovered(&mut events).await;
     assert_eq!(
         lost,
         Event::Unrecovered {
@@ -157,10 +145,7 @@ async fn gap_past_history_ttl_is_reported() {
     sub.subscribe("c").await.unwrap();
     proxy.block(true);
     proxy.cut();
-    next_matching(&mut events, "Disconnected", |e| {
-        matches!(e, Event::Disconnected { .. })
-    })
-    .await;
+    disconnected(&mut events).await;
     let raw = serde_json::value::to_raw_value(&json!({ "n": 1 })).unwrap();
     gw.hub.publish("c", &raw, None).unwrap();
     // Wait until history has expired it (observed, not assumed).
@@ -171,18 +156,9 @@ async fn gap_past_history_ttl_is_reported() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     proxy.block(false);
-    let Event::Resumed { recovered, .. } = next_matching(&mut events, "Resumed", |e| {
-        matches!(e, Event::Resumed { .. })
-    })
-    .await
-    else {
-        unreachable!()
-    };
+    let recovered = resumed(&mut events).await;
     assert!(!recovered["c"]);
-    let lost = next_matching(&mut events, "Unrecovered", |e| {
-        matches!(e, Event::Unrecovered { .. })
-    })
-    .await;
+    let lost = unrecovered(&mut events).await;
     assert_eq!(
         lost,
         Event::Unrecovered {
@@ -208,19 +184,9 @@ async fn restarted_gateway_new_epoch_gives_recovered_false() {
     let gw2 = gateway(config()).await;
     proxy.retarget(gw2.addr);
     proxy.cut();
-    let Event::Resumed { recovered, .. } = next_matching(&mut events, "Resumed", |e| {
-        matches!(e, Event::Resumed { .. })
-    })
-    .await
-    else {
-        unreachable!()
-    };
+    let recovered = resumed(&mut events).await;
     assert!(!recovered["c"], "a new epoch cannot be recovered");
-    let Event::Unrecovered { from, to, .. } = next_matching(&mut events, "Unrecovered", |e| {
-        matches!(e, Event::Unrecovered { .. })
-    })
-    .await
-    else {
+    let Event::Unrecovered { from, to, .. } = unrecovered(&mut events).await else {
         unreachable!()
     };
     assert_eq!((from, to), (2, None));
@@ -244,26 +210,13 @@ async fn silent_server_is_detected_by_the_watchdog() {
     // A zombie path: no FIN, no RST, nothing.
     proxy.freeze();
     let started = tokio::time::Instant::now();
-    let Event::Disconnected {
-        code,
-        reason,
-        will_reconnect,
-    } = next_matching(&mut events, "Disconnected", |e| {
-        matches!(e, Event::Disconnected { .. })
-    })
-    .await
-    else {
-        unreachable!()
-    };
+    let (code, reason, will_reconnect) = disconnected(&mut events).await;
     assert_eq!(code, None);
     assert!(reason.contains("nothing heard"), "{reason}");
     assert!(will_reconnect);
     // Not before interval + timeout of silence.
     assert!(started.elapsed() >= Duration::from_millis(300));
-    next_matching(&mut events, "Resumed", |e| {
-        matches!(e, Event::Resumed { .. })
-    })
-    .await;
+    resumed(&mut events).await;
 }
 
 #[tokio::test]
@@ -295,13 +248,7 @@ async fn server_shutdown_delay_is_honoured() {
         unreachable!()
     };
     assert!(delay <= Duration::from_millis(400));
-    let Event::Disconnected { code, .. } = next_matching(&mut events, "Disconnected", |e| {
-        matches!(e, Event::Disconnected { .. })
-    })
-    .await
-    else {
-        unreachable!()
-    };
+    let (code, _, _) = disconnected(&mut events).await;
     assert_eq!(code, Some(1012));
     let Event::Reconnecting {
         attempt,
@@ -334,17 +281,7 @@ async fn no_reconnect_after_1008_or_own_close() {
         unreachable!()
     };
     gw.hub.disconnect_with(&client_id, 1008, "go away").unwrap();
-    let Event::Disconnected {
-        code,
-        will_reconnect,
-        ..
-    } = next_matching(&mut events, "Disconnected", |e| {
-        matches!(e, Event::Disconnected { .. })
-    })
-    .await
-    else {
-        unreachable!()
-    };
+    let (code, _, will_reconnect) = disconnected(&mut events).await;
     assert_eq!((code, will_reconnect), (Some(1008), false));
     let closed = next_matching(&mut events, "Closed", |e| matches!(e, Event::Closed { .. })).await;
     assert!(matches!(closed, Event::Closed { .. }));
@@ -353,17 +290,7 @@ async fn no_reconnect_after_1008_or_own_close() {
     let (c, mut events) = Client::connect(&url, fast()).unwrap();
     connected(&mut events).await;
     c.close().await;
-    let Event::Disconnected {
-        code,
-        will_reconnect,
-        ..
-    } = next_matching(&mut events, "Disconnected", |e| {
-        matches!(e, Event::Disconnected { .. })
-    })
-    .await
-    else {
-        unreachable!()
-    };
+    let (code, _, will_reconnect) = disconnected(&mut events).await;
     assert_eq!((code, will_reconnect), (Some(1000), false));
     next_matching(&mut events, "Closed", |e| matches!(e, Event::Closed { .. })).await;
     let err = c.publish("c", json!(1)).await.unwrap_err();
@@ -386,10 +313,7 @@ async fn calls_made_offline_are_sent_after_reconnecting_up_to_the_bound() {
     c.subscribe("c").await.unwrap();
     proxy.block(true);
     proxy.cut();
-    next_matching(&mut events, "Disconnected", |e| {
-        matches!(e, Event::Disconnected { .. })
-    })
-    .await;
+    disconnected(&mut events).await;
     // Three calls race into a queue that holds two: exactly one is refused, at
     // once, while the path is still down.
     let calls: Vec<_> = (1..=3)

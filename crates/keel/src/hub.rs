@@ -207,41 +207,35 @@ impl Hub {
                 .fetch_add(1, Ordering::Relaxed);
             return Err(Error::new(ErrorKind::Shutdown, "server is draining"));
         }
-        if let Some(max) = self.inner.config.max_connections {
-            if self.inner.reserved.load(Ordering::Acquire) >= max {
-                self.inner
-                    .metrics
-                    .rejected_limit
-                    .fetch_add(1, Ordering::Relaxed);
-                return Err(Error::new(
-                    ErrorKind::ConnectionLimitExceeded,
-                    format!("at max_connections ({max})"),
-                ));
+        match self.inner.config.max_connections {
+            Some(max) if self.inner.reserved.load(Ordering::Acquire) >= max => {
+                Err(self.at_max_connections(max))
             }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
+    /// Counts a refusal at `max_connections` and returns its error.
+    fn at_max_connections(&self, max: usize) -> Error {
+        self.inner
+            .metrics
+            .rejected_limit
+            .fetch_add(1, Ordering::Relaxed);
+        Error::new(
+            ErrorKind::ConnectionLimitExceeded,
+            format!("at max_connections ({max})"),
+        )
+    }
+
+    /// Claims a place: [`check_admission`](Self::check_admission), then the claim
+    /// itself, undone if a concurrent connect took the last place in between.
     fn reserve(&self) -> Result<()> {
-        if self.is_draining() {
-            self.inner
-                .metrics
-                .rejected_draining
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(Error::new(ErrorKind::Shutdown, "server is draining"));
-        }
+        self.check_admission()?;
         let prev = self.inner.reserved.fetch_add(1, Ordering::AcqRel);
         if let Some(max) = self.inner.config.max_connections {
             if prev >= max {
                 self.inner.reserved.fetch_sub(1, Ordering::AcqRel);
-                self.inner
-                    .metrics
-                    .rejected_limit
-                    .fetch_add(1, Ordering::Relaxed);
-                return Err(Error::new(
-                    ErrorKind::ConnectionLimitExceeded,
-                    format!("at max_connections ({max})"),
-                ));
+                return Err(self.at_max_connections(max));
             }
         }
         Ok(())

@@ -213,3 +213,35 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// The next `Disconnected`: (code, reason, will_reconnect).
+pub async fn disconnected(events: &mut Events) -> (Option<u16>, String, bool) {
+    match next_matching(events, "Disconnected", |e| {
+        matches!(e, Event::Disconnected { .. })
+    })
+    .await
+    {
+        Event::Disconnected {
+            code,
+            reason,
+            will_reconnect,
+        } => (code, reason, will_reconnect),
+        _ => unreachable!(),
+    }
+}
+
+/// The next `Resumed`: what it says per channel.
+pub async fn resumed(events: &mut Events) -> std::collections::BTreeMap<String, bool> {
+    match next_matching(events, "Resumed", |e| matches!(e, Event::Resumed { .. })).await {
+        Event::Resumed { recovered, .. } => recovered,
+        _ => unreachable!(),
+    }
+}
+
+/// The next `Unrecovered` event, whole.
+pub async fn unrecovered(events: &mut Events) -> Event {
+    next_matching(events, "Unrecovered", |e| {
+        matches!(e, Event::Unrecovered { .. })
+    })
+    .await
+}
