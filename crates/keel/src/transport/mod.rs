@@ -1,13 +1,23 @@
-//! The one place that knows which WebSocket crate Keel uses (yawc).
+//! The one place that knows how WebSocket frames are read and written.
 //!
 //! Everything else in the library sees [`Upgrade`] (the axum extractor), [`Socket`]
-//! and the small frame vocabulary below. Swapping the crate means rewriting this
-//! file only. It must not grow protocol logic: it moves frames, nothing more.
+//! and the small frame vocabulary below. It must not grow protocol logic: it moves
+//! frames, nothing more.
 //!
-//! Why yawc (see `docs/decisions.md`): permessage-deflate with no context takeover
-//! and a shared compressor pool, read and write buffers that start small (down to
-//! 0) and shrink back after a large frame, an axum 0.8 extractor, and Autobahn in
-//! its own CI.
+//! Two framings sit behind [`Socket`]:
+//! - [`plain`]: our own RFC 6455 framing, for connections that negotiated no
+//!   extension (most clients of a gateway: load generators, servers, mobile
+//!   libraries). About 100 bytes per connection and no buffer while idle.
+//! - yawc, for connections that negotiated permessage-deflate (browsers offer it):
+//!   no context takeover and a shared compressor pool. Boxed, so a compressed
+//!   connection costs its own memory and not every connection's. yawc is named in
+//!   this file only.
+//!
+//! Why yawc for compression (see `docs/decisions.md`): permessage-deflate with no
+//! context takeover and a shared compressor pool, buffers that start small and
+//! shrink back, and Autobahn in its own CI.
+
+mod plain;
 
 use std::task::{Context, Poll};
 
@@ -16,12 +26,21 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures::{Sink, SinkExt};
+use futures::{FutureExt, Sink, SinkExt};
+use hyper_util::rt::TokioIo;
 
 use crate::config::{Compression, Config};
 
+/// The upgraded HTTP connection, as a tokio byte stream.
+type Stream = TokioIo<hyper::upgrade::Upgraded>;
+
 /// The accepted WebSocket: the upgraded HTTP connection with framing on top.
-pub(crate) type Socket = yawc::WebSocket<yawc::HttpStream>;
+pub(crate) enum Socket {
+    /// No extension: Keel's own framing.
+    Plain(plain::PlainSocket<Stream>),
+    /// permessage-deflate: yawc.
+    Deflate(Box<yawc::WebSocket<yawc::HttpStream>>),
+}
 
 /// A pending WebSocket upgrade, extracted from an axum request.
 ///
@@ -29,7 +48,12 @@ pub(crate) type Socket = yawc::WebSocket<yawc::HttpStream>;
 /// answers the handshake and runs the connection. Rejections (not a WebSocket
 /// request, wrong version) are answered with 400 before any handler runs.
 pub struct Upgrade {
-    inner: yawc::IncomingUpgrade,
+    /// `Sec-WebSocket-Key`, checked present.
+    key: axum::http::HeaderValue,
+    /// The one permessage-deflate offer kept (see [`choose_deflate_offer`]).
+    deflate_offer: Option<axum::http::HeaderValue>,
+    /// Resolves to the raw connection once the 101 response is written.
+    on_upgrade: hyper::upgrade::OnUpgrade,
     /// The TCP peer, when the server was built with connect info
     /// (`into_make_service_with_connect_info::<SocketAddr>`).
     pub(crate) peer: Option<std::net::SocketAddr>,
@@ -62,10 +86,30 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
     type Rejection = UpgradeRejection;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let _ = state;
         choose_deflate_offer(&mut parts.headers);
-        let inner = yawc::IncomingUpgrade::from_request_parts(parts, state)
-            .await
-            .map_err(UpgradeRejection)?;
+        let bad = || UpgradeRejection(StatusCode::BAD_REQUEST);
+        let key = parts
+            .headers
+            .get(axum::http::header::SEC_WEBSOCKET_KEY)
+            .cloned()
+            .ok_or_else(bad)?;
+        if parts
+            .headers
+            .get(axum::http::header::SEC_WEBSOCKET_VERSION)
+            .map(|v| v.as_bytes())
+            != Some(b"13")
+        {
+            return Err(bad());
+        }
+        let deflate_offer = parts
+            .headers
+            .get(axum::http::header::SEC_WEBSOCKET_EXTENSIONS)
+            .cloned();
+        let on_upgrade = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or_else(bad)?;
         let peer = parts
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -76,7 +120,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             .and_then(|v| v.to_str().ok())
             .map(Box::from);
         Ok(Upgrade {
-            inner,
+            key,
+            deflate_offer,
+            on_upgrade,
             peer,
             forwarded,
         })
@@ -136,6 +182,9 @@ fn choose_deflate_offer(headers: &mut axum::http::HeaderMap) {
 #[derive(Clone)]
 pub(crate) struct Transport {
     options: yawc::Options,
+    /// Whether an offer of permessage-deflate is taken up.
+    deflate: bool,
+    max_message: usize,
 }
 
 impl Transport {
@@ -163,7 +212,11 @@ impl Transport {
         } else {
             options = options.without_compression();
         }
-        Transport { options }
+        Transport {
+            options,
+            deflate: config.compression == Compression::Deflate,
+            max_message: config.max_message_size,
+        }
     }
 
     /// Answers the handshake; the returned future resolves to the socket once the
@@ -172,14 +225,59 @@ impl Transport {
         &self,
         upgrade: Upgrade,
     ) -> Result<(Response, impl std::future::Future<Output = Option<Socket>>), crate::Error> {
-        let (response, fut) = upgrade
-            .inner
-            .upgrade(self.options.clone())
-            .map_err(|e| crate::Error::new(crate::ErrorKind::Handshake, e.to_string()))?;
-        let (parts, body) = response.into_parts();
-        let response = Response::from_parts(parts, axum::body::Body::new(body));
-        Ok((response, async move { fut.await.ok() }))
+        let handshake = |e: String| crate::Error::new(crate::ErrorKind::Handshake, e);
+        match upgrade.deflate_offer.filter(|_| self.deflate) {
+            Some(offer) => {
+                // yawc negotiates the extension: hand it the request's parts again.
+                let (mut parts, ()) = axum::http::Request::new(()).into_parts();
+                let h = &mut parts.headers;
+                h.insert(axum::http::header::SEC_WEBSOCKET_KEY, upgrade.key);
+                h.insert(
+                    axum::http::header::SEC_WEBSOCKET_VERSION,
+                    axum::http::HeaderValue::from_static("13"),
+                );
+                h.insert(axum::http::header::SEC_WEBSOCKET_EXTENSIONS, offer);
+                parts.extensions.insert(upgrade.on_upgrade);
+                let incoming = yawc::IncomingUpgrade::from_request_parts(&mut parts, &())
+                    .now_or_never()
+                    .ok_or_else(|| handshake("the upgrade did not complete at once".into()))?
+                    .map_err(|s| handshake(s.to_string()))?;
+                let (response, fut) = incoming
+                    .upgrade(self.options.clone())
+                    .map_err(|e| handshake(e.to_string()))?;
+                let (parts, body) = response.into_parts();
+                let response = Response::from_parts(parts, axum::body::Body::new(body));
+                let socket = fut.map(|r| r.ok().map(|ws| Socket::Deflate(Box::new(ws))));
+                Ok((response, socket.left_future()))
+            }
+            None => {
+                let accept = accept_key(upgrade.key.as_bytes());
+                let response = Response::builder()
+                    .status(StatusCode::SWITCHING_PROTOCOLS)
+                    .header(axum::http::header::UPGRADE, "websocket")
+                    .header(axum::http::header::CONNECTION, "Upgrade")
+                    .header(axum::http::header::SEC_WEBSOCKET_ACCEPT, accept)
+                    .body(axum::body::Body::empty())
+                    .map_err(|e| handshake(e.to_string()))?;
+                let max = self.max_message;
+                let socket = upgrade.on_upgrade.map(move |r| {
+                    r.ok()
+                        .map(|io| Socket::Plain(plain::PlainSocket::new(TokioIo::new(io), max)))
+                });
+                Ok((response, socket.right_future()))
+            }
+        }
     }
+}
+
+/// `Sec-WebSocket-Accept` for a client's key (RFC 6455 section 4.2.2).
+fn accept_key(key: &[u8]) -> String {
+    use base64::Engine;
+    use sha1::{Digest, Sha1};
+    let mut sha = Sha1::new();
+    sha.update(key);
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
 }
 
 #[cfg(test)]
@@ -253,6 +351,10 @@ pub(crate) fn poll_read(
     cx: &mut Context<'_>,
 ) -> Poll<Result<Incoming, ReadError>> {
     use yawc::frame::OpCode;
+    let socket = match socket {
+        Socket::Plain(s) => return s.poll_read(cx),
+        Socket::Deflate(s) => s,
+    };
     socket.poll_next_frame(cx).map(|r| match r {
         Ok(frame) => Ok(match frame.opcode() {
             OpCode::Text => Incoming::Text(frame.into_payload()),
@@ -324,15 +426,26 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// Whether the socket can take another frame now (registers the waker if not).
 pub(crate) fn poll_ready(socket: &mut Socket, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
-    Sink::<yawc::Frame>::poll_ready(std::pin::Pin::new(socket), cx).map_err(|_| ())
+    match socket {
+        Socket::Plain(s) => s.poll_ready(cx),
+        Socket::Deflate(s) => {
+            Sink::<yawc::Frame>::poll_ready(std::pin::Pin::new(&mut **s), cx).map_err(|_| ())
+        }
+    }
 }
 
 /// Encodes a frame into the socket's write buffer (after `poll_ready` said yes).
 pub(crate) fn start_send(socket: &mut Socket, frame: Outgoing) -> Result<(), ()> {
-    socket.start_send_unpin(frame.into_frame()).map_err(|_| ())
+    match socket {
+        Socket::Plain(s) => s.start_send(frame),
+        Socket::Deflate(s) => s.start_send_unpin(frame.into_frame()).map_err(|_| ()),
+    }
 }
 
 /// Writes what is buffered; `Ready(Ok)` once the buffer is empty.
 pub(crate) fn poll_flush(socket: &mut Socket, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
-    socket.poll_flush_unpin(cx).map_err(|_| ())
+    match socket {
+        Socket::Plain(s) => s.poll_flush(cx),
+        Socket::Deflate(s) => s.poll_flush_unpin(cx).map_err(|_| ()),
+    }
 }

@@ -1,0 +1,739 @@
+//! RFC 6455 framing of our own, for connections that negotiated no extension.
+//!
+//! Why it exists: an idle connection is what Keel holds most of, and yawc's socket
+//! struct (about 620 bytes inside every connection task) plus the read and write
+//! buffers it keeps were a third of an idle connection's memory. This socket is
+//! about 100 bytes and holds no buffer while idle: reads land in a stack buffer and
+//! only the tail of an incomplete frame is kept on the heap; the write buffer is
+//! given back once flushed. Connections that negotiate permessage-deflate still go
+//! through yawc (see the parent module).
+//!
+//! It moves and checks frames (masking, lengths, fragmentation, control frames,
+//! UTF-8 of text messages and close reasons, close codes) and answers Ping and
+//! Close; it must not learn anything about Keel's protocol.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::{Incoming, Outgoing, ReadError};
+
+/// Bytes read per `read` call into the stack.
+const READ_CHUNK: usize = 4096;
+
+/// `poll_ready` says no while this much is waiting to be written.
+const WRITE_HIGH_WATER: usize = 64 * 1024;
+
+const OP_CONT: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// A frame header as it came, not yet checked.
+struct Header {
+    /// Bytes up to the payload (2 to 14).
+    header_len: usize,
+    fin: bool,
+    /// RSV1-3, shifted down.
+    rsv: u8,
+    opcode: u8,
+    masked: bool,
+    len: u64,
+    mask: [u8; 4],
+}
+
+impl Header {
+    /// Reads a header from the start of `b`; `None` until all of it is there.
+    fn parse(b: &[u8]) -> Option<Header> {
+        let (&b0, &b1) = (b.first()?, b.get(1)?);
+        let (len, mut at) = match b1 & 0x7F {
+            126 => (u16::from_be_bytes([*b.get(2)?, *b.get(3)?]) as u64, 4),
+            127 => {
+                let n: [u8; 8] = b.get(2..10)?.try_into().ok()?;
+                (u64::from_be_bytes(n), 10)
+            }
+            n => (n as u64, 2),
+        };
+        let masked = b1 & 0x80 != 0;
+        let mut mask = [0u8; 4];
+        if masked {
+            mask.copy_from_slice(b.get(at..at + 4)?);
+            at += 4;
+        }
+        Some(Header {
+            header_len: at,
+            fin: b0 & 0x80 != 0,
+            rsv: (b0 >> 4) & 0x7,
+            opcode: b0 & 0x0F,
+            masked,
+            len,
+            mask,
+        })
+    }
+}
+
+/// What parsing found: a message, nothing yet, or a protocol error (close code
+/// and detail).
+type Parsed = Result<Option<Incoming>, (u16, String)>;
+
+/// Where the close handshake stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Frames flow both ways.
+    Open,
+    /// A protocol error was reported: incoming frames are read and dropped until
+    /// the peer's Close (or the end of the stream).
+    Failed,
+    /// The peer's Close arrived: once our Close is flushed, the read side reports
+    /// the end.
+    PeerClosed,
+}
+
+/// A message being reassembled from fragments.
+struct Partial {
+    opcode: u8,
+    data: Vec<u8>,
+    /// For text: how many leading bytes are known to be valid UTF-8.
+    checked: usize,
+}
+
+/// A server-side WebSocket over `S`, without extensions.
+pub(crate) struct PlainSocket<S> {
+    io: S,
+    /// Read but not yet consumed: the start of an incomplete frame, or frames that
+    /// arrived together. Empty (and unallocated) between messages, usually.
+    rbuf: Vec<u8>,
+    /// Where the unconsumed part of `rbuf` starts.
+    rpos: usize,
+    /// Encoded frames not yet written, from `wpos` on.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// Fragments of a message, while one is arriving.
+    partial: Option<Box<Partial>>,
+    /// The largest message accepted (1009 above it).
+    max_message: usize,
+    /// Our Close frame is in `wbuf` (or written): nothing more is sent.
+    close_sent: bool,
+    state: State,
+    /// Bytes still to drop: the rest of a frame that failed, or of one dropped
+    /// while waiting for the peer's Close.
+    skip: u64,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> PlainSocket<S> {
+    /// Wraps an upgraded stream.
+    pub(crate) fn new(io: S, max_message: usize) -> Self {
+        PlainSocket {
+            io,
+            rbuf: Vec::new(),
+            rpos: 0,
+            wbuf: Vec::new(),
+            wpos: 0,
+            partial: None,
+            max_message,
+            close_sent: false,
+            state: State::Open,
+            skip: 0,
+        }
+    }
+
+    /// Polls the next complete message (Ping and Pong show as `Control`).
+    pub(crate) fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Incoming, ReadError>> {
+        loop {
+            if self.state == State::PeerClosed {
+                // Our answer (or our own Close) must reach the peer before the end.
+                return match self.poll_flush(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(_) => Poll::Ready(Err(ReadError::Closed)),
+                };
+            }
+            if !self.rbuf.is_empty() {
+                let buf = std::mem::take(&mut self.rbuf);
+                let (used, parsed) = self.parse(&buf[self.rpos..]);
+                self.rbuf = buf;
+                self.consume(used);
+                match self.report(parsed) {
+                    Some(r) => return Poll::Ready(r),
+                    None if self.state == State::PeerClosed => continue,
+                    None => {}
+                }
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut buf = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(ReadError::Closed)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let got = buf.filled();
+            if got.is_empty() {
+                return Poll::Ready(Err(ReadError::Closed));
+            }
+            if !self.rbuf.is_empty() {
+                // The rest of a frame begun earlier.
+                self.rbuf.drain(..self.rpos);
+                self.rpos = 0;
+                self.rbuf.extend_from_slice(got);
+                continue;
+            }
+            // The usual case: parse straight from the stack; keep only a remainder.
+            let (used, parsed) = self.parse(got);
+            if used < got.len() {
+                self.rbuf.extend_from_slice(&got[used..]);
+            }
+            if let Some(r) = self.report(parsed) {
+                return Poll::Ready(r);
+            }
+        }
+    }
+
+    /// Turns a parse result into what `poll_read` returns, if anything.
+    fn report(&mut self, parsed: Parsed) -> Option<Result<Incoming, ReadError>> {
+        match parsed {
+            Ok(Some(incoming)) => Some(Ok(incoming)),
+            Ok(None) => None,
+            Err((code, detail)) => {
+                self.state = State::Failed;
+                self.partial = None;
+                Some(Err(ReadError::Protocol(code, detail)))
+            }
+        }
+    }
+
+    /// Takes whole frames from the front of `buf` until one makes a message, more
+    /// bytes are needed, or one breaks the protocol. Returns the bytes used.
+    fn parse(&mut self, buf: &[u8]) -> (usize, Parsed) {
+        let mut used = 0;
+        loop {
+            if self.state == State::PeerClosed {
+                return (used, Ok(None));
+            }
+            let rest = &buf[used..];
+            if self.skip > 0 {
+                // The rest of a frame that failed, or one dropped after a failure.
+                let n = self.skip.min(rest.len() as u64) as usize;
+                used += n;
+                self.skip -= n as u64;
+                if self.skip > 0 {
+                    return (used, Ok(None));
+                }
+                continue;
+            }
+            let Some(h) = Header::parse(rest) else {
+                return (used, Ok(None));
+            };
+            let total = h.header_len as u64 + h.len;
+            if self.state == State::Failed {
+                // Dropping frames until the peer's Close; never buffer one.
+                if h.opcode != OP_CLOSE || h.len > 125 {
+                    self.skip = total;
+                    continue;
+                }
+            } else if let Err(e) = self.check(&h) {
+                self.skip = total;
+                return (used, Err(e));
+            }
+            // `check` bounded the length by `max_message`.
+            let total = total as usize;
+            if rest.len() < total {
+                return (used, Ok(None));
+            }
+            let mut payload = rest[h.header_len..total].to_vec();
+            used += total;
+            if self.state == State::Failed {
+                self.state = State::PeerClosed;
+                return (used, Ok(None));
+            }
+            unmask(&mut payload, h.mask);
+            match self.on_frame(h.fin, h.opcode, payload) {
+                Ok(None) => {}
+                other => return (used, other),
+            }
+        }
+    }
+
+    /// Checks a client frame's header against RFC 6455 and the size limit.
+    fn check(&self, h: &Header) -> Result<(), (u16, String)> {
+        if h.rsv != 0 {
+            return Err((1002, "reserved bits set without an extension".into()));
+        }
+        match h.opcode {
+            OP_CONT | OP_TEXT | OP_BINARY => {}
+            OP_CLOSE | OP_PING | OP_PONG => {
+                if !h.fin {
+                    return Err((1002, "fragmented control frame".into()));
+                }
+                if h.len > 125 {
+                    return Err((1002, "control frame over 125 bytes".into()));
+                }
+            }
+            other => return Err((1002, format!("reserved opcode {other:#x}"))),
+        }
+        if !h.masked {
+            return Err((1002, "client frames must be masked".into()));
+        }
+        let so_far = self.partial.as_ref().map_or(0, |p| p.data.len()) as u64;
+        if h.opcode < OP_CLOSE && so_far.saturating_add(h.len) > self.max_message as u64 {
+            return Err((1009, "message too large".into()));
+        }
+        Ok(())
+    }
+
+    /// Drops `n` bytes from the front of `rbuf`, giving its memory back when empty.
+    fn consume(&mut self, n: usize) {
+        self.rpos += n;
+        if self.rpos >= self.rbuf.len() {
+            self.rbuf = Vec::new();
+            self.rpos = 0;
+        }
+    }
+
+    /// One checked, unmasked frame: a message to report, or `None`.
+    fn on_frame(
+        &mut self,
+        fin: bool,
+        opcode: u8,
+        payload: Vec<u8>,
+    ) -> Result<Option<Incoming>, (u16, String)> {
+        match opcode {
+            OP_PING => {
+                if !self.close_sent {
+                    self.encode(OP_PONG, &payload);
+                }
+                Ok(Some(Incoming::Control))
+            }
+            OP_PONG => Ok(Some(Incoming::Control)),
+            OP_CLOSE => {
+                let code = close_code(&payload)?;
+                if !self.close_sent {
+                    // Echo the status code (RFC 6455 section 5.5.1).
+                    let echo = code.map(|c| c.to_be_bytes()).unwrap_or_default();
+                    let echo = if code.is_some() { &echo[..] } else { &[][..] };
+                    self.encode(OP_CLOSE, echo);
+                    self.close_sent = true;
+                }
+                self.state = State::PeerClosed;
+                Ok(Some(Incoming::Close(code)))
+            }
+            OP_CONT => {
+                let Some(partial) = self.partial.as_mut() else {
+                    return Err((1002, "continuation without a message".into()));
+                };
+                partial.data.extend_from_slice(&payload);
+                if partial.opcode == OP_TEXT {
+                    check_utf8_prefix(partial, fin)?;
+                }
+                if !fin {
+                    return Ok(None);
+                }
+                let Some(partial) = self.partial.take() else {
+                    return Ok(None);
+                };
+                Ok(Some(finish(partial.opcode, partial.data)))
+            }
+            _ => {
+                if self.partial.is_some() {
+                    return Err((1002, "new message inside a fragmented one".into()));
+                }
+                if fin {
+                    if opcode == OP_TEXT && std::str::from_utf8(&payload).is_err() {
+                        return Err((1007, "invalid utf-8 in a text message".into()));
+                    }
+                    return Ok(Some(finish(opcode, payload)));
+                }
+                let mut partial = Box::new(Partial {
+                    opcode,
+                    data: payload,
+                    checked: 0,
+                });
+                if opcode == OP_TEXT {
+                    check_utf8_prefix(&mut partial, false)?;
+                }
+                self.partial = Some(partial);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Appends a server frame (unmasked, FIN set) to the write buffer.
+    fn encode(&mut self, opcode: u8, payload: &[u8]) {
+        let len = payload.len();
+        let w = &mut self.wbuf;
+        w.reserve(len + 10);
+        w.push(0x80 | opcode);
+        if len < 126 {
+            w.push(len as u8);
+        } else if len <= u16::MAX as usize {
+            w.push(126);
+            w.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            w.push(127);
+            w.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        w.extend_from_slice(payload);
+    }
+
+    /// Whether another frame may be queued now; writes out what is buffered when
+    /// the buffer is past its high-water mark.
+    pub(crate) fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+        if self.wbuf.len() - self.wpos < WRITE_HIGH_WATER {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(self.poll_flush(cx))?;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Encodes `frame` into the write buffer. After our Close, frames are dropped.
+    pub(crate) fn start_send(&mut self, frame: Outgoing) -> Result<(), ()> {
+        if self.close_sent {
+            return Ok(());
+        }
+        match frame {
+            Outgoing::Text(b) => self.encode(OP_TEXT, &b),
+            Outgoing::Binary(b) => self.encode(OP_BINARY, &b),
+            Outgoing::Ping => self.encode(OP_PING, &[]),
+            Outgoing::Close(code, reason) => {
+                let reason = super::truncate(&reason, 123);
+                let mut payload = Vec::with_capacity(2 + reason.len());
+                payload.extend_from_slice(&code.to_be_bytes());
+                payload.extend_from_slice(reason.as_bytes());
+                self.encode(OP_CLOSE, &payload);
+                self.close_sent = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what is buffered; `Ready(Ok)` once all of it is written. The emptied
+    /// buffer's memory is given back: an idle connection holds none.
+    pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+        while self.wpos < self.wbuf.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(())),
+                Poll::Ready(Ok(n)) => self.wpos += n,
+            }
+        }
+        if !self.wbuf.is_empty() || self.wbuf.capacity() > 0 {
+            self.wbuf = Vec::new();
+            self.wpos = 0;
+        }
+        Pin::new(&mut self.io)
+            .poll_flush(cx)
+            .map_err(|_: io::Error| ())
+    }
+}
+
+/// Checks the UTF-8 of a text message's fragments as they arrive, so an invalid
+/// sequence fails the connection at once, not at the message's end.
+fn check_utf8_prefix(partial: &mut Partial, fin: bool) -> Result<(), (u16, String)> {
+    let rest = &partial.data[partial.checked..];
+    match std::str::from_utf8(rest) {
+        Ok(_) => partial.checked = partial.data.len(),
+        // An incomplete sequence at the end may be finished by the next fragment.
+        Err(e) if e.error_len().is_none() && !fin => partial.checked += e.valid_up_to(),
+        Err(_) => return Err((1007, "invalid utf-8 in a text message".into())),
+    }
+    Ok(())
+}
+
+fn finish(opcode: u8, data: Vec<u8>) -> Incoming {
+    let data = Bytes::from(data);
+    if opcode == OP_TEXT {
+        Incoming::Text(data)
+    } else {
+        Incoming::Binary(data)
+    }
+}
+
+/// A Close frame's status code, checked (RFC 6455 section 7.4), and its reason's
+/// UTF-8.
+fn close_code(payload: &[u8]) -> Result<Option<u16>, (u16, String)> {
+    match payload.len() {
+        0 => Ok(None),
+        1 => Err((1002, "close frame with a one-byte payload".into())),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            let allowed = matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999);
+            if !allowed {
+                return Err((1002, format!("close code {code} is not allowed")));
+            }
+            if std::str::from_utf8(&payload[2..]).is_err() {
+                return Err((1007, "invalid utf-8 in a close reason".into()));
+            }
+            Ok(Some(code))
+        }
+    }
+}
+
+/// XORs `data` with the masking key, eight bytes at a time where it can.
+fn unmask(data: &mut [u8], mask: [u8; 4]) {
+    let wide = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        let v = u64::from_ne_bytes(w) ^ wide;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::future::poll_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// A client frame: masked, with the given first byte (FIN, RSV, opcode).
+    fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut f = vec![b0];
+        let len = payload.len();
+        if len < 126 {
+            f.push(0x80 | len as u8);
+        } else if len <= 65535 {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    fn pair(max: usize) -> (PlainSocket<DuplexStream>, DuplexStream) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        (PlainSocket::new(a, max), b)
+    }
+
+    async fn read(s: &mut PlainSocket<DuplexStream>) -> Result<Incoming, ReadError> {
+        poll_fn(|cx| s.poll_read(cx)).await
+    }
+
+    async fn flush(s: &mut PlainSocket<DuplexStream>) {
+        poll_fn(|cx| s.poll_flush(cx)).await.expect("flush");
+    }
+
+    fn text(r: Result<Incoming, ReadError>) -> String {
+        match r {
+            Ok(Incoming::Text(b)) => String::from_utf8(b.to_vec()).expect("utf-8"),
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+
+    fn protocol_code(r: Result<Incoming, ReadError>) -> u16 {
+        match r {
+            Err(ReadError::Protocol(code, _)) => code,
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+    }
+
+    /// Reads one unmasked server frame: (first byte, payload).
+    async fn server_frame(peer: &mut DuplexStream) -> (u8, Vec<u8>) {
+        let mut h = [0u8; 2];
+        peer.read_exact(&mut h).await.expect("header");
+        assert_eq!(h[1] & 0x80, 0, "server frames are not masked");
+        let len = match h[1] & 0x7f {
+            126 => peer.read_u16().await.expect("len16") as usize,
+            127 => peer.read_u64().await.expect("len64") as usize,
+            n => n as usize,
+        };
+        let mut p = vec![0u8; len];
+        peer.read_exact(&mut p).await.expect("payload");
+        (h[0], p)
+    }
+
+    #[tokio::test]
+    async fn a_frame_arriving_a_byte_at_a_time_is_one_message() {
+        let (mut s, mut peer) = pair(1 << 16);
+        let frame = client_frame(0x81, "héllo, wörld".as_bytes());
+        let writer = tokio::spawn(async move {
+            for b in frame {
+                peer.write_all(&[b]).await.expect("write");
+                tokio::task::yield_now().await;
+            }
+            peer
+        });
+        assert_eq!(text(read(&mut s).await), "héllo, wörld");
+        let _peer = writer.await.expect("writer");
+        assert_eq!(s.rbuf.capacity(), 0, "nothing kept between messages");
+    }
+
+    #[tokio::test]
+    async fn frames_in_one_write_come_out_in_order_with_sizes_of_every_length_form() {
+        let (mut s, mut peer) = pair(1 << 20);
+        let big = "x".repeat(70_000);
+        let mid = "y".repeat(300);
+        let mut all = client_frame(0x81, b"one");
+        all.extend(client_frame(0x81, mid.as_bytes()));
+        all.extend(client_frame(0x82, &[0, 159, 146, 150]));
+        all.extend(client_frame(0x81, big.as_bytes()));
+        peer.write_all(&all).await.expect("write");
+        assert_eq!(text(read(&mut s).await), "one");
+        assert_eq!(text(read(&mut s).await), mid);
+        match read(&mut s).await {
+            Ok(Incoming::Binary(b)) => assert_eq!(&b[..], &[0, 159, 146, 150]),
+            other => panic!("expected binary, got {other:?}"),
+        }
+        assert_eq!(text(read(&mut s).await), big);
+    }
+
+    #[tokio::test]
+    async fn fragments_are_joined_and_a_character_may_straddle_them() {
+        let (mut s, mut peer) = pair(1 << 16);
+        let word = "añb".as_bytes(); // ñ is two bytes: split it
+        let mut all = client_frame(0x01, &word[..2]);
+        all.extend(client_frame(0x89, b"ping inside")); // control frames may interleave
+        all.extend(client_frame(0x80, &word[2..]));
+        peer.write_all(&all).await.expect("write");
+        assert!(matches!(read(&mut s).await, Ok(Incoming::Control)));
+        assert_eq!(text(read(&mut s).await), "añb");
+        flush(&mut s).await;
+        assert_eq!(
+            server_frame(&mut peer).await,
+            (0x8A, b"ping inside".to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_fails_at_the_fragment_that_carries_it() {
+        let (mut s, mut peer) = pair(1 << 16);
+        // The final fragment is never sent: the error must not wait for it.
+        peer.write_all(&client_frame(0x01, &[b'o', b'k', 0xff]))
+            .await
+            .expect("write");
+        assert_eq!(protocol_code(read(&mut s).await), 1007);
+        let (mut s, mut peer) = pair(1 << 16);
+        peer.write_all(&client_frame(0x81, &[0xc3, 0x28]))
+            .await
+            .expect("write");
+        assert_eq!(protocol_code(read(&mut s).await), 1007);
+    }
+
+    #[tokio::test]
+    async fn broken_frames_are_protocol_errors() {
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            // not masked
+            (vec![0x81, 0x02, b'h', b'i'], 1002),
+            // reserved bits without an extension
+            (client_frame(0xC1, b"hi"), 1002),
+            // reserved opcodes
+            (client_frame(0x83, b"hi"), 1002),
+            (client_frame(0x8B, b""), 1002),
+            // a fragmented ping, an oversized ping
+            (client_frame(0x09, b""), 1002),
+            (client_frame(0x89, &[0u8; 126]), 1002),
+            // a continuation with nothing to continue
+            (client_frame(0x80, b"x"), 1002),
+            // a close with one byte, a forbidden code, a bad reason
+            (client_frame(0x88, &[3]), 1002),
+            (client_frame(0x88, &1005u16.to_be_bytes()), 1002),
+            (client_frame(0x88, &[0x03, 0xe8, 0xff]), 1007),
+        ];
+        for (bytes, code) in cases {
+            let (mut s, mut peer) = pair(1 << 16);
+            peer.write_all(&bytes).await.expect("write");
+            assert_eq!(protocol_code(read(&mut s).await), code, "{bytes:02x?}");
+        }
+        // A new message while a fragmented one is open.
+        let (mut s, mut peer) = pair(1 << 16);
+        let mut all = client_frame(0x01, b"a");
+        all.extend(client_frame(0x81, b"b"));
+        peer.write_all(&all).await.expect("write");
+        assert_eq!(protocol_code(read(&mut s).await), 1002);
+    }
+
+    #[tokio::test]
+    async fn too_large_is_refused_from_the_header_alone() {
+        let (mut s, mut peer) = pair(1000);
+        // Only the header of a 1 GB frame is sent.
+        let header = [0x82, 0x80 | 127, 0, 0, 0, 0, 0x40, 0, 0, 0, 1, 2, 3, 4];
+        peer.write_all(&header).await.expect("write");
+        assert_eq!(protocol_code(read(&mut s).await), 1009);
+        // And across fragments: 600 + 600 > 1000.
+        let (mut s, mut peer) = pair(1000);
+        let mut all = client_frame(0x02, &[0u8; 600]);
+        all.extend(client_frame(0x80, &[0u8; 600]));
+        peer.write_all(&all).await.expect("write");
+        assert_eq!(protocol_code(read(&mut s).await), 1009);
+    }
+
+    #[tokio::test]
+    async fn a_peer_close_is_echoed_then_the_read_side_ends() {
+        let (mut s, mut peer) = pair(1 << 16);
+        let mut payload = 4000u16.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"bye");
+        peer.write_all(&client_frame(0x88, &payload))
+            .await
+            .expect("write");
+        assert!(matches!(
+            read(&mut s).await,
+            Ok(Incoming::Close(Some(4000)))
+        ));
+        assert!(matches!(read(&mut s).await, Err(ReadError::Closed)));
+        assert_eq!(
+            server_frame(&mut peer).await,
+            (0x88, 4000u16.to_be_bytes().to_vec())
+        );
+        // Nothing is sent after the Close.
+        s.start_send(Outgoing::Text(Bytes::from_static(b"late")))
+            .expect("dropped quietly");
+        assert!(s.wbuf.is_empty());
+    }
+
+    #[tokio::test]
+    async fn after_an_error_frames_are_dropped_until_the_peers_close() {
+        let (mut s, mut peer) = pair(1 << 16);
+        let mut all = vec![0x81, 0x01, b'x']; // unmasked
+        all.extend(client_frame(0x81, b"ignored"));
+        all.extend(client_frame(0x88, &1000u16.to_be_bytes()));
+        peer.write_all(&all).await.expect("write");
+        assert_eq!(protocol_code(read(&mut s).await), 1002);
+        s.start_send(Outgoing::Close(1002, "protocol error".into()))
+            .expect("close");
+        assert!(matches!(read(&mut s).await, Err(ReadError::Closed)));
+        let (b0, p) = server_frame(&mut peer).await;
+        assert_eq!((b0, &p[..2]), (0x88, &1002u16.to_be_bytes()[..]));
+    }
+
+    #[tokio::test]
+    async fn server_frames_use_each_length_form_and_the_buffer_is_given_back() {
+        let (mut s, mut peer) = pair(1 << 20);
+        for len in [0usize, 125, 126, 65535, 65536] {
+            s.start_send(Outgoing::Text(Bytes::from(vec![b'a'; len])))
+                .expect("send");
+        }
+        s.start_send(Outgoing::Ping).expect("ping");
+        s.start_send(Outgoing::Close(1001, "é".repeat(100)))
+            .expect("close");
+        flush(&mut s).await;
+        assert_eq!(
+            s.wbuf.capacity(),
+            0,
+            "an idle connection keeps no write buffer"
+        );
+        for len in [0usize, 125, 126, 65535, 65536] {
+            assert_eq!(server_frame(&mut peer).await, (0x81, vec![b'a'; len]));
+        }
+        assert_eq!(server_frame(&mut peer).await, (0x89, vec![]));
+        let (b0, p) = server_frame(&mut peer).await;
+        assert_eq!(b0, 0x88);
+        assert!(p.len() <= 125, "close reason cut to 123 bytes");
+        assert!(
+            std::str::from_utf8(&p[2..]).is_ok(),
+            "cut at a char boundary"
+        );
+    }
+}
