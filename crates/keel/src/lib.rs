@@ -62,7 +62,9 @@
 //! - [`config`]: [`Config`], every option with its default.
 //! - [`handler`]: the [`Handler`] hooks.
 //! - [`error`]: [`Error`] and [`ErrorKind`].
-//! - `transport` (internal): the only module that knows the WebSocket crate.
+//! - `transport` (internal): WebSocket framing: our own (`transport::plain`) for
+//!   connections without an extension, yawc for permessage-deflate; the only module
+//!   that knows the WebSocket crate.
 
 pub mod auth;
 pub mod channel;
