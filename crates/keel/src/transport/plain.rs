@@ -24,8 +24,10 @@ use super::{Incoming, Outgoing, ReadError};
 /// Bytes read per `read` call into the stack.
 const READ_CHUNK: usize = 4096;
 
-/// `poll_ready` says no while this much is waiting to be written.
-const WRITE_HIGH_WATER: usize = 64 * 1024;
+/// Past this much waiting to be written, `poll_ready` writes it out before taking
+/// more: a slow reader's backlog stays in the send queue (where the limits see it),
+/// not here.
+const WRITE_HIGH_WATER: usize = 8 * 1024;
 
 const OP_CONT: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
@@ -227,7 +229,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainSocket<S> {
             let Some(h) = Header::parse(rest) else {
                 return (used, Ok(None));
             };
-            let total = h.header_len as u64 + h.len;
+            let total = (h.header_len as u64).saturating_add(h.len);
             if self.state == State::Failed {
                 // Dropping frames until the peer's Close; never buffer one.
                 if h.opcode != OP_CLOSE || h.len > 125 {
@@ -419,7 +421,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainSocket<S> {
                 Poll::Ready(Ok(n)) => self.wpos += n,
             }
         }
-        if !self.wbuf.is_empty() || self.wbuf.capacity() > 0 {
+        if self.wbuf.capacity() > 0 {
             self.wbuf = Vec::new();
             self.wpos = 0;
         }
@@ -660,6 +662,14 @@ mod tests {
         let (mut s, mut peer) = pair(1000);
         // Only the header of a 1 GB frame is sent.
         let header = [0x82, 0x80 | 127, 0, 0, 0, 0, 0x40, 0, 0, 0, 1, 2, 3, 4];
+        peer.write_all(&header).await.expect("write");
+        assert_eq!(protocol_code(read(&mut s).await), 1009);
+        // A length at the top of u64 (the RFC says its top bit is 0): refused, and
+        // the header plus length does not overflow.
+        let (mut s, mut peer) = pair(1000);
+        let mut header = vec![0x82, 0x80 | 127];
+        header.extend_from_slice(&u64::MAX.to_be_bytes());
+        header.extend_from_slice(&[1, 2, 3, 4]);
         peer.write_all(&header).await.expect("write");
         assert_eq!(protocol_code(read(&mut s).await), 1009);
         // And across fragments: 600 + 600 > 1000.
