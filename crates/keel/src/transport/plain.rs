@@ -3,7 +3,7 @@
 //! Why it exists: an idle connection is what Keel holds most of, and yawc's socket
 //! struct (about 620 bytes inside every connection task) plus the read and write
 //! buffers it keeps were a third of an idle connection's memory. This socket is
-//! about 100 bytes and holds no buffer while idle: reads land in a stack buffer and
+//! 144 bytes and holds no buffer while idle: reads land in a stack buffer and
 //! only the tail of an incomplete frame is kept on the heap; the write buffer is
 //! given back once flushed. Connections that negotiate permessage-deflate still go
 //! through yawc (see the parent module).
