@@ -176,7 +176,7 @@ async fn publisher(
     rate: u32,
     duration: Duration,
     size: usize,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, Conn)> {
     let pad = "x".repeat(size.saturating_sub(40));
     let tick = Duration::from_millis(5).max(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
     let per_tick = (rate as f64 * tick.as_secs_f64()).max(1.0);
@@ -211,7 +211,11 @@ async fn publisher(
             }
         }
     }
-    Ok(sent)
+    // The connection is handed back, not dropped: closing it with replies unread
+    // (Keel answers every publish) makes the kernel send RST, and the server then
+    // loses the publications still in its receive buffer. Keep it open until the
+    // deliveries are counted.
+    Ok((sent, c))
 }
 
 /// CPU and RSS of the server over a window.
@@ -333,7 +337,7 @@ pub(crate) async fn fanout(
     }
     let fast = subs - slow;
     let w = Window::start(t.pid);
-    let sent = publisher(
+    let (sent, held) = publisher(
         publisher_conn,
         t.dialect,
         room.into(),
@@ -371,6 +375,7 @@ pub(crate) async fn fanout(
             hist.merge(&r.latency);
         }
     }
+    drop(held);
     let loss = if expected == 0 {
         0.0
     } else {
@@ -429,8 +434,12 @@ pub(crate) async fn rooms(
             false,
         )));
         let d = t.dialect;
+        let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let _ = publisher(c, d, room, clock, rate, duration, size).await;
+            let held = publisher(c, d, room, clock, rate, duration, size).await;
+            // Hold the connection until the readers stop (see `publisher`).
+            let _ = stop.changed().await;
+            drop(held);
         });
     }
     tokio::time::sleep(duration + Duration::from_secs(1)).await;
