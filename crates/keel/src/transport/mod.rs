@@ -85,8 +85,7 @@ impl IntoResponse for UpgradeRejection {
 impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
     type Rejection = UpgradeRejection;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let _ = state;
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         choose_deflate_offer(&mut parts.headers);
         let bad = || UpgradeRejection(StatusCode::BAD_REQUEST);
         let key = parts

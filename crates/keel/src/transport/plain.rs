@@ -314,29 +314,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainSocket<S> {
                 let code = close_code(&payload)?;
                 if !self.close_sent {
                     // Echo the status code (RFC 6455 section 5.5.1).
-                    let echo = code.map(|c| c.to_be_bytes()).unwrap_or_default();
-                    let echo = if code.is_some() { &echo[..] } else { &[][..] };
-                    self.encode(OP_CLOSE, echo);
+                    let echo = code.map(u16::to_be_bytes);
+                    self.encode(OP_CLOSE, echo.as_ref().map_or(&[][..], |e| &e[..]));
                     self.close_sent = true;
                 }
                 self.state = State::PeerClosed;
                 Ok(Some(Incoming::Close(code)))
             }
             OP_CONT => {
-                let Some(partial) = self.partial.as_mut() else {
+                let Some(mut partial) = self.partial.take() else {
                     return Err((1002, "continuation without a message".into()));
                 };
                 partial.data.extend_from_slice(&payload);
                 if partial.opcode == OP_TEXT {
-                    check_utf8_prefix(partial, fin)?;
+                    check_utf8_prefix(&mut partial, fin)?;
                 }
-                if !fin {
-                    return Ok(None);
+                if fin {
+                    return Ok(Some(finish(partial.opcode, partial.data)));
                 }
-                let Some(partial) = self.partial.take() else {
-                    return Ok(None);
-                };
-                Ok(Some(finish(partial.opcode, partial.data)))
+                self.partial = Some(partial);
+                Ok(None)
             }
             _ => {
                 if self.partial.is_some() {
