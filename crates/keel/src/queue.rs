@@ -59,6 +59,15 @@ struct Inner {
     json_ping_due: bool,
 }
 
+/// What a [`SendQueue::drain_into`] left behind.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Drained {
+    /// Nothing more is queued.
+    pub(crate) empty: bool,
+    /// A Close is queued or was taken: the connection is on its way out.
+    pub(crate) closing: bool,
+}
+
 /// The queue itself.
 #[derive(Default)]
 pub(crate) struct SendQueue {
@@ -127,6 +136,12 @@ impl SendQueue {
         result
     }
 
+    /// Reads the lock word without taking it: brings the queue into the cache
+    /// ahead of a `push` (see `channel::fan_out`). The answer means nothing.
+    pub(crate) fn touch(&self) -> bool {
+        self.inner.is_locked()
+    }
+
     /// Marks heartbeats due: a Ping frame (`ws`) and/or a JSON ping (`json`). They
     /// go out before queued data and do not count against the bounds.
     pub(crate) fn push_heartbeat(&self, ws: bool, json: bool) -> bool {
@@ -191,7 +206,8 @@ impl SendQueue {
     /// Hands up to `max_items` frames (and about `max_bytes`) to `send` under one
     /// lock: due heartbeats first, then queued frames, stopping after a Close or
     /// when `send` fails. `json_ping` supplies the JSON heartbeat's bytes. Returns
-    /// how many frames it handed over, or the first error.
+    /// what is left (so the writer need not lock the queue again to find out),
+    /// or the first error.
     ///
     /// `send` runs with the queue locked; it must only encode into a buffer (no
     /// waiting), which keeps pushes to this connection waiting at most that long.
@@ -201,7 +217,7 @@ impl SendQueue {
         max_items: usize,
         max_bytes: usize,
         mut send: impl FnMut(Outgoing) -> Result<(), E>,
-    ) -> Result<usize, E> {
+    ) -> Result<Drained, E> {
         let mut q = self.inner.lock();
         let mut n = 0;
         if std::mem::take(&mut q.ping_due) {
@@ -231,7 +247,10 @@ impl SendQueue {
             // A burst is over: give the memory back so idle stays cheap.
             q.items.shrink_to_fit();
         }
-        Ok(n)
+        Ok(Drained {
+            empty: q.items.is_empty(),
+            closing: q.closed,
+        })
     }
 
     /// Takes the queued Close, dropping whatever was queued before it: for a

@@ -411,6 +411,76 @@ impl Outgoing {
     }
 }
 
+/// Most frames a [`Batch`] holds: what one vectored write carries (two buffers a
+/// frame, far below the kernel's 1024).
+pub(crate) const BATCH_MAX: usize = 32;
+
+/// Frames taken from a send queue under one lock, held on the caller's stack until
+/// the socket has them: the plain socket writes them straight from their shared
+/// buffers, without copying them into a buffer of its own.
+pub(crate) struct Batch {
+    items: [Option<Outgoing>; BATCH_MAX],
+    len: usize,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub(crate) fn new() -> Self {
+        Batch {
+            items: [const { None }; BATCH_MAX],
+            len: 0,
+        }
+    }
+
+    /// Adds a frame; false (and the frame is dropped) when full, which callers
+    /// prevent by taking at most [`BATCH_MAX`].
+    pub(crate) fn push(&mut self, item: Outgoing) -> bool {
+        match self.items.get_mut(self.len) {
+            Some(slot) => {
+                *slot = Some(item);
+                self.len += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How many frames it holds.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The frames, in order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Outgoing> {
+        self.items[..self.len].iter().flatten()
+    }
+
+    /// Takes the frames out, in order, leaving the batch empty.
+    fn drain(&mut self) -> impl Iterator<Item = Outgoing> + '_ {
+        let n = std::mem::take(&mut self.len);
+        self.items[..n].iter_mut().filter_map(Option::take)
+    }
+}
+
+/// Hands a batch of frames to the socket, emptying the batch. The plain socket
+/// writes what it can at once, straight from the frames' buffers, and buffers the
+/// rest for [`poll_flush`]; the deflate socket encodes each frame into its buffer.
+pub(crate) fn send_batch(
+    socket: &mut Socket,
+    cx: &mut Context<'_>,
+    batch: &mut Batch,
+) -> Result<(), ()> {
+    match socket {
+        Socket::Plain(s) => s.send_batch(cx, batch),
+        Socket::Deflate(s) => {
+            for item in batch.drain() {
+                s.start_send_unpin(item.into_frame()).map_err(|_| ())?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Close reasons are limited to 123 bytes by RFC 6455; cut at a char boundary.
 fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
