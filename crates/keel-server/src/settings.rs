@@ -217,6 +217,14 @@ mod tests {
     fn file_then_env_then_flags() {
         let dir = std::env::temp_dir().join(format!("keel-settings-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        // Removed at the end of the test, also when it fails.
+        struct Cleanup<'a>(&'a std::path::Path);
+        impl Drop for Cleanup<'_> {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(self.0);
+            }
+        }
+        let _cleanup = Cleanup(&dir);
         let file = dir.join("keel.toml");
         std::fs::write(
             &file,

@@ -186,9 +186,8 @@ async fn bad_values_stop_startup_naming_the_option() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_then_env_then_flags() {
-    let dir = std::env::temp_dir().join(format!("keel-proc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("keel.toml");
+    let dir = common::TempDir::new("proc");
+    let file = dir.0.join("keel.toml");
     std::fs::write(
         &file,
         "heartbeat_interval = \"11s\"\nheartbeat_timeout = \"21s\"\napi_key = \"k\"\n",

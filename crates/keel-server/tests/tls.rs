@@ -14,17 +14,17 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 struct Pki {
-    dir: std::path::PathBuf,
+    /// Removed with the Pki.
+    dir: common::TempDir,
     cert_der: CertificateDer<'static>,
 }
 
 fn pki(tag: &str) -> Pki {
     let rcgen::CertifiedKey { cert, signing_key } =
         rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let dir = std::env::temp_dir().join(format!("keel-tls-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), signing_key.serialize_pem()).unwrap();
+    let dir = common::TempDir::new(&format!("tls-{tag}"));
+    std::fs::write(dir.0.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.0.join("key.pem"), signing_key.serialize_pem()).unwrap();
     Pki {
         dir,
         cert_der: cert.der().clone(),
@@ -33,9 +33,9 @@ fn pki(tag: &str) -> Pki {
 
 fn tls_config(p: &Pki) -> keel::Config {
     let mut c = config();
-    c.set("tls_cert", p.dir.join("cert.pem").to_str().unwrap())
+    c.set("tls_cert", p.dir.0.join("cert.pem").to_str().unwrap())
         .unwrap();
-    c.set("tls_key", p.dir.join("key.pem").to_str().unwrap())
+    c.set("tls_key", p.dir.0.join("key.pem").to_str().unwrap())
         .unwrap();
     c
 }
@@ -136,18 +136,18 @@ async fn websocket_and_https_over_tls_with_a_self_signed_certificate() {
 async fn bad_tls_files_stop_start_up_naming_the_option() {
     let p = pki("bad");
     let mut c = tls_config(&p);
-    c.set("tls_cert", p.dir.join("missing.pem").to_str().unwrap())
+    c.set("tls_cert", p.dir.0.join("missing.pem").to_str().unwrap())
         .unwrap();
     let e = keel_server::start(c).await.err().unwrap();
     assert!(format!("{e:#}").contains("tls_cert"), "{e:#}");
     let mut c = tls_config(&p);
     // A certificate where the key should be.
-    c.set("tls_key", p.dir.join("cert.pem").to_str().unwrap())
+    c.set("tls_key", p.dir.0.join("cert.pem").to_str().unwrap())
         .unwrap();
     let e = keel_server::start(c).await.err().unwrap();
     assert!(format!("{e:#}").contains("tls_key"), "{e:#}");
     let mut c = config();
-    c.set("tls_cert", p.dir.join("cert.pem").to_str().unwrap())
+    c.set("tls_cert", p.dir.0.join("cert.pem").to_str().unwrap())
         .unwrap();
     let e = keel_server::start(c).await.err().unwrap();
     assert!(format!("{e:#}").contains("tls_key"), "{e:#}");

@@ -15,6 +15,26 @@ use tokio::net::TcpStream;
 use yawc::frame::OpCode;
 use yawc::{Frame, TcpWebSocket};
 
+/// A directory under the system's temp dir for one test's files, removed when
+/// dropped (also when the test fails), so runs leave nothing behind.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// Creates `keel-{tag}-{pid}` afresh.
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("keel-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// How long any single expected event may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
