@@ -4,8 +4,9 @@
 //! struct (about 620 bytes inside every connection task) plus the read and write
 //! buffers it keeps were a third of an idle connection's memory. This socket is
 //! 144 bytes and holds no buffer while idle: reads land in a stack buffer and
-//! only the tail of an incomplete frame is kept on the heap; the write buffer is
-//! given back once flushed. Connections that negotiate permessage-deflate still go
+//! only the tail of an incomplete frame is kept on the heap; frames are written
+//! from a stack buffer or straight from their shared buffers, and the write
+//! buffer holds only what the kernel did not take, given back once flushed. Connections that negotiate permessage-deflate still go
 //! through yawc (see the parent module).
 //!
 //! It moves and checks frames (masking, lengths, fragmentation, control frames,
