@@ -278,7 +278,13 @@ impl Hub {
     /// true, and it is closed with 1008 unless [`authenticate`](Self::authenticate)
     /// is called within `auth_timeout`.
     pub fn connect_awaiting_auth(&self, upgrade: Upgrade) -> Result<Response> {
-        let client_id = Arc::from(uuid::Uuid::new_v4().to_string());
+        // A v4 UUID from the thread's generator: `Uuid::new_v4` asks the OS for
+        // randomness, one syscall per connection.
+        let client_id = Arc::from(
+            uuid::Builder::from_random_bytes(rand::random())
+                .into_uuid()
+                .to_string(),
+        );
         self.connect_inner(client_id, upgrade, Value::Null, AuthState::boxed(None))
     }
 
