@@ -259,6 +259,22 @@ fn saturation_note(loadgen_pct: Option<f64>) -> Option<String> {
     })
 }
 
+/// Says so when deliveries went on well after publishing stopped: the server
+/// (or the load generator) did not keep up with the offered rate, and the
+/// rate reported is what it managed, not what was offered.
+fn behind_note(publish_s: f64, delivery_s: f64) -> Option<String> {
+    let late = delivery_s - publish_s;
+    (late > 0.5_f64.max(publish_s * 0.05)).then(|| {
+        format!("fell behind: deliveries went on {late:.1} s after {publish_s:.1} s of publishing")
+    })
+}
+
+/// Joins the notes that apply, if any.
+fn notes<const N: usize>(notes: [Option<String>; N]) -> Option<String> {
+    let all: Vec<String> = notes.into_iter().flatten().collect();
+    (!all.is_empty()).then(|| all.join("; "))
+}
+
 /// Opens `conns` connections, holds them through `hold` (heartbeats answered), and
 /// reports server RSS per connection and CPU while idle.
 pub(crate) async fn idle(t: &Target, conns: usize, hold: Duration) -> anyhow::Result<Value> {
@@ -364,6 +380,10 @@ pub(crate) async fn fanout(
             quiet_since = Instant::now();
         }
     }
+    // Until the last delivery seen (20 ms resolution): a server that fell behind
+    // delivers after publishing stopped, and dividing by the publishing time alone
+    // would credit it with a rate it never sustained.
+    let delivery_s = (quiet_since - w.t0).as_secs_f64().max(publish_s);
     let (wall, cpu, cpu_pct, me) = w.finish();
     let rss = t.pid.and_then(stats::rss);
     let _ = stop_tx.send(true);
@@ -386,12 +406,13 @@ pub(crate) async fn fanout(
         "subscribers": subs, "slow_subscribers": slow, "rate": rate, "size": size,
         "published": sent, "expected_deliveries": expected, "delivered": received,
         "loss": loss, "latency_samples": hist.count(),
-        "deliveries_per_s": received as f64 / publish_s,
+        "deliveries_per_s": received as f64 / delivery_s,
+        "publish_s": publish_s, "delivery_s": delivery_s,
         "latency_us": {"p50": hist.quantile_us(0.5), "p99": hist.quantile_us(0.99), "p999": hist.quantile_us(0.999), "max": hist.max_us()},
         "server_cpu_s": cpu, "server_cpu_pct": cpu_pct,
         "server_cpu_s_per_million_deliveries": cpu.map(|c| if received == 0 { f64::NAN } else { c / received as f64 * 1e6 }),
         "server_rss": rss, "wall_s": wall, "loadgen_cpu_pct": me,
-        "note": saturation_note(me),
+        "note": notes([saturation_note(me), behind_note(publish_s, delivery_s)]),
     }))
 }
 
@@ -524,4 +545,33 @@ async fn churn_round(t: &Target, rate: u32, total: usize) -> anyhow::Result<(usi
         }
     }
     Ok((done, failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_that_kept_up_gets_no_note_and_one_that_fell_behind_does() {
+        assert_eq!(behind_note(10.0, 10.02), None);
+        assert_eq!(
+            behind_note(10.0, 10.4),
+            None,
+            "within the half-second slack"
+        );
+        let note = behind_note(10.0, 12.5).expect("2.5 s late");
+        assert!(note.contains("2.5 s after 10.0 s"), "{note}");
+        // Long runs get 5% slack: 3 s late after 100 s is still keeping up.
+        assert_eq!(behind_note(100.0, 103.0), None);
+        assert!(behind_note(100.0, 106.0).is_some());
+    }
+
+    #[test]
+    fn notes_are_joined_and_absent_when_none_apply() {
+        assert_eq!(notes([None, None]), None);
+        assert_eq!(
+            notes([Some("a".into()), None, Some("b".into())]),
+            Some("a; b".into())
+        );
+    }
 }
