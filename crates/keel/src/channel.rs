@@ -512,31 +512,14 @@ impl Channels {
     }
 }
 
-/// How many members ahead of the one being queued to `fan_out` touches: enough
-/// independent loads in flight to hide most of a cache miss each.
-const LOOK_AHEAD: usize = 8;
-
-/// Queues `frame` for every member. A large channel's members are cold in the
-/// cache, and each push is a locked instruction that waits for its miss with
-/// nothing else in flight; so each member's queue is first touched with a plain
-/// load `LOOK_AHEAD` members before it is pushed to, and those loads overlap.
 fn fan_out<'a>(
     hub: &Hub,
     members: impl Iterator<Item = &'a Connection>,
     frame: &Bytes,
 ) -> BroadcastResult {
     let mut result = BroadcastResult::default();
-    let mut ring: [Option<&Connection>; LOOK_AHEAD] = [None; LOOK_AHEAD];
-    let mut touched = false;
-    for (i, m) in members.enumerate() {
-        touched ^= m.inner.queue.touch();
-        if let Some(due) = ring[i % LOOK_AHEAD].replace(m) {
-            result.add(due.push_counted(hub, Outgoing::Text(frame.clone())));
-        }
+    for m in members {
+        result.add(m.push_counted(hub, Outgoing::Text(frame.clone())));
     }
-    for due in ring.into_iter().flatten() {
-        result.add(due.push_counted(hub, Outgoing::Text(frame.clone())));
-    }
-    std::hint::black_box(touched);
     result
 }

@@ -574,10 +574,10 @@ impl Driver {
                 || hub.json_ping(),
                 WRITE_BATCH,
                 WRITE_BATCH_BYTES,
-                |item| {
-                    batch.push(item);
-                    Ok::<(), ()>(())
-                },
+                // Never full: the drain takes at most WRITE_BATCH (= BATCH_MAX)
+                // frames. Were it full, the frame would be lost, so end the
+                // connection rather than carry on without it.
+                |item| if batch.push(item) { Ok(()) } else { Err(()) },
             )?;
             closing = Some(drained.closing);
             if batch.len() == 0 {

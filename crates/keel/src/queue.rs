@@ -136,12 +136,6 @@ impl SendQueue {
         result
     }
 
-    /// Reads the lock word without taking it: brings the queue into the cache
-    /// ahead of a `push` (see `channel::fan_out`). The answer means nothing.
-    pub(crate) fn touch(&self) -> bool {
-        self.inner.is_locked()
-    }
-
     /// Marks heartbeats due: a Ping frame (`ws`) and/or a JSON ping (`json`). They
     /// go out before queued data and do not count against the bounds.
     pub(crate) fn push_heartbeat(&self, ws: bool, json: bool) -> bool {
