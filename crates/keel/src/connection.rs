@@ -678,20 +678,9 @@ impl Driver {
         }
         let inner = &self.conn.inner;
         match frame {
-            Incoming::Text(bytes) => {
-                count_in(inner, bytes.len());
-                // The transport validated UTF-8 already; this does not fail.
-                match std::str::from_utf8(&bytes) {
-                    Ok(text) => dispatch(&self.hub, &self.conn, Message::Text(text)),
-                    Err(_) => {
-                        self.conn.close_as(
-                            DisconnectReason::ProtocolError,
-                            1007,
-                            "invalid utf-8",
-                            true,
-                        );
-                    }
-                }
+            Incoming::Text(text) => {
+                count_in(inner, text.len());
+                dispatch(&self.hub, &self.conn, Message::Text(&text));
             }
             Incoming::Binary(bytes) => {
                 count_in(inner, bytes.len());

@@ -325,8 +325,8 @@ mod tests {
 /// One frame read from a client, classified.
 #[derive(Debug)]
 pub(crate) enum Incoming {
-    /// A complete text message (validated UTF-8).
-    Text(Bytes),
+    /// A complete text message, its UTF-8 checked once, by the transport.
+    Text(String),
     /// A complete binary message.
     Binary(Bytes),
     /// A Ping (already answered by the transport) or a Pong.
@@ -356,7 +356,12 @@ pub(crate) fn poll_read(
     };
     socket.poll_next_frame(cx).map(|r| match r {
         Ok(frame) => Ok(match frame.opcode() {
-            OpCode::Text => Incoming::Text(frame.into_payload()),
+            // yawc checked the UTF-8 already (`with_utf8`), but hands over bytes;
+            // `Vec::from` takes them without a copy when they are not shared.
+            OpCode::Text => match String::from_utf8(Vec::from(frame.into_payload())) {
+                Ok(text) => Incoming::Text(text),
+                Err(_) => return Err(ReadError::Protocol(1007, "invalid utf-8".into())),
+            },
             OpCode::Binary => Incoming::Binary(frame.into_payload()),
             OpCode::Close => Incoming::Close(frame.close_code().map(u16::from)),
             _ => Incoming::Control,
@@ -470,15 +475,13 @@ pub(crate) fn send_batch(
     cx: &mut Context<'_>,
     batch: &mut Batch,
 ) -> Result<(), ()> {
-    match socket {
-        Socket::Plain(s) => s.send_batch(cx, batch),
-        Socket::Deflate(s) => {
-            for item in batch.drain() {
-                s.start_send_unpin(item.into_frame()).map_err(|_| ())?;
-            }
-            Ok(())
-        }
+    if let Socket::Plain(s) = socket {
+        return s.send_batch(cx, batch);
     }
+    for item in batch.drain() {
+        start_send(socket, item)?;
+    }
+    Ok(())
 }
 
 /// Close reasons are limited to 123 bytes by RFC 6455; cut at a char boundary.

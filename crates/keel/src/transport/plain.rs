@@ -6,8 +6,9 @@
 //! 144 bytes and holds no buffer while idle: reads land in a stack buffer and
 //! only the tail of an incomplete frame is kept on the heap; frames are written
 //! from a stack buffer or straight from their shared buffers, and the write
-//! buffer holds only what the kernel did not take, given back once flushed. Connections that negotiate permessage-deflate still go
-//! through yawc (see the parent module).
+//! buffer holds only what the kernel did not take, given back once flushed.
+//! Connections that negotiate permessage-deflate still go through yawc (see the
+//! parent module).
 //!
 //! It moves and checks frames (masking, lengths, fragmentation, control frames,
 //! UTF-8 of text messages and close reasons, close codes) and answers Ping and
@@ -337,7 +338,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainSocket<S> {
                     check_utf8_prefix(&mut partial, fin)?;
                 }
                 if fin {
-                    return Ok(Some(finish(partial.opcode, partial.data)));
+                    return finish(partial.opcode, partial.data).map(Some);
                 }
                 self.partial = Some(partial);
                 Ok(None)
@@ -347,10 +348,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainSocket<S> {
                     return Err((1002, "new message inside a fragmented one".into()));
                 }
                 if fin {
-                    if opcode == OP_TEXT && std::str::from_utf8(&payload).is_err() {
-                        return Err((1007, "invalid utf-8 in a text message".into()));
-                    }
-                    return Ok(Some(finish(opcode, payload)));
+                    return finish(opcode, payload).map(Some);
                 }
                 let mut partial = Box::new(Partial {
                     opcode,
@@ -384,50 +382,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainSocket<S> {
     /// write buffer for `poll_flush`, which has registered for writability if
     /// the socket was full.
     pub(crate) fn send_batch(&mut self, cx: &mut Context<'_>, batch: &mut Batch) -> Result<(), ()> {
-        let mut written = 0;
-        if self.wpos == self.wbuf.len()
-            && !self.close_sent
-            && batch.iter().all(|f| simple(f).is_some())
-        {
-            let total: usize = batch
-                .iter()
-                .filter_map(simple)
-                .map(|(_, p)| header(0, p.len()).1 + p.len())
-                .sum();
-            let sent = if total <= STACK_WRITE {
-                let mut buf = [0u8; STACK_WRITE];
-                let mut at = 0;
-                for (op, payload) in batch.iter().filter_map(simple) {
-                    let (head, n) = header(op, payload.len());
-                    buf[at..at + n].copy_from_slice(&head[..n]);
-                    at += n;
-                    buf[at..at + payload.len()].copy_from_slice(payload);
-                    at += payload.len();
-                }
-                Some(Pin::new(&mut self.io).poll_write(cx, &buf[..at]))
-            } else if self.io.is_write_vectored() {
-                let mut heads = [([0u8; 10], 0usize); BATCH_MAX];
-                for (head, (op, payload)) in heads.iter_mut().zip(batch.iter().filter_map(simple)) {
-                    *head = header(op, payload.len());
-                }
-                let mut iov = [io::IoSlice::new(&[]); 2 * BATCH_MAX];
-                let mut k = 0;
-                for ((head, n), (_, payload)) in heads.iter().zip(batch.iter().filter_map(simple)) {
-                    iov[k] = io::IoSlice::new(&head[..*n]);
-                    iov[k + 1] = io::IoSlice::new(payload);
-                    k += 2;
-                }
-                Some(Pin::new(&mut self.io).poll_write_vectored(cx, &iov[..k]))
-            } else {
-                // No vectored writes on this stream: all of it goes to the buffer.
-                None
-            };
-            match sent {
-                Some(Poll::Ready(Ok(0)) | Poll::Ready(Err(_))) => return Err(()),
-                Some(Poll::Ready(Ok(n))) => written = n,
-                Some(Poll::Pending) | None => {}
-            }
-        }
+        let mut written = if self.wpos == self.wbuf.len() && !self.close_sent {
+            self.write_now(cx, batch)?
+        } else {
+            0
+        };
         for frame in batch.drain() {
             if self.close_sent {
                 // Nothing goes after our Close.
@@ -454,6 +413,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainSocket<S> {
             written = 0;
         }
         Ok(())
+    }
+
+    /// The unbuffered write `send_batch` tries first; returns the bytes the socket
+    /// took (0 if the batch holds a Close or the socket is full).
+    fn write_now(&mut self, cx: &mut Context<'_>, batch: &Batch) -> Result<usize, ()> {
+        // Each frame's header and payload, worked out once.
+        let mut frames = [([0u8; 10], 0usize, &[][..]); BATCH_MAX];
+        let mut total = 0;
+        for (slot, frame) in frames.iter_mut().zip(batch.iter()) {
+            let Some((op, payload)) = simple(frame) else {
+                return Ok(0);
+            };
+            let (head, n) = header(op, payload.len());
+            *slot = (head, n, payload);
+            total += n + payload.len();
+        }
+        let frames = &frames[..batch.len()];
+        let sent = if total <= STACK_WRITE {
+            let mut buf = [0u8; STACK_WRITE];
+            let mut at = 0;
+            for (head, n, payload) in frames {
+                buf[at..at + n].copy_from_slice(&head[..*n]);
+                at += n;
+                buf[at..at + payload.len()].copy_from_slice(payload);
+                at += payload.len();
+            }
+            Pin::new(&mut self.io).poll_write(cx, &buf[..at])
+        } else if self.io.is_write_vectored() {
+            let mut iov = [io::IoSlice::new(&[]); 2 * BATCH_MAX];
+            for ((head, n, payload), pair) in frames.iter().zip(iov.chunks_exact_mut(2)) {
+                pair[0] = io::IoSlice::new(&head[..*n]);
+                pair[1] = io::IoSlice::new(payload);
+            }
+            Pin::new(&mut self.io).poll_write_vectored(cx, &iov[..2 * frames.len()])
+        } else {
+            // No vectored writes on this stream: all of it goes to the buffer.
+            return Ok(0);
+        };
+        match sent {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Err(()),
+            Poll::Ready(Ok(n)) => Ok(n),
+            Poll::Pending => Ok(0),
+        }
     }
 
     /// Whether another frame may be queued now; writes out what is buffered when
@@ -549,12 +551,15 @@ fn check_utf8_prefix(partial: &mut Partial, fin: bool) -> Result<(), (u16, Strin
     Ok(())
 }
 
-fn finish(opcode: u8, data: Vec<u8>) -> Incoming {
-    let data = Bytes::from(data);
+/// A whole message. A text message's UTF-8 is checked here, in the one pass that
+/// also makes the `String` the connection hands to its handler.
+fn finish(opcode: u8, data: Vec<u8>) -> Result<Incoming, (u16, String)> {
     if opcode == OP_TEXT {
-        Incoming::Text(data)
+        String::from_utf8(data)
+            .map(Incoming::Text)
+            .map_err(|_| (1007, "invalid utf-8 in a text message".into()))
     } else {
-        Incoming::Binary(data)
+        Ok(Incoming::Binary(Bytes::from(data)))
     }
 }
 
@@ -604,17 +609,12 @@ mod tests {
     /// A client frame: masked, with the given first byte (FIN, RSV, opcode).
     fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
         let mask = [0x37, 0xfa, 0x21, 0x3d];
-        let mut f = vec![b0];
-        let len = payload.len();
-        if len < 126 {
-            f.push(0x80 | len as u8);
-        } else if len <= 65535 {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(len as u64).to_be_bytes());
-        }
+        // The server's length encoding (checked on its own by `server_frame`'s
+        // decoding below), with this first byte and the mask bit.
+        let (mut head, n) = header(0, payload.len());
+        head[0] = b0;
+        head[1] |= 0x80;
+        let mut f = head[..n].to_vec();
         f.extend_from_slice(&mask);
         f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         f
@@ -635,7 +635,7 @@ mod tests {
 
     fn text(r: Result<Incoming, ReadError>) -> String {
         match r {
-            Ok(Incoming::Text(b)) => String::from_utf8(b.to_vec()).expect("utf-8"),
+            Ok(Incoming::Text(t)) => t,
             other => panic!("expected a text message, got {other:?}"),
         }
     }
@@ -901,7 +901,13 @@ mod tests {
 
         // Over STACK_WRITE, with every length form: the vectored path.
         let lens = [0usize, 125, 126, 1000, 65535, 65536, 7];
+        let on_wire: usize = lens.iter().map(|&n| header(0, n).1 + n).sum();
         send(&mut s, lens.iter().map(|&n| data(n, b'b')).collect());
+        assert!(
+            s.wbuf.len() < on_wire,
+            "the vectored write took part of the batch at once ({} of {on_wire} bytes kept)",
+            s.wbuf.len()
+        );
         let reader = async {
             for n in lens {
                 assert_eq!(server_frame(&mut peer).await, (0x81, vec![b'b'; n]));
