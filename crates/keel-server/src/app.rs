@@ -572,10 +572,14 @@ async fn api_history(
 /// reconnect elsewhere. The process keeps running until a signal ends it.
 async fn admin_drain(State(state): State<AppState>) -> Response {
     if !state.hub.is_draining() {
-        let hub = state.hub.clone();
-        let timeout = hub.config().drain_timeout;
+        // Called here, not inside the task: the call marks the Hub draining, so
+        // readiness is off before the 202 goes out (inside the spawned task it
+        // raced with the client's next `/health`).
+        let drain = state
+            .hub
+            .graceful_shutdown(state.hub.config().drain_timeout);
         tokio::spawn(async move {
-            let report = hub.graceful_shutdown(timeout).await;
+            let report = drain.await;
             tracing::info!(?report, "drain finished; waiting for a signal to exit");
         });
     }
