@@ -8,7 +8,6 @@
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use keel::{Config, Connection, Handler, Hub, Message, Upgrade};
 
@@ -57,15 +56,19 @@ async fn main() -> std::io::Result<()> {
     let hub = Hub::with_handler(Config::default(), Chat);
     hub.start();
     let app = Router::new().route("/ws", get(ws)).with_state(hub.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    // keel::Listener: TCP_NODELAY, and each 101 goes out with the first message.
+    let listener = keel::Listener::bind("127.0.0.1:3000").await?;
     println!("chat on ws://{}/ws?name=you", listener.local_addr()?);
-    axum::serve(listener.tap_io(|tcp| drop(tcp.set_nodelay(true))), app)
-        .with_graceful_shutdown(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            let report = hub
-                .graceful_shutdown(std::time::Duration::from_secs(10))
-                .await;
-            println!("{report:?}");
-        })
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<keel::Peer>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let report = hub
+            .graceful_shutdown(std::time::Duration::from_secs(10))
+            .await;
+        println!("{report:?}");
+    })
+    .await
 }

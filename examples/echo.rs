@@ -7,7 +7,6 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use keel::{Config, Connection, Handler, Hub, Message, Upgrade};
 
@@ -55,8 +54,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/", get(ws))
         .route("/ws", get(ws))
         .with_state(hub);
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    let listener = keel::Listener::bind(&addr).await?;
     println!("echo listening on {}", listener.local_addr()?);
-    axum::serve(listener.tap_io(|tcp| drop(tcp.set_nodelay(true))), app).await?;
+    let app = app.into_make_service_with_connect_info::<keel::Peer>();
+    axum::serve(listener, app).await?;
     Ok(())
 }

@@ -151,18 +151,17 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
                 tokio::spawn(async move {
                     match listener {
                         // tap_io: axum gives connect info to TcpListener and TapIo only.
-                        Ok(l) => serve_on(l.tap_io(|_| {}), app, until).await,
+                        Ok(l) => serve_on::<_, SocketAddr>(l.tap_io(|_| {}), app, until).await,
                         Err(e) => tracing::error!(error = %e, "TLS listener failed"),
                     }
                 })
             }
-            // TCP_NODELAY: without it, Nagle holds a small write back while an earlier
-            // one is unacknowledged, and the client's delayed ACK turns that into
-            // 40 ms stalls.
-            None => tokio::spawn(serve_on(
-                listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                }),
+            // keel::Listener sets TCP_NODELAY (without it, Nagle holds a small write
+            // back while an earlier one is unacknowledged, and the client's delayed
+            // ACK turns that into 40 ms stalls) and sends each upgrade's 101 with
+            // the `welcome`.
+            None => tokio::spawn(serve_on::<_, keel::Peer>(
+                keel::Listener::from(listener),
                 app,
                 until,
             )),
@@ -182,22 +181,20 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     })
 }
 
-/// Serves `app` on `listener` until `until` resolves, with each connection's peer
-/// address available to handlers (per-address limits need it).
-async fn serve_on<L, F>(
-    listener: axum::serve::TapIo<L, F>,
+/// Serves `app` on `listener` until `until` resolves, with each connection's
+/// connect info `C` available to handlers (per-address limits need the peer's
+/// address; [`keel::Peer`] also lets an upgrade's 101 ride with the `welcome`).
+async fn serve_on<L, C>(
+    listener: L,
     app: Router,
     until: impl std::future::Future<Output = ()> + Send + 'static,
 ) where
     L: axum::serve::Listener<Addr = SocketAddr>,
-    F: FnMut(&mut L::Io) + Send + 'static,
+    C: for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
-    let _ = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(until)
-    .await;
+    let _ = axum::serve(listener, app.into_make_service_with_connect_info::<C>())
+        .with_graceful_shutdown(until)
+        .await;
 }
 
 fn rand_u32() -> u32 {

@@ -29,13 +29,13 @@
 //! let hub = Hub::new(Config::default());
 //! hub.start();
 //! let app: Router = Router::new().route("/ws", get(ws)).with_state(hub);
-//! // Set TCP_NODELAY on accepted sockets: with Nagle on, a small message written
-//! // while an earlier one is unacknowledged waits for the client's delayed ACK
-//! // (up to 40 ms).
-//! use axum::serve::ListenerExt;
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await.unwrap()
-//!     .tap_io(|tcp| drop(tcp.set_nodelay(true)));
-//! axum::serve(listener, app).await.unwrap();
+//! // keel::Listener sets TCP_NODELAY on accepted sockets and sends each upgrade's
+//! // 101 with its first message; `Peer` is the connect info that links the two
+//! // (and gives per-address limits the client's address).
+//! let listener = keel::Listener::bind("127.0.0.1:3000").await.unwrap();
+//! axum::serve(listener, app.into_make_service_with_connect_info::<keel::Peer>())
+//!     .await
+//!     .unwrap();
 //! # }
 //! ```
 //!
@@ -47,6 +47,8 @@
 //! - `queue` (internal): the bounded per-connection send queue and the
 //!   slow-consumer policies.
 //! - [`ip_limits`]: per-address connection caps and rates, trusted proxies.
+//! - [`listener`]: a TCP [`Listener`] for `axum::serve` that sends an upgrade's
+//!   101 with the connection's first message, and its connect info [`Peer`].
 //! - `rate` (internal): the per-connection message rate limit (token bucket).
 //! - `heartbeat` (internal): the sweeper: pings, timeouts, slow consumers, memory
 //!   checks.
@@ -75,6 +77,7 @@ pub mod handler;
 mod heartbeat;
 pub mod hub;
 pub mod ip_limits;
+pub mod listener;
 pub mod memory;
 pub mod metrics;
 pub mod permissions;
@@ -92,6 +95,7 @@ pub use connection::{Connection, DisconnectReason, Message};
 pub use error::{Error, ErrorKind, Result};
 pub use handler::{Handler, NoopHandler};
 pub use hub::{BroadcastResult, Hub};
+pub use listener::{Listener, Peer};
 pub use memory::MemoryUsage;
 pub use metrics::MetricsSnapshot;
 pub use permissions::Action;

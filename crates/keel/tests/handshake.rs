@@ -75,7 +75,13 @@ async fn text_frame(s: &mut TcpStream, want: &str) {
 #[tokio::test]
 async fn a_client_without_extensions_gets_keels_framing_end_to_end() {
     let hub = Hub::new(Config::default());
-    let addr = common::serve(&hub).await;
+    plain_framing_end_to_end(&hub, common::serve(&hub).await).await;
+    // The same over a tokio listener, where the 101 is written on its own.
+    let hub = Hub::new(Config::default());
+    plain_framing_end_to_end(&hub, common::serve_on_tokio_listener(&hub).await).await;
+}
+
+async fn plain_framing_end_to_end(hub: &Hub, addr: SocketAddr) {
     let (mut s, head) = handshake(addr, "plain", &standard(KEY)).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains(&format!(
@@ -185,4 +191,34 @@ async fn handshakes_without_a_key_or_with_another_version_are_400() {
     let (_s, head) = handshake(addr, "n2", &extra).await;
     assert!(head.starts_with("http/1.1 400"), "{head}");
     assert_eq!(hub.get_connection_count(), 0);
+}
+
+/// Sends a message as each connection registers, the way the gateway's `welcome` goes.
+struct Hello;
+
+impl keel::Handler for Hello {
+    fn on_connect(&self, hub: &Hub, conn: &keel::Connection) {
+        conn.send_text(hub, bytes::Bytes::from_static(b"hello"));
+    }
+}
+
+#[tokio::test]
+async fn over_keels_listener_the_first_message_follows_the_101_and_the_peer_is_known() {
+    // keel::Listener sends the 101 with the first message; the client sees the
+    // same bytes in the same order as from any listener.
+    let mut config = Config::default();
+    config.max_connections_per_ip = Some(1);
+    let hub = Hub::with_handler(config, Hello);
+    let addr = common::serve(&hub).await;
+    let (mut s, head) = handshake(addr, "first", &standard(KEY)).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    text_frame(&mut s, "hello").await;
+    assert!(hub.send_to_client("first", "and then"));
+    text_frame(&mut s, "and then").await;
+
+    // keel::Peer carries the client's address to the per-address limit: a second
+    // connection from 127.0.0.1 is refused, with an ordinary HTTP response.
+    let (_s2, head) = handshake(addr, "second", &standard(KEY)).await;
+    assert!(head.starts_with("http/1.1 503"), "{head}");
+    assert!(hub.get_connection("second").is_none());
 }

@@ -55,8 +55,11 @@ pub struct Upgrade {
     /// Resolves to the raw connection once the 101 response is written.
     on_upgrade: hyper::upgrade::OnUpgrade,
     /// The TCP peer, when the server was built with connect info
-    /// (`into_make_service_with_connect_info::<SocketAddr>`).
+    /// (`into_make_service_with_connect_info::<Peer>` or `::<SocketAddr>`).
     pub(crate) peer: Option<std::net::SocketAddr>,
+    /// Served by a [`Listener`](crate::Listener): asks it to send the 101 with the
+    /// connection's first message.
+    hold: Option<std::sync::Arc<crate::listener::Hold>>,
     /// `X-Forwarded-For`, believed only from `trusted_proxies`.
     pub(crate) forwarded: Option<Box<str>>,
 }
@@ -109,10 +112,19 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             .extensions
             .remove::<hyper::upgrade::OnUpgrade>()
             .ok_or_else(bad)?;
-        let peer = parts
+        let (peer, hold) = match parts
             .extensions
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0);
+            .get::<axum::extract::ConnectInfo<crate::Peer>>()
+        {
+            Some(info) => (Some(info.0.addr()), Some(info.0.hold.clone())),
+            None => (
+                parts
+                    .extensions
+                    .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                    .map(|c| c.0),
+                None,
+            ),
+        };
         let forwarded = parts
             .headers
             .get("x-forwarded-for")
@@ -123,6 +135,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             deflate_offer,
             on_upgrade,
             peer,
+            hold,
             forwarded,
         })
     }
@@ -227,6 +240,10 @@ impl Transport {
         let handshake = |e: String| crate::Error::new(crate::ErrorKind::Handshake, e);
         match upgrade.deflate_offer.filter(|_| self.deflate) {
             Some(offer) => {
+                // yawc writes the 101 and its frames itself: nothing to hold.
+                if let Some(hold) = &upgrade.hold {
+                    hold.dismiss();
+                }
                 // yawc negotiates the extension: hand it the request's parts again.
                 let (mut parts, ()) = axum::http::Request::new(()).into_parts();
                 let h = &mut parts.headers;
@@ -259,6 +276,11 @@ impl Transport {
                     .body(axum::body::Body::empty())
                     .map_err(|e| handshake(e.to_string()))?;
                 let max = self.max_message;
+                // The 101 waits in the listener for the first message (the
+                // gateway's `welcome`): one write instead of two.
+                if let Some(hold) = &upgrade.hold {
+                    hold.engage();
+                }
                 let socket = upgrade.on_upgrade.map(move |r| {
                     r.ok()
                         .map(|io| Socket::Plain(plain::PlainSocket::new(TokioIo::new(io), max)))

@@ -33,8 +33,27 @@ async fn ws(State(hub): State<Hub>, Query(q): Query<Id>, upgrade: Upgrade) -> Re
     }
 }
 
-/// Serves `hub` on 127.0.0.1:0 at `/ws?id=...`.
+/// Serves `hub` on 127.0.0.1:0 at `/ws?id=...`, the way the crate docs show:
+/// a [`keel::Listener`] with [`keel::Peer`] as connect info.
 pub async fn serve(hub: &Hub) -> SocketAddr {
+    hub.start();
+    let listener = keel::Listener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route("/ws", get(ws)).with_state(hub.clone());
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<keel::Peer>(),
+        )
+        .await
+        .unwrap();
+    });
+    addr
+}
+
+/// As [`serve`], on a plain tokio listener without connect info: what an app that
+/// never heard of [`keel::Listener`] does.
+pub async fn serve_on_tokio_listener(hub: &Hub) -> SocketAddr {
     hub.start();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

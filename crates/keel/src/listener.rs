@@ -1,0 +1,535 @@
+//! A TCP listener for `axum::serve` that sends a WebSocket's `101 Switching
+//! Protocols` and its first message in one write.
+//!
+//! Without it, a new connection costs the server two writes before the client has
+//! anything to act on: hyper writes the 101 and flushes it, and only then does the
+//! connection's task get the socket and write its first message (the gateway's
+//! `welcome`). On loopback and in a data centre, a write is mostly the kernel
+//! delivering a segment and waking the reader, so this is about a tenth of what a
+//! connect costs. [`Listener`] accepts like `tokio::net::TcpListener` (and sets
+//! `TCP_NODELAY`); its [`Stream`] can hold back the bytes of one HTTP response
+//! until the next write, when an accepted plain WebSocket upgrade asks it to
+//! through [`Peer`], the connect info that comes with it.
+//!
+//! What it must not do: lose or reorder a byte, or keep one back for longer than
+//! the connection's next read, write or flush. Whatever was held goes out before
+//! anything else is written, read or shut down, so a response that is not followed
+//! by a message (an upgrade a middleware turned into an error, a WebSocket whose
+//! handler sends nothing) still leaves at once. Everything but a plain upgrade goes
+//! straight through: HTTP, TLS on top of it, and permessage-deflate connections.
+//!
+//! ```no_run
+//! # async fn run(app: axum::Router) -> std::io::Result<()> {
+//! let listener = keel::Listener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app.into_make_service_with_connect_info::<keel::Peer>()).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+
+/// Accepts TCP connections for `axum::serve`, with `TCP_NODELAY` set, as
+/// [`Stream`]s that can send an upgrade's 101 together with the first message.
+///
+/// Serve with `into_make_service_with_connect_info::<Peer>()` so that the
+/// [`Upgrade`](crate::Upgrade) extractor finds each connection's [`Peer`]; with
+/// any other make-service it works as a plain listener.
+#[derive(Debug)]
+pub struct Listener {
+    inner: TcpListener,
+}
+
+impl Listener {
+    /// Binds to `addr`, like `tokio::net::TcpListener::bind`.
+    pub async fn bind(addr: impl ToSocketAddrs) -> io::Result<Self> {
+        TcpListener::bind(addr).await.map(Listener::from)
+    }
+
+    /// The address it is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+impl From<TcpListener> for Listener {
+    fn from(inner: TcpListener) -> Self {
+        Listener { inner }
+    }
+}
+
+impl axum::serve::Listener for Listener {
+    type Io = Stream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Stream, SocketAddr) {
+        // axum's own loop: it logs and backs off on errors (EMFILE included).
+        let (tcp, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        // Without TCP_NODELAY, Nagle holds a small write back while an earlier one
+        // is unacknowledged, and the client's delayed ACK turns that into 40 ms.
+        let _ = tcp.set_nodelay(true);
+        (Stream(Holding::new(tcp)), addr)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// The stream passes everything through (and may be asked to hold).
+const IDLE: u8 = 0;
+/// An accepted plain upgrade asked: the response being written is kept back, and
+/// the flush that ends it is not passed on. That flush makes it `IDLE` again.
+const ENGAGED: u8 = 1;
+/// The upgrade went another way (permessage-deflate): nothing will be held; the
+/// stream lets go of the handle.
+const DISMISSED: u8 = 2;
+
+/// What a connection's [`Stream`] and its [`Peer`] share.
+#[derive(Debug, Default)]
+pub(crate) struct Hold {
+    /// `IDLE`, `ENGAGED` or `DISMISSED`.
+    state: AtomicU8,
+    /// The response kept back; written in front of whatever comes next. Only the
+    /// stream's own task touches it: the lock is never contended.
+    held: Mutex<Vec<u8>>,
+}
+
+impl Hold {
+    /// Asks the stream to keep back the response about to be written (the 101)
+    /// and send it with the first message.
+    pub(crate) fn engage(&self) {
+        self.state.store(ENGAGED, Ordering::Relaxed);
+    }
+
+    /// Tells the stream nothing will be held on this connection (it became a
+    /// WebSocket that writes through another framing), so it can let go.
+    pub(crate) fn dismiss(&self) {
+        self.state.store(DISMISSED, Ordering::Relaxed);
+    }
+}
+
+/// Connect info for `into_make_service_with_connect_info::<Peer>()` with a
+/// [`Listener`]: the client's address, and the handle through which the
+/// [`Upgrade`](crate::Upgrade) extractor asks for the 101 to ride with the first
+/// message.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    addr: SocketAddr,
+    pub(crate) hold: Arc<Hold>,
+}
+
+impl Peer {
+    /// The client's TCP address (not `X-Forwarded-For`).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Listener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Listener>) -> Self {
+        let s = stream.io();
+        Peer {
+            addr: *stream.remote_addr(),
+            // Every accepted stream starts with one; a connection whose handle has
+            // been let go has nothing to hold back and ignores this one.
+            hold: s.0.hold.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// An accepted connection: a `TcpStream` that can keep back one response until
+/// the next write (see the [module docs](self)).
+#[derive(Debug)]
+pub struct Stream(Holding<TcpStream>);
+
+/// The holding logic, over any byte stream (tests drive it over one that takes a
+/// few bytes per write).
+#[derive(Debug)]
+struct Holding<S> {
+    io: S,
+    /// Shared with the connection's [`Peer`]. Let go once a held response is out
+    /// or the handle is dismissed, so a long-lived WebSocket keeps nothing of it
+    /// and its writes go straight through.
+    hold: Option<Arc<Hold>>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Holding<S> {
+    fn new(io: S) -> Self {
+        Holding {
+            io,
+            hold: Some(Arc::new(Hold::default())),
+        }
+    }
+
+    /// Writes what is held, with `extra` behind it in the same vectored write,
+    /// until nothing is held; returns how much of `extra` went out with it (the
+    /// rest is the caller's to write). `Ready(Ok(0))` at once when nothing is
+    /// held, or while a response is being kept back.
+    fn poll_release(
+        &mut self,
+        cx: &mut Context<'_>,
+        extra: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let Holding { io, hold } = self;
+        let Some(shared) = hold.as_ref() else {
+            return Poll::Ready(Ok(0));
+        };
+        match shared.state.load(Ordering::Relaxed) {
+            ENGAGED => return Poll::Ready(Ok(0)),
+            DISMISSED => {
+                *hold = None;
+                return Poll::Ready(Ok(0));
+            }
+            _ => {}
+        }
+        let mut held = shared.held.lock();
+        if held.is_empty() {
+            // Nothing yet: a later request on this connection may still upgrade.
+            return Poll::Ready(Ok(0));
+        }
+        let mut of_extra = 0;
+        while !held.is_empty() {
+            let mut all = Vec::with_capacity(extra.len() + 1);
+            all.push(IoSlice::new(&held));
+            all.extend_from_slice(extra);
+            let n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &all))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            let before = held.len();
+            drop(all);
+            held.drain(..n.min(before));
+            of_extra = n.saturating_sub(before);
+        }
+        drop(held);
+        *hold = None;
+        Poll::Ready(Ok(of_extra))
+    }
+
+    /// Writes `bufs`: kept back while engaged, behind what is held otherwise.
+    fn poll_send(&mut self, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        if let Some(shared) = &self.hold {
+            if shared.state.load(Ordering::Relaxed) == ENGAGED {
+                // The response an accepted upgrade is answered with: keep it.
+                let mut held = shared.held.lock();
+                let total: usize = bufs.iter().map(|b| b.len()).sum();
+                held.reserve(total);
+                for b in bufs {
+                    held.extend_from_slice(b);
+                }
+                return Poll::Ready(Ok(total));
+            }
+            let n = ready!(self.poll_release(cx, bufs))?;
+            if n > 0 {
+                return Poll::Ready(Ok(n));
+            }
+            // Nothing was held, or only the held bytes went out: `bufs` goes on its
+            // own below.
+        }
+        match bufs {
+            [one] => Pin::new(&mut self.io).poll_write(cx, one),
+            _ => Pin::new(&mut self.io).poll_write_vectored(cx, bufs),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Holding<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        // A held response goes out before the peer is expected to answer it. If the
+        // socket has no room, reading goes on: write readiness wakes this task.
+        if let Poll::Ready(Err(e)) = self.poll_release(cx, &[]) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Holding<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.hold.is_none() {
+            return Pin::new(&mut self.io).poll_write(cx, buf);
+        }
+        self.poll_send(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.hold.is_none() {
+            return Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        }
+        self.poll_send(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(hold) = &self.hold {
+            if hold.state.load(Ordering::Relaxed) == ENGAGED && !hold.held.lock().is_empty() {
+                // The end of the held response: it goes out with the next write.
+                hold.state.store(IDLE, Ordering::Relaxed);
+                return Poll::Ready(Ok(()));
+            }
+        }
+        ready!(self.poll_release(cx, &[]))?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(hold) = &self.hold {
+            if hold.state.load(Ordering::Relaxed) == ENGAGED {
+                hold.state.store(IDLE, Ordering::Relaxed);
+            }
+        }
+        ready!(self.poll_release(cx, &[]))?;
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// One end of an in-memory pipe that takes at most `max` bytes per write and
+    /// counts the writes that reach it (a vectored write is one).
+    struct Chunky {
+        io: DuplexStream,
+        max: usize,
+        writes: usize,
+    }
+
+    impl AsyncRead for Chunky {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Chunky {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            all.truncate(self.max);
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &all))?;
+            self.writes += 1;
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    const RESPONSE: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n";
+    const WELCOME: &[u8] = b"\x81\x1b{\"type\":\"welcome\",\"id\":\"c1\"}";
+
+    /// A stream over a pipe taking `max` bytes a write, its peer end, and the
+    /// handle an upgrade engages.
+    fn holding(max: usize) -> (Holding<Chunky>, DuplexStream, Arc<Hold>) {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let s = Holding::new(Chunky {
+            io: a,
+            max,
+            writes: 0,
+        });
+        let hold = s.hold.clone().expect("a new stream has a handle");
+        (s, b, hold)
+    }
+
+    /// What hyper does with a response: one vectored write of its head, then a flush.
+    async fn write_response(s: &mut Holding<Chunky>) {
+        let (head, tail) = RESPONSE.split_at(20);
+        let bufs = [IoSlice::new(head), IoSlice::new(tail)];
+        let n = std::future::poll_fn(|cx| Pin::new(&mut *s).poll_write_vectored(cx, &bufs))
+            .await
+            .expect("write");
+        assert_eq!(n, RESPONSE.len(), "the whole response is taken");
+        s.flush().await.expect("flush");
+    }
+
+    /// Whatever the peer has been sent so far.
+    async fn sent(peer: &mut DuplexStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while let Some(r) = peer.read(&mut buf).now_or_never() {
+            let n = r.expect("read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn an_engaged_response_goes_out_with_the_first_message_in_one_write() {
+        let (mut s, mut peer, hold) = holding(usize::MAX);
+        hold.engage();
+        write_response(&mut s).await;
+        assert_eq!(s.io.writes, 0, "the response was kept back");
+        assert!(sent(&mut peer).await.is_empty());
+
+        s.write_all(WELCOME).await.expect("write");
+        assert_eq!(s.io.writes, 1, "response and message in one write");
+        assert_eq!(sent(&mut peer).await, [RESPONSE, WELCOME].concat());
+
+        // Once out, the stream lets go of the handle and writes straight through.
+        assert!(s.hold.is_none());
+        assert_eq!(Arc::strong_count(&hold), 1);
+        s.write_all(b"next").await.expect("write");
+        assert_eq!(s.io.writes, 2);
+        assert_eq!(sent(&mut peer).await, b"next");
+    }
+
+    #[tokio::test]
+    async fn a_socket_taking_a_few_bytes_at_a_time_gets_every_byte_in_order() {
+        let (mut s, mut peer, hold) = holding(7);
+        hold.engage();
+        write_response(&mut s).await;
+        // The held bytes go first, a few at a time; the message follows them, cut
+        // wherever the socket cuts it; `write_all` sees only the message's bytes.
+        s.write_all(WELCOME).await.expect("write_all");
+        s.write_all(b"more").await.expect("write_all");
+        assert_eq!(sent(&mut peer).await, [RESPONSE, WELCOME, b"more"].concat());
+        assert!(s.io.writes > (RESPONSE.len() + WELCOME.len()) / 7);
+    }
+
+    #[tokio::test]
+    async fn a_held_response_with_no_message_after_it_goes_out_at_the_next_read_or_flush() {
+        // A WebSocket whose handler sends nothing: the task's first read sends it.
+        let (mut s, mut peer, hold) = holding(usize::MAX);
+        hold.engage();
+        write_response(&mut s).await;
+        let mut buf = [0u8; 16];
+        assert!(
+            s.read(&mut buf).now_or_never().is_none(),
+            "nothing to read yet"
+        );
+        assert_eq!(sent(&mut peer).await, RESPONSE);
+
+        // Anyone flushing again sends it too.
+        let (mut s, mut peer, hold) = holding(usize::MAX);
+        hold.engage();
+        write_response(&mut s).await;
+        s.flush().await.expect("flush");
+        assert_eq!(sent(&mut peer).await, RESPONSE);
+
+        // And a shutdown sends it before the end of the stream.
+        let (mut s, mut peer, hold) = holding(3);
+        hold.engage();
+        write_response(&mut s).await;
+        s.shutdown().await.expect("shutdown");
+        let mut all = Vec::new();
+        peer.read_to_end(&mut all).await.expect("read to end");
+        assert_eq!(all, RESPONSE);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_kept_back_unless_an_upgrade_asks() {
+        let (mut s, mut peer, _hold) = holding(usize::MAX);
+        write_response(&mut s).await;
+        assert_eq!(
+            s.io.writes, 1,
+            "an HTTP response is written when it is written"
+        );
+        assert_eq!(sent(&mut peer).await, RESPONSE);
+        s.write_all(WELCOME).await.expect("write");
+        assert_eq!(s.io.writes, 2);
+        assert_eq!(sent(&mut peer).await, WELCOME);
+        assert!(s.hold.is_some(), "a later request may still upgrade");
+
+        // A compressed upgrade dismisses the handle: the stream lets go of it.
+        let (mut s, mut peer, hold) = holding(usize::MAX);
+        hold.dismiss();
+        write_response(&mut s).await;
+        assert_eq!(s.io.writes, 1);
+        assert_eq!(sent(&mut peer).await, RESPONSE);
+        assert!(s.hold.is_none());
+        assert_eq!(Arc::strong_count(&hold), 1);
+    }
+}
