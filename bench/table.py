@@ -18,7 +18,8 @@ def key(r):
     if s == "rooms":
         return f"rooms, {r['rooms']} x {r['per_room']} at {r['rate_per_member']} msg/s"
     if s == "churn":
-        return f"churn, {r['cycles'] + r['failed']} cycles"
+        rate = f" at {r['rate']:,}/s offered" if r.get("rate") else ""
+        return f"churn, {r['cycles']:,} cycles{rate}"
     return s
 
 
@@ -26,7 +27,7 @@ COLUMNS = {
     "idle": [("rss_per_connection_bytes", "RSS/conn (B)", min), ("server_cpu_pct_idle", "idle CPU %", min), ("still_open", "open at end", max)],
     "fanout": [("deliveries_per_s", "deliveries/s", max), ("loss", "loss", min), ("server_cpu_s_per_million_deliveries", "CPU s / M deliveries", min), ("server_cpu_pct", "CPU %", min), ("p50", "p50 us", min), ("p99", "p99 us", min), ("p999", "p99.9 us", min)],
     "rooms": [("deliveries_per_s", "deliveries/s", max), ("server_cpu_s_per_million_deliveries", "CPU s / M deliveries", min), ("p99", "p99 us", min)],
-    "churn": [("cycles_per_s", "cycles/s", max), ("rss_growth_pct", "RSS growth %", min), ("failed", "failed", min)],
+    "churn": [("cycles_per_s", "cycles/s", max), ("server_cpu_us_per_cycle", "CPU us / cycle", min), ("server_cpu_pct", "CPU %", min), ("rss_growth_pct", "RSS growth %", min), ("rss_growth_repeat_pct", "RSS growth, repeat storm %", min), ("failed", "failed", min)],
 }
 COLUMNS["slow"] = COLUMNS["fanout"] + [("server_rss", "RSS (B)", min)]
 

@@ -33,7 +33,7 @@ const USAGE: &str = "usage: keel-bench <idle|fanout|slow|rooms|churn|resume> --a
   fanout:  --subs N (1000)  --rate MSG/S (100)  --size BYTES (100)  --duration D (10s)
   slow:    as fanout, plus --slow-fraction F (0.1)
   rooms:   --rooms R (100)  --per-room K (10)  --rate MSG/S per member (1)  --duration D (10s)
-  churn:   --rate CYCLES/S (2000)  --total N (100000)
+  churn:   --rate CYCLES/S (2000)  --total N (100000); the storm runs twice (a leak grows both times)
   resume:  --cuts N (1000): reset a subscriber, reconnect, resume; time to resume_response (keel only)";
 
 fn main() -> anyhow::Result<()> {
@@ -41,7 +41,8 @@ fn main() -> anyhow::Result<()> {
     let Some(scenario) = args.next() else {
         bail!("{USAGE}");
     };
-    if scenario == "--help" || scenario == "-h" {
+    let help = |a: &str| a == "--help" || a == "-h";
+    if help(&scenario) || std::env::args().skip(2).any(|a| help(&a)) {
         println!("{USAGE}");
         return Ok(());
     }
