@@ -1,7 +1,8 @@
 //! Micro-benchmarks of the hot paths, so a regression shows without a load test:
-//! encoding one publication, decoding a client envelope, and a publish that queues
+//! encoding one publication, decoding a client envelope, a publish that queues
 //! one encoded frame to N subscribers (real loopback connections, measured on the
-//! publisher's side: encode once, N queue pushes, no socket awaited).
+//! publisher's side: encode once, N queue pushes, no socket awaited), and a
+//! registry lookup by client_id among 1000 live connections.
 //!
 //! `cargo bench -p keel --bench hot_paths`
 
@@ -62,46 +63,57 @@ fn handshake(addr: std::net::SocketAddr, id: usize) -> std::net::TcpStream {
     s
 }
 
+/// A started Hub with `n` live connections (`c0`..), each read and discarded by a
+/// client task so queues stay short as in normal operation; the tasks go with
+/// the returned handles.
+fn hub_with_clients(
+    rt: &tokio::runtime::Runtime,
+    n: usize,
+) -> (Hub, Vec<tokio::task::JoinHandle<()>>) {
+    let hub = Hub::new(Config::default());
+    let addr = rt.block_on(async {
+        hub.start();
+        let listener = keel::Listener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let h = hub.clone();
+        let app = axum::Router::new().route(
+            "/ws",
+            axum::routing::get(
+                move |q: axum::extract::Query<std::collections::HashMap<String, String>>,
+                      up: keel::Upgrade| async move {
+                    h.connect(q.0["id"].clone(), up, serde_json::Value::Null)
+                        .unwrap()
+                },
+            ),
+        );
+        let app = app.into_make_service_with_connect_info::<keel::Peer>();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr
+    });
+    let readers = (0..n)
+        .map(|i| {
+            let s = handshake(addr, i);
+            s.set_nonblocking(true).unwrap();
+            rt.spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut s = tokio::net::TcpStream::from_std(s).unwrap();
+                let mut buf = vec![0u8; 65536];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            })
+        })
+        .collect();
+    while hub.get_connection_count() < n {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (hub, readers)
+}
+
 fn publish_to_subscribers(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut group = c.benchmark_group("publish to N subscribers (queue side)");
     group.measurement_time(Duration::from_secs(3));
     for n in [100usize, 1000] {
-        let hub = Hub::new(Config::default());
-        let addr = rt.block_on(async {
-            hub.start();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let h = hub.clone();
-            let app = axum::Router::new().route(
-                "/ws",
-                axum::routing::get(
-                    move |q: axum::extract::Query<std::collections::HashMap<String, String>>,
-                          up: keel::Upgrade| async move {
-                        h.connect(q.0["id"].clone(), up, serde_json::Value::Null)
-                            .unwrap()
-                    },
-                ),
-            );
-            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-            addr
-        });
-        // Clients read and discard, so queues stay short as in normal operation.
-        let readers: Vec<_> = (0..n)
-            .map(|i| {
-                let s = handshake(addr, i);
-                s.set_nonblocking(true).unwrap();
-                rt.spawn(async move {
-                    use tokio::io::AsyncReadExt;
-                    let mut s = tokio::net::TcpStream::from_std(s).unwrap();
-                    let mut buf = vec![0u8; 65536];
-                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
-                })
-            })
-            .collect();
-        while hub.get_connection_count() < n {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let (hub, readers) = hub_with_clients(&rt, n);
         for i in 0..n {
             hub.join_room(&format!("c{i}"), "bench").unwrap();
         }
@@ -120,10 +132,27 @@ fn publish_to_subscribers(c: &mut Criterion) {
     group.finish();
 }
 
+fn registry_lookup(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (hub, readers) = hub_with_clients(&rt, 1000);
+    let mut group = c.benchmark_group("registry lookup among 1000 connections");
+    group.bench_function("hit", |b| {
+        b.iter(|| hub.get_connection(black_box("c517")).is_some())
+    });
+    group.bench_function("miss", |b| {
+        b.iter(|| hub.get_connection(black_box("nobody")).is_none())
+    });
+    group.finish();
+    for r in readers {
+        r.abort();
+    }
+}
+
 criterion_group!(
     benches,
     encode_publication,
     decode_envelope,
-    publish_to_subscribers
+    publish_to_subscribers,
+    registry_lookup
 );
 criterion_main!(benches);
