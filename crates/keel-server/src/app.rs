@@ -15,7 +15,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use keel::{Authenticator, Config, Hub, Identity, ShutdownReport, Tickets, Upgrade};
 use serde::Deserialize;
@@ -150,8 +149,11 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
                 let listener = crate::tls::TlsListener::new(listener, acceptor);
                 tokio::spawn(async move {
                     match listener {
-                        // tap_io: axum gives connect info to TcpListener and TapIo only.
-                        Ok(l) => serve_on::<_, SocketAddr>(l.tap_io(|_| {}), app, until).await,
+                        // Wrap: the 101 rides with the `welcome` above TLS too (one
+                        // TLS record and one write fewer per connect).
+                        Ok(l) => {
+                            serve_on::<_, keel::Peer>(keel::listener::Wrap(l), app, until).await
+                        }
                         Err(e) => tracing::error!(error = %e, "TLS listener failed"),
                     }
                 })

@@ -16,7 +16,9 @@
 //! anything else is written, read or shut down, so a response that is not followed
 //! by a message (an upgrade a middleware turned into an error, a WebSocket whose
 //! handler sends nothing) still leaves at once. Everything but a plain upgrade goes
-//! straight through: HTTP, TLS on top of it, and permessage-deflate connections.
+//! straight through: HTTP requests and permessage-deflate connections. [`Wrap`]
+//! gives any other listener the same (the gateway wraps its TLS listener: the
+//! hold sits above TLS, so the 101 and the first message share a TLS record).
 //!
 //! ```no_run
 //! # async fn run(app: axum::Router) -> std::io::Result<()> {
@@ -136,20 +138,59 @@ impl Peer {
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Listener>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, Listener>) -> Self {
-        let s = stream.io();
+        Peer::of(stream.io(), *stream.remote_addr())
+    }
+}
+
+impl<L> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Wrap<L>>> for Peer
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Wrap<L>>) -> Self {
+        Peer::of(stream.io(), *stream.remote_addr())
+    }
+}
+
+impl Peer {
+    fn of<S>(stream: &Stream<S>, addr: SocketAddr) -> Self {
         Peer {
-            addr: *stream.remote_addr(),
-            // Every accepted stream starts with one; a connection whose handle has
+            addr,
+            // Every new stream starts with one; a connection whose handle has
             // been let go has nothing to hold back and ignores this one.
-            hold: s.0.hold.clone().unwrap_or_default(),
+            hold: stream.0.hold.clone().unwrap_or_default(),
         }
     }
 }
 
-/// An accepted connection: a `TcpStream` that can keep back one response until
-/// the next write (see the [module docs](self)).
+/// Any other axum listener (one that terminates TLS, say), its connections
+/// wrapped in [`Stream`]s: serve it with [`Peer`] as connect info and an
+/// upgrade's 101 goes out with the first message, as with [`Listener`]. Above TLS
+/// that saves a TLS record as well as a write. It sets nothing on the sockets
+/// (`TCP_NODELAY` is the wrapped listener's business).
 #[derive(Debug)]
-pub struct Stream(Holding<TcpStream>);
+pub struct Wrap<L>(pub L);
+
+impl<L> axum::serve::Listener for Wrap<L>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    type Io = Stream<L::Io>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        let (io, addr) = self.0.accept().await;
+        (Stream(Holding::new(io)), addr)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+/// An accepted connection (a `TcpStream` unless you wrap another stream) that
+/// can keep back one response until the next write (see the [module docs](self)).
+#[derive(Debug)]
+pub struct Stream<S = TcpStream>(Holding<S>);
 
 /// The holding logic, over any byte stream (tests drive it over one that takes a
 /// few bytes per write).
@@ -281,7 +322,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Holding<S> {
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -307,7 +348,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Holding<S> {
     }
 }
 
-impl AsyncRead for Stream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -317,7 +358,7 @@ impl AsyncRead for Stream {
     }
 }
 
-impl AsyncWrite for Stream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -335,7 +376,7 @@ impl AsyncWrite for Stream {
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.0.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
