@@ -120,7 +120,7 @@ impl Hold {
 }
 
 /// Connect info for `into_make_service_with_connect_info::<Peer>()` with a
-/// [`Listener`]: the client's address, and the handle through which the
+/// [`Listener`] or a [`Wrap`]: the client's address, and the handle through which the
 /// [`Upgrade`](crate::Upgrade) extractor asks for the 101 to ride with the first
 /// message.
 #[derive(Debug, Clone)]
