@@ -78,7 +78,7 @@ impl axum::serve::Listener for Listener {
         // Without TCP_NODELAY, Nagle holds a small write back while an earlier one
         // is unacknowledged, and the client's delayed ACK turns that into 40 ms.
         let _ = tcp.set_nodelay(true);
-        (Stream(Holding::new(tcp)), addr)
+        (Stream::new(tcp), addr)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -157,7 +157,7 @@ impl Peer {
             addr,
             // Every new stream starts with one; a connection whose handle has
             // been let go has nothing to hold back and ignores this one.
-            hold: stream.0.hold.clone().unwrap_or_default(),
+            hold: stream.hold.clone().unwrap_or_default(),
         }
     }
 }
@@ -179,7 +179,7 @@ where
 
     async fn accept(&mut self) -> (Self::Io, SocketAddr) {
         let (io, addr) = self.0.accept().await;
-        (Stream(Holding::new(io)), addr)
+        (Stream::new(io), addr)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -187,15 +187,12 @@ where
     }
 }
 
-/// An accepted connection (a `TcpStream` unless you wrap another stream) that
-/// can keep back one response until the next write (see the [module docs](self)).
+/// An accepted connection (a `TcpStream` unless a [`Wrap`] wraps another
+/// stream) that can keep back one response until the next write (see the
+/// [module docs](self)). Tests drive it over a stream that takes a few bytes
+/// per write.
 #[derive(Debug)]
-pub struct Stream<S = TcpStream>(Holding<S>);
-
-/// The holding logic, over any byte stream (tests drive it over one that takes a
-/// few bytes per write).
-#[derive(Debug)]
-struct Holding<S> {
+pub struct Stream<S = TcpStream> {
     io: S,
     /// Shared with the connection's [`Peer`]. Let go once a held response is out
     /// or the handle is dismissed, so a long-lived WebSocket keeps nothing of it
@@ -203,9 +200,9 @@ struct Holding<S> {
     hold: Option<Arc<Hold>>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Holding<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Stream<S> {
     fn new(io: S) -> Self {
-        Holding {
+        Stream {
             io,
             hold: Some(Arc::new(Hold::default())),
         }
@@ -220,7 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Holding<S> {
         cx: &mut Context<'_>,
         extra: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let Holding { io, hold } = self;
+        let Stream { io, hold } = self;
         let Some(shared) = hold.as_ref() else {
             return Poll::Ready(Ok(0));
         };
@@ -283,7 +280,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Holding<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Holding<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -298,7 +295,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Holding<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Holding<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -345,46 +342,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Holding<S> {
         }
         ready!(self.poll_release(cx, &[]))?;
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
@@ -451,9 +408,9 @@ mod tests {
 
     /// A stream over a pipe taking `max` bytes a write, its peer end, and the
     /// handle an upgrade engages.
-    fn holding(max: usize) -> (Holding<Chunky>, DuplexStream, Arc<Hold>) {
+    fn holding(max: usize) -> (Stream<Chunky>, DuplexStream, Arc<Hold>) {
         let (a, b) = tokio::io::duplex(1 << 16);
-        let s = Holding::new(Chunky {
+        let s = Stream::new(Chunky {
             io: a,
             max,
             writes: 0,
@@ -463,7 +420,7 @@ mod tests {
     }
 
     /// What hyper does with a response: one vectored write of its head, then a flush.
-    async fn write_response(s: &mut Holding<Chunky>) {
+    async fn write_response(s: &mut Stream<Chunky>) {
         let (head, tail) = RESPONSE.split_at(20);
         let bufs = [IoSlice::new(head), IoSlice::new(tail)];
         let n = std::future::poll_fn(|cx| Pin::new(&mut *s).poll_write_vectored(cx, &bufs))
