@@ -56,8 +56,11 @@ async fn main() -> std::io::Result<()> {
     let hub = Hub::with_handler(Config::default(), Chat);
     hub.start();
     let app = Router::new().route("/ws", get(ws)).with_state(hub.clone());
-    // keel::Listener: TCP_NODELAY, and each 101 goes out with the first message.
-    let listener = keel::Listener::bind("127.0.0.1:3000").await?;
+    // keel::Listener: TCP_NODELAY, each 101 goes out with the first message, and
+    // `route_upgrades` answers plain upgrades without hyper.
+    let listener = keel::Listener::bind("127.0.0.1:3000")
+        .await?
+        .route_upgrades(app.clone());
     println!("chat on ws://{}/ws?name=you", listener.local_addr()?);
     axum::serve(
         listener,

@@ -54,7 +54,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/", get(ws))
         .route("/ws", get(ws))
         .with_state(hub);
-    let listener = keel::Listener::bind(&addr).await?;
+    // Plain upgrades answered by the listener, deflate ones through hyper: the
+    // Autobahn suite goes down both paths.
+    let listener = keel::Listener::bind(&addr)
+        .await?
+        .route_upgrades(app.clone());
     println!("echo listening on {}", listener.local_addr()?);
     let app = app.into_make_service_with_connect_info::<keel::Peer>();
     axum::serve(listener, app).await?;

@@ -162,8 +162,10 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
             // back while an earlier one is unacknowledged, and the client's delayed
             // ACK turns that into 40 ms stalls) and sends each upgrade's 101 with
             // the `welcome`.
+            // It also answers plain upgrades itself, without hyper (HTTP requests
+            // and upgrades offering permessage-deflate still go through hyper).
             None => tokio::spawn(serve_on::<_, keel::Peer>(
-                keel::Listener::from(listener),
+                keel::Listener::from(listener).route_upgrades(app.clone()),
                 app,
                 until,
             )),

@@ -73,8 +73,6 @@ fn hub_with_clients(
     let hub = Hub::new(Config::default());
     let addr = rt.block_on(async {
         hub.start();
-        let listener = keel::Listener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let h = hub.clone();
         let app = axum::Router::new().route(
             "/ws",
@@ -86,6 +84,11 @@ fn hub_with_clients(
                 },
             ),
         );
+        let listener = keel::Listener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .route_upgrades(app.clone());
+        let addr = listener.local_addr().unwrap();
         let app = app.into_make_service_with_connect_info::<keel::Peer>();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         addr

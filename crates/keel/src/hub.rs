@@ -32,6 +32,7 @@ use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::queue::Limits;
 use crate::session::{Detached, Resumed, Sessions};
 use crate::token::{self, ReconnectClaims};
+use crate::transport::Socket;
 use crate::transport::{Outgoing, Transport, Upgrade};
 
 type Shard = RwLock<HashMap<Arc<str>, Connection>>;
@@ -329,21 +330,12 @@ impl Hub {
             release_ip(self);
             return Err(e);
         }
-        let (response, socket) = match self.inner.transport.accept(upgrade) {
-            Ok(r) => r,
-            Err(e) => {
-                self.inner.reserved.fetch_sub(1, Ordering::AcqRel);
-                release_ip(self);
-                return Err(e);
-            }
-        };
         let hub = self.clone();
         let tasks = self.inner.tasks.clone();
-        // Two tasks in sequence: the first waits for the handshake to finish, the
-        // second is the connection's driver alone, so a long-lived connection's task
-        // holds no leftover state from its upgrade.
-        self.inner.tasks.spawn(async move {
-            let Some(socket) = socket.await else {
+        // The connection's driver gets a task of its own, so a long-lived
+        // connection's task holds no leftover state from its upgrade.
+        let start = move |socket: Option<Socket>| {
+            let Some(socket) = socket else {
                 hub.inner.reserved.fetch_sub(1, Ordering::AcqRel);
                 release_ip(&hub);
                 return;
@@ -353,7 +345,20 @@ impl Hub {
             let conn = Connection::new(client_id, metadata, auth, ip, hub.now_ms());
             hub.register(&conn);
             tasks.spawn(connection::Driver::new(hub, conn, socket));
-        });
+        };
+        let (response, later) = match self.inner.transport.accept(upgrade, start) {
+            Ok(r) => r,
+            Err(e) => {
+                self.inner.reserved.fetch_sub(1, Ordering::AcqRel);
+                release_ip(self);
+                return Err(e);
+            }
+        };
+        // Through hyper, a task waits for the handshake to finish; a listener that
+        // answers the upgrade itself starts the connection from its own task.
+        if let Some(later) = later {
+            self.inner.tasks.spawn(later);
+        }
         Ok(response)
     }
 

@@ -29,10 +29,14 @@
 //! let hub = Hub::new(Config::default());
 //! hub.start();
 //! let app: Router = Router::new().route("/ws", get(ws)).with_state(hub);
-//! // keel::Listener sets TCP_NODELAY on accepted sockets and sends each upgrade's
-//! // 101 with its first message; `Peer` is the connect info that links the two
-//! // (and gives per-address limits the client's address).
-//! let listener = keel::Listener::bind("127.0.0.1:3000").await.unwrap();
+//! // keel::Listener sets TCP_NODELAY on accepted sockets, sends each upgrade's
+//! // 101 with its first message and (route_upgrades) answers plain upgrades
+//! // without hyper; `Peer` is the connect info that links the two (and gives
+//! // per-address limits the client's address).
+//! let listener = keel::Listener::bind("127.0.0.1:3000")
+//!     .await
+//!     .unwrap()
+//!     .route_upgrades(app.clone());
 //! axum::serve(listener, app.into_make_service_with_connect_info::<keel::Peer>())
 //!     .await
 //!     .unwrap();
@@ -48,7 +52,8 @@
 //!   slow-consumer policies.
 //! - [`ip_limits`]: per-address connection caps and rates, trusted proxies.
 //! - [`listener`]: a TCP [`Listener`] for `axum::serve` that sends an upgrade's
-//!   101 with the connection's first message, and its connect info [`Peer`].
+//!   101 with the connection's first message and can answer plain upgrades
+//!   without hyper, and its connect info [`Peer`].
 //! - `rate` (internal): the per-connection message rate limit (token bucket).
 //! - `heartbeat` (internal): the sweeper: pings, timeouts, slow consumers, memory
 //!   checks.

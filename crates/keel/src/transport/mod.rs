@@ -30,14 +30,12 @@ use futures::{FutureExt, Sink, SinkExt};
 use hyper_util::rt::TokioIo;
 
 use crate::config::{Compression, Config};
-
-/// The upgraded HTTP connection, as a tokio byte stream.
-type Stream = TokioIo<hyper::upgrade::Upgraded>;
+use crate::listener::{DirectUpgrade, Handoff};
 
 /// The accepted WebSocket: the upgraded HTTP connection with framing on top.
 pub(crate) enum Socket {
     /// No extension: Keel's own framing.
-    Plain(plain::PlainSocket<Stream>),
+    Plain(plain::PlainSocket<Io>),
     /// permessage-deflate: yawc.
     Deflate(Box<yawc::WebSocket<yawc::HttpStream>>),
 }
@@ -52,8 +50,8 @@ pub struct Upgrade {
     key: axum::http::HeaderValue,
     /// The one permessage-deflate offer kept (see [`choose_deflate_offer`]).
     deflate_offer: Option<axum::http::HeaderValue>,
-    /// Resolves to the raw connection once the 101 response is written.
-    on_upgrade: hyper::upgrade::OnUpgrade,
+    /// How the raw connection arrives once the 101 is on its way.
+    pending: Pending,
     /// The TCP peer, when the server was built with connect info
     /// (`into_make_service_with_connect_info::<Peer>` or `::<SocketAddr>`).
     pub(crate) peer: Option<std::net::SocketAddr>,
@@ -108,15 +106,25 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             .headers
             .get(axum::http::header::SEC_WEBSOCKET_EXTENSIONS)
             .cloned();
-        let on_upgrade = parts
-            .extensions
-            .remove::<hyper::upgrade::OnUpgrade>()
-            .ok_or_else(bad)?;
+        let pending = match parts.extensions.remove::<DirectUpgrade>() {
+            Some(DirectUpgrade(handoff)) => Pending::Direct(handoff),
+            None => Pending::Hyper(
+                parts
+                    .extensions
+                    .remove::<hyper::upgrade::OnUpgrade>()
+                    .ok_or_else(bad)?,
+            ),
+        };
+        let direct = matches!(pending, Pending::Direct(_));
         let (peer, hold) = match parts
             .extensions
             .get::<axum::extract::ConnectInfo<crate::Peer>>()
         {
-            Some(info) => (Some(info.0.addr()), Some(info.0.hold.clone())),
+            // The listener answering the upgrade itself holds the 101 itself.
+            Some(info) => (
+                Some(info.0.addr()),
+                Some(info.0.hold.clone()).filter(|_| !direct),
+            ),
             None => (
                 parts
                     .extensions
@@ -133,7 +141,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
         Ok(Upgrade {
             key,
             deflate_offer,
-            on_upgrade,
+            pending,
             peer,
             hold,
             forwarded,
@@ -231,15 +239,38 @@ impl Transport {
         }
     }
 
-    /// Answers the handshake; the returned future resolves to the socket once the
-    /// 101 response has been written.
+    /// Answers the handshake. `start` gets the socket once the 101 is on its way,
+    /// or `None` if the handshake did not finish. Through hyper, the returned
+    /// future waits for that and is to be spawned; a [`Listener`](crate::Listener)
+    /// answering the upgrade itself calls `start` from its own task (no future).
     pub(crate) fn accept(
         &self,
         upgrade: Upgrade,
-    ) -> Result<(Response, impl std::future::Future<Output = Option<Socket>>), crate::Error> {
+        start: impl FnOnce(Option<Socket>) + Send + 'static,
+    ) -> Result<(Response, Option<impl std::future::Future<Output = ()>>), crate::Error> {
         let handshake = |e: String| crate::Error::new(crate::ErrorKind::Handshake, e);
-        match upgrade.deflate_offer.filter(|_| self.deflate) {
-            Some(offer) => {
+        let on_upgrade = match (
+            upgrade.pending,
+            upgrade.deflate_offer.filter(|_| self.deflate),
+        ) {
+            (Pending::Direct(handoff), None) => {
+                let response = self.switching_protocols(&upgrade.key)?;
+                let max = self.max_message;
+                handoff.on_upgrade(move |stream| {
+                    start(
+                        stream.map(|s| Socket::Plain(plain::PlainSocket::new(Io::Direct(s), max))),
+                    );
+                });
+                return Ok((response, None));
+            }
+            (Pending::Direct(_), Some(_)) => {
+                // The listener leaves upgrades offering an extension to hyper.
+                return Err(handshake("an extension offer outside hyper".into()));
+            }
+            (Pending::Hyper(on_upgrade), offer) => (on_upgrade, offer),
+        };
+        match on_upgrade {
+            (on_upgrade, Some(offer)) => {
                 // yawc writes the 101 and its frames itself: nothing to hold.
                 if let Some(hold) = &upgrade.hold {
                     hold.dismiss();
@@ -253,7 +284,7 @@ impl Transport {
                     axum::http::HeaderValue::from_static("13"),
                 );
                 h.insert(axum::http::header::SEC_WEBSOCKET_EXTENSIONS, offer);
-                parts.extensions.insert(upgrade.on_upgrade);
+                parts.extensions.insert(on_upgrade);
                 let incoming = yawc::IncomingUpgrade::from_request_parts(&mut parts, &())
                     .now_or_never()
                     .ok_or_else(|| handshake("the upgrade did not complete at once".into()))?
@@ -263,30 +294,119 @@ impl Transport {
                     .map_err(|e| handshake(e.to_string()))?;
                 let (parts, body) = response.into_parts();
                 let response = Response::from_parts(parts, axum::body::Body::new(body));
-                let socket = fut.map(|r| r.ok().map(|ws| Socket::Deflate(Box::new(ws))));
-                Ok((response, socket.left_future()))
+                let socket = fut.map(|r| start(r.ok().map(|ws| Socket::Deflate(Box::new(ws)))));
+                Ok((response, Some(socket.left_future())))
             }
-            None => {
-                let accept = accept_key(upgrade.key.as_bytes());
-                let response = Response::builder()
-                    .status(StatusCode::SWITCHING_PROTOCOLS)
-                    .header(axum::http::header::UPGRADE, "websocket")
-                    .header(axum::http::header::CONNECTION, "Upgrade")
-                    .header(axum::http::header::SEC_WEBSOCKET_ACCEPT, accept)
-                    .body(axum::body::Body::empty())
-                    .map_err(|e| handshake(e.to_string()))?;
+            (on_upgrade, None) => {
+                let response = self.switching_protocols(&upgrade.key)?;
                 let max = self.max_message;
                 // The 101 waits in the listener for the first message (the
                 // gateway's `welcome`): one write instead of two.
                 if let Some(hold) = &upgrade.hold {
                     hold.engage();
                 }
-                let socket = upgrade.on_upgrade.map(move |r| {
-                    r.ok()
-                        .map(|io| Socket::Plain(plain::PlainSocket::new(TokioIo::new(io), max)))
+                let socket = on_upgrade.map(move |r| {
+                    start(r.ok().map(|io| {
+                        Socket::Plain(plain::PlainSocket::new(Io::Hyper(TokioIo::new(io)), max))
+                    }))
                 });
-                Ok((response, socket.right_future()))
+                Ok((response, Some(socket.right_future())))
             }
+        }
+    }
+
+    /// The 101 for a plain upgrade (no extension).
+    fn switching_protocols(&self, key: &axum::http::HeaderValue) -> Result<Response, crate::Error> {
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(axum::http::header::UPGRADE, "websocket")
+            .header(axum::http::header::CONNECTION, "Upgrade")
+            .header(
+                axum::http::header::SEC_WEBSOCKET_ACCEPT,
+                accept_key(key.as_bytes()),
+            )
+            .body(axum::body::Body::empty())
+            .map_err(|e| crate::Error::new(crate::ErrorKind::Handshake, e.to_string()))
+    }
+}
+
+/// How an accepted upgrade's raw connection arrives.
+enum Pending {
+    /// hyper hands it over once it has written the 101.
+    Hyper(hyper::upgrade::OnUpgrade),
+    /// The [`Listener`](crate::Listener) answered the request itself, and hands
+    /// it to what the Hub leaves in here.
+    Direct(std::sync::Arc<Handoff>),
+}
+
+/// The byte stream under a plain WebSocket.
+pub(crate) enum Io {
+    /// Upgraded by hyper: its boxed connection.
+    Hyper(TokioIo<hyper::upgrade::Upgraded>),
+    /// Answered by the listener: the accepted stream itself.
+    Direct(crate::listener::Stream),
+}
+
+impl tokio::io::AsyncRead for Io {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Hyper(io) => std::pin::Pin::new(io).poll_read(cx, buf),
+            Io::Direct(io) => std::pin::Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Io {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Hyper(io) => std::pin::Pin::new(io).poll_write(cx, buf),
+            Io::Direct(io) => std::pin::Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Hyper(io) => std::pin::Pin::new(io).poll_write_vectored(cx, bufs),
+            Io::Direct(io) => std::pin::Pin::new(io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Hyper(io) => io.is_write_vectored(),
+            Io::Direct(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Hyper(io) => std::pin::Pin::new(io).poll_flush(cx),
+            Io::Direct(io) => std::pin::Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Hyper(io) => std::pin::Pin::new(io).poll_shutdown(cx),
+            Io::Direct(io) => std::pin::Pin::new(io).poll_shutdown(cx),
         }
     }
 }

@@ -22,7 +22,7 @@ pub struct Id {
     id: String,
 }
 
-async fn ws(State(hub): State<Hub>, Query(q): Query<Id>, upgrade: Upgrade) -> Response {
+pub async fn ws(State(hub): State<Hub>, Query(q): Query<Id>, upgrade: Upgrade) -> Response {
     match hub.connect(q.id.clone(), upgrade, serde_json::json!({"id": q.id})) {
         Ok(r) => r,
         Err(e) => (
@@ -33,13 +33,38 @@ async fn ws(State(hub): State<Hub>, Query(q): Query<Id>, upgrade: Upgrade) -> Re
     }
 }
 
+/// The app the tests serve: `hub` at `/ws?id=...`.
+pub fn app(hub: &Hub) -> Router {
+    Router::new().route("/ws", get(ws)).with_state(hub.clone())
+}
+
 /// Serves `hub` on 127.0.0.1:0 at `/ws?id=...`, the way the crate docs show:
-/// a [`keel::Listener`] with [`keel::Peer`] as connect info.
+/// a [`keel::Listener`] that answers upgrades itself, with [`keel::Peer`] as
+/// connect info.
 pub async fn serve(hub: &Hub) -> SocketAddr {
     hub.start();
+    serve_app(app(hub)).await
+}
+
+/// Serves `app` as [`serve`] does.
+pub async fn serve_app(app: Router) -> SocketAddr {
+    let listener = keel::Listener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .route_upgrades(app.clone());
+    spawn_server(listener, app)
+}
+
+/// As [`serve`], with every request through hyper: a [`keel::Listener`] without
+/// `route_upgrades` (the 101 still rides with the first message).
+pub async fn serve_through_hyper(hub: &Hub) -> SocketAddr {
+    hub.start();
     let listener = keel::Listener::bind("127.0.0.1:0").await.unwrap();
+    spawn_server(listener, app(hub))
+}
+
+fn spawn_server(listener: keel::Listener, app: Router) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
-    let app = Router::new().route("/ws", get(ws)).with_state(hub.clone());
     tokio::spawn(async move {
         axum::serve(
             listener,
@@ -57,7 +82,7 @@ pub async fn serve_on_tokio_listener(hub: &Hub) -> SocketAddr {
     hub.start();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = Router::new().route("/ws", get(ws)).with_state(hub.clone());
+    let app = app(hub);
     tokio::spawn(async move {
         axum::serve(listener.tap_io(|tcp| drop(tcp.set_nodelay(true))), app)
             .await

@@ -1,5 +1,6 @@
 //! A TCP listener for `axum::serve` that sends a WebSocket's `101 Switching
-//! Protocols` and its first message in one write.
+//! Protocols` and its first message in one write, and can answer plain upgrades
+//! without hyper.
 //!
 //! Without it, a new connection costs the server two writes before the client has
 //! anything to act on: hyper writes the 101 and flushes it, and only then does the
@@ -11,18 +12,31 @@
 //! until the next write, when an accepted plain WebSocket upgrade asks it to
 //! through [`Peer`], the connect info that comes with it.
 //!
+//! # The upgrade path without hyper
+//!
+//! With [`Listener::route_upgrades`], a connection whose first request is a plain
+//! WebSocket upgrade does not meet hyper at all (`direct.rs`): the listener reads
+//! the head itself, calls the app with the request hyper would have built, and
+//! hands the socket to the Hub, with the 101 held for the first message. That
+//! saves hyper's connection task and buffers, its 24-byte HTTP/2 sniff (a read of
+//! its own), the task that waits for the upgrade, and the box hyper's `Upgraded`
+//! puts in front of the socket for the connection's whole life. Anything else
+//! goes to `axum::serve` with every byte read so far still to be read.
+//!
 //! What it must not do: lose or reorder a byte, or keep one back for longer than
 //! the connection's next read, write or flush. Whatever was held goes out before
 //! anything else is written, read or shut down, so a response that is not followed
 //! by a message (an upgrade a middleware turned into an error, a WebSocket whose
 //! handler sends nothing) still leaves at once. Everything but a plain upgrade goes
 //! straight through: HTTP requests and permessage-deflate connections. [`Wrap`]
-//! gives any other listener the same (the gateway wraps its TLS listener: the
+//! gives any other listener the same hold (the gateway wraps its TLS listener: the
 //! hold sits above TLS, so the 101 and the first message share a TLS record).
 //!
 //! ```no_run
 //! # async fn run(app: axum::Router) -> std::io::Result<()> {
-//! let listener = keel::Listener::bind("127.0.0.1:3000").await?;
+//! let listener = keel::Listener::bind("127.0.0.1:3000")
+//!     .await?
+//!     .route_upgrades(app.clone());
 //! axum::serve(listener, app.into_make_service_with_connect_info::<keel::Peer>()).await?;
 //! # Ok(())
 //! # }
@@ -39,6 +53,10 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 
+mod direct;
+
+pub(crate) use direct::{DirectUpgrade, Handoff};
+
 /// Accepts TCP connections for `axum::serve`, with `TCP_NODELAY` set, as
 /// [`Stream`]s that can send an upgrade's 101 together with the first message.
 ///
@@ -48,6 +66,9 @@ use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 #[derive(Debug)]
 pub struct Listener {
     inner: TcpListener,
+    /// Set by [`route_upgrades`](Self::route_upgrades): the app that answers
+    /// upgrades here, and the connections handed on to axum.
+    direct: Option<direct::Direct>,
 }
 
 impl Listener {
@@ -60,11 +81,31 @@ impl Listener {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
     }
+
+    /// Answers WebSocket upgrades with `app` here, without hyper: a connection
+    /// whose first request is a plain upgrade (`GET`, HTTP/1.1, no extension
+    /// offered, no body) is routed through `app` by the listener's own small
+    /// request reader, and its socket goes straight to the Hub. Every other
+    /// connection (HTTP requests, upgrades offering permessage-deflate, anything
+    /// the reader does not take) goes to `axum::serve` as before, with every byte
+    /// read so far still to be read. See [the module docs](self#the-upgrade-path-without-hyper).
+    ///
+    /// `app` should be the Router `axum::serve` gets (a clone is cheap), and its
+    /// WebSocket routes must take Keel's [`Upgrade`](crate::Upgrade): handlers see
+    /// the same request they would see from hyper (method, URI, headers,
+    /// [`Peer`] as `ConnectInfo`), but there is no hyper upgrade in it.
+    pub fn route_upgrades(mut self, app: axum::Router) -> Self {
+        self.direct = Some(direct::Direct::new(app));
+        self
+    }
 }
 
 impl From<TcpListener> for Listener {
     fn from(inner: TcpListener) -> Self {
-        Listener { inner }
+        Listener {
+            inner,
+            direct: None,
+        }
     }
 }
 
@@ -73,18 +114,34 @@ impl axum::serve::Listener for Listener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Stream, SocketAddr) {
-        // axum's own loop: it logs and backs off on errors (EMFILE included).
-        let (tcp, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        // Without TCP_NODELAY, Nagle holds a small write back while an earlier one
-        // is unacknowledged, and the client's delayed ACK turns that into 40 ms.
-        let _ = tcp.set_nodelay(true);
-        (Stream::new(tcp), addr)
+        let Listener { inner, direct } = self;
+        loop {
+            // axum's own loop: it logs and backs off on errors (EMFILE included).
+            let (tcp, addr) = match direct {
+                None => axum::serve::Listener::accept(inner).await,
+                Some(d) => tokio::select! {
+                    biased;
+                    Some(handed_on) = d.handed_on.recv() => return handed_on,
+                    accepted = axum::serve::Listener::accept(inner) => accepted,
+                },
+            };
+            // Without TCP_NODELAY, Nagle holds a small write back while an earlier
+            // one is unacknowledged, and the client's delayed ACK turns that into 40 ms.
+            let _ = tcp.set_nodelay(true);
+            match direct {
+                None => return (Stream::new(tcp), addr),
+                Some(d) => d.answer(tcp, addr),
+            }
+        }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
     }
 }
+
+/// A held response and a `welcome` up to this size go out copied into one buffer.
+const SMALL: usize = 2048;
 
 /// The stream passes everything through (and may be asked to hold).
 const IDLE: u8 = 0;
@@ -103,6 +160,10 @@ pub(crate) struct Hold {
     /// The response kept back; written in front of whatever comes next. Only the
     /// stream's own task touches it: the lock is never contended.
     held: Mutex<Vec<u8>>,
+    /// Bytes read off the socket before the stream was made (the request head
+    /// the listener read, or what a client sent behind it): read before the
+    /// socket is.
+    unread: Mutex<Vec<u8>>,
 }
 
 impl Hold {
@@ -208,6 +269,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream<S> {
         }
     }
 
+    /// A stream that reads `unread` before its socket.
+    fn with_unread(io: S, unread: Vec<u8>) -> Self {
+        let s = Stream::new(io);
+        if let Some(hold) = &s.hold {
+            *hold.unread.lock() = unread;
+        }
+        s
+    }
+
+    /// Keeps `response` back, to go out in front of the next write (or at the
+    /// next read, flush or shutdown).
+    fn hold_back(&mut self, response: Vec<u8>) {
+        let hold = self.hold.get_or_insert_with(Default::default);
+        hold.state.store(IDLE, Ordering::Relaxed);
+        *hold.held.lock() = response;
+    }
+
+    /// Lets go of the handle once it has nothing left to hold or to read.
+    fn let_go_if_done(hold: &mut Option<Arc<Hold>>) {
+        if hold
+            .as_ref()
+            .is_some_and(|h| h.held.lock().is_empty() && h.unread.lock().is_empty())
+        {
+            *hold = None;
+        }
+    }
+
     /// Writes what is held, with `extra` behind it in the same vectored write,
     /// until nothing is held; returns how much of `extra` went out with it (the
     /// rest is the caller's to write). `Ready(Ok(0))` at once when nothing is
@@ -224,7 +312,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream<S> {
         match shared.state.load(Ordering::Relaxed) {
             ENGAGED => return Poll::Ready(Ok(0)),
             DISMISSED => {
-                *hold = None;
+                shared.held.lock().clear();
+                Self::let_go_if_done(hold);
                 return Poll::Ready(Ok(0));
             }
             _ => {}
@@ -236,20 +325,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream<S> {
         }
         let mut of_extra = 0;
         while !held.is_empty() {
-            let mut all = Vec::with_capacity(extra.len() + 1);
-            all.push(IoSlice::new(&held));
-            all.extend_from_slice(extra);
-            let n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &all))?;
+            let before = held.len();
+            let extra_len: usize = extra.iter().map(|b| b.len()).sum();
+            let n = if before + extra_len <= SMALL {
+                // A 101 and a `welcome`: one copy and a `send`, which costs the
+                // kernel less than a `writev` of two buffers.
+                let mut buf = [0u8; SMALL];
+                buf[..before].copy_from_slice(&held);
+                let mut at = before;
+                for b in extra {
+                    buf[at..at + b.len()].copy_from_slice(b);
+                    at += b.len();
+                }
+                ready!(Pin::new(&mut *io).poll_write(cx, &buf[..at]))?
+            } else {
+                let mut all = Vec::with_capacity(extra.len() + 1);
+                all.push(IoSlice::new(&held));
+                all.extend_from_slice(extra);
+                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &all))?
+            };
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            let before = held.len();
-            drop(all);
             held.drain(..n.min(before));
             of_extra = n.saturating_sub(before);
         }
         drop(held);
-        *hold = None;
+        Self::let_go_if_done(hold);
         Poll::Ready(Ok(of_extra))
     }
 
@@ -290,6 +392,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<S> {
         // socket has no room, reading goes on: write readiness wakes this task.
         if let Poll::Ready(Err(e)) = self.poll_release(cx, &[]) {
             return Poll::Ready(Err(e));
+        }
+        if let Some(hold) = &self.hold {
+            let mut unread = hold.unread.lock();
+            if !unread.is_empty() {
+                let n = unread.len().min(buf.remaining());
+                buf.put_slice(&unread[..n]);
+                unread.drain(..n);
+                drop(unread);
+                if hold.state.load(Ordering::Relaxed) != ENGAGED {
+                    Self::let_go_if_done(&mut self.hold);
+                }
+                return Poll::Ready(Ok(()));
+            }
         }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
