@@ -400,7 +400,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<S> {
                 buf.put_slice(&unread[..n]);
                 unread.drain(..n);
                 drop(unread);
-                if hold.state.load(Ordering::Relaxed) != ENGAGED {
+                // A handle a `Peer` still shares may yet be engaged (hyper is
+                // reading a request that may upgrade): kept. One no `Peer` shares
+                // never will be: let go once it holds nothing either.
+                if Arc::strong_count(hold) == 1 {
                     Self::let_go_if_done(&mut self.hold);
                 }
                 return Poll::Ready(Ok(()));
@@ -644,5 +647,48 @@ mod tests {
         assert_eq!(sent(&mut peer).await, RESPONSE);
         assert!(s.hold.is_none());
         assert_eq!(Arc::strong_count(&hold), 1);
+    }
+
+    #[tokio::test]
+    async fn bytes_read_ahead_are_read_first_and_a_shared_handle_stays_for_an_upgrade() {
+        // Handed on to hyper: the head the listener read comes first, then the
+        // socket; the Peer hyper's connection holds can still engage the hold.
+        let (a, mut peer) = tokio::io::duplex(1 << 16);
+        let chunky = Chunky {
+            io: a,
+            max: usize::MAX,
+            writes: 0,
+        };
+        let mut s = Stream::with_unread(chunky, b"GET / HTTP/1.1\r\n".to_vec());
+        let shared = s.hold.clone().expect("a handle");
+        peer.write_all(b"\r\n").await.expect("write");
+        let mut got = vec![0u8; 5];
+        s.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, b"GET /");
+        let mut rest = Vec::new();
+        let mut buf = [0u8; 64];
+        while rest.len() < 13 {
+            let n = s.read(&mut buf).await.expect("read");
+            rest.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(rest, b" HTTP/1.1\r\n\r\n");
+        assert!(s.hold.is_some(), "a Peer shares it: kept");
+        shared.engage();
+        write_response(&mut s).await;
+        assert_eq!(s.io.writes, 0, "held for the first message");
+
+        // Answered by the listener: nobody else has the handle, so it goes once
+        // the bytes are read and nothing is held.
+        let (a, _peer) = tokio::io::duplex(1 << 16);
+        let chunky = Chunky {
+            io: a,
+            max: usize::MAX,
+            writes: 0,
+        };
+        let mut s = Stream::with_unread(chunky, b"frame".to_vec());
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"frame");
+        assert!(s.hold.is_none());
     }
 }
