@@ -249,7 +249,7 @@ impl Transport {
         start: impl FnOnce(Option<Socket>) + Send + 'static,
     ) -> Result<(Response, Option<impl std::future::Future<Output = ()>>), crate::Error> {
         let handshake = |e: String| crate::Error::new(crate::ErrorKind::Handshake, e);
-        let on_upgrade = match (
+        let (on_upgrade, offer) = match (
             upgrade.pending,
             upgrade.deflate_offer.filter(|_| self.deflate),
         ) {
@@ -269,8 +269,8 @@ impl Transport {
             }
             (Pending::Hyper(on_upgrade), offer) => (on_upgrade, offer),
         };
-        match on_upgrade {
-            (on_upgrade, Some(offer)) => {
+        match offer {
+            Some(offer) => {
                 // yawc writes the 101 and its frames itself: nothing to hold.
                 if let Some(hold) = &upgrade.hold {
                     hold.dismiss();
@@ -297,7 +297,7 @@ impl Transport {
                 let socket = fut.map(|r| start(r.ok().map(|ws| Socket::Deflate(Box::new(ws)))));
                 Ok((response, Some(socket.left_future())))
             }
-            (on_upgrade, None) => {
+            None => {
                 let response = self.switching_protocols(&upgrade.key)?;
                 let max = self.max_message;
                 // The 101 waits in the listener for the first message (the
