@@ -103,14 +103,9 @@ async fn plain_framing_end_to_end(hub: &Hub, addr: SocketAddr) {
     text_frame(&mut s, &big).await;
 
     // A Ping is answered with its payload; a Close is echoed and the socket ends.
-    let mask = [1u8, 2, 3, 4];
-    let masked = |b0: u8, p: &[u8]| {
-        let mut f = vec![b0, 0x80 | p.len() as u8];
-        f.extend_from_slice(&mask);
-        f.extend(p.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        f
-    };
-    s.write_all(&masked(0x89, b"are you there")).await.unwrap();
+    s.write_all(&client_frame(0x89, b"are you there"))
+        .await
+        .unwrap();
     loop {
         let (b0, p) = frame(&mut s).await;
         if b0 == 0x8A {
@@ -118,7 +113,7 @@ async fn plain_framing_end_to_end(hub: &Hub, addr: SocketAddr) {
             break;
         }
     }
-    s.write_all(&masked(0x88, &1000u16.to_be_bytes()))
+    s.write_all(&client_frame(0x88, &1000u16.to_be_bytes()))
         .await
         .unwrap();
     loop {

@@ -194,42 +194,29 @@ async fn read_head(tcp: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<He
                 Head::Other
             });
         }
-        match parse(buf) {
-            Parsed::Partial => continue,
-            Parsed::Upgrade(request, len) => return Ok(Head::Upgrade(request, len)),
-            Parsed::Other => return Ok(Head::Other),
+        if let Some(head) = parse(buf) {
+            return Ok(head);
         }
     }
-}
-
-/// What [`parse`] made of the bytes so far.
-#[allow(clippy::large_enum_variant)] // as `Head`
-enum Parsed {
-    /// Not a whole head yet.
-    Partial,
-    /// A plain upgrade, and the length of its head.
-    Upgrade(Request<Body>, usize),
-    /// Anything else: for hyper.
-    Other,
 }
 
 /// Parses a request head and builds the request, if it is one taken here: `GET`,
 /// HTTP/1.1, `Upgrade: websocket` with `Connection: upgrade`, no
 /// `Sec-WebSocket-Extensions` (a deflate offer goes to hyper, where yawc
-/// negotiates it), no body.
-fn parse(buf: &[u8]) -> Parsed {
+/// negotiates it), no body. `None` while the head is not whole yet.
+fn parse(buf: &[u8]) -> Option<Head> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::Other,
+        Ok(httparse::Status::Partial) => return None,
+        Err(_) => return Some(Head::Other),
     };
     if req.method != Some("GET") || req.version != Some(1) {
-        return Parsed::Other;
+        return Some(Head::Other);
     }
     let (Some(path), mut upgrade, mut connection) = (req.path, false, false) else {
-        return Parsed::Other;
+        return Some(Head::Other);
     };
     let has_token = |v: &[u8], token: &str| {
         std::str::from_utf8(v)
@@ -238,7 +225,7 @@ fn parse(buf: &[u8]) -> Parsed {
     let mut map = http::HeaderMap::with_capacity(req.headers.len());
     for h in req.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
-            return Parsed::Other;
+            return Some(Head::Other);
         };
         if name == header::UPGRADE {
             upgrade |= has_token(h.value, "websocket");
@@ -248,25 +235,25 @@ fn parse(buf: &[u8]) -> Parsed {
             || name == header::TRANSFER_ENCODING
             || (name == header::CONTENT_LENGTH && h.value != b"0")
         {
-            return Parsed::Other;
+            return Some(Head::Other);
         }
         let Ok(value) = HeaderValue::from_bytes(h.value) else {
-            return Parsed::Other;
+            return Some(Head::Other);
         };
         map.append(name, value);
     }
     if !(upgrade && connection) {
-        return Parsed::Other;
+        return Some(Head::Other);
     }
     let Ok(uri) = path.parse::<http::Uri>() else {
-        return Parsed::Other;
+        return Some(Head::Other);
     };
     let mut request = Request::new(Body::empty());
     *request.method_mut() = Method::GET;
     *request.uri_mut() = uri;
     *request.version_mut() = http::Version::HTTP_11;
     *request.headers_mut() = map;
-    Parsed::Upgrade(request, len)
+    Some(Head::Upgrade(request, len))
 }
 
 /// The status line and headers of `response` (with `content-length: body_len`
@@ -324,7 +311,7 @@ mod tests {
 
     fn parsed(head: &str) -> Option<Request<Body>> {
         match parse(head.as_bytes()) {
-            Parsed::Upgrade(r, len) => {
+            Some(Head::Upgrade(r, len)) => {
                 assert_eq!(len, head.len());
                 Some(r)
             }
@@ -347,7 +334,7 @@ mod tests {
 
     #[test]
     fn anything_else_goes_to_hyper() {
-        let other = |h: &str| matches!(parse(h.as_bytes()), Parsed::Other);
+        let other = |h: &str| matches!(parse(h.as_bytes()), Some(Head::Other));
         assert!(other("GET /health HTTP/1.1\r\nHost: a\r\n\r\n"));
         assert!(other(&UPGRADE.replace("GET", "POST")));
         assert!(other(&UPGRADE.replace("HTTP/1.1", "HTTP/1.0")));
@@ -371,7 +358,7 @@ mod tests {
         assert!(other(
             &UPGRADE.replace("Host: a\r\n", &format!("Host: a\r\n{many}"))
         ));
-        assert!(matches!(parse(&UPGRADE.as_bytes()[..40]), Parsed::Partial));
+        assert!(parse(&UPGRADE.as_bytes()[..40]).is_none(), "not whole yet");
     }
 
     #[test]
