@@ -309,3 +309,74 @@ async fn graceful_shutdown_reports_and_refuses_new_connections() {
     );
     assert_eq!(hub.get_connection_count(), 0);
 }
+
+/// Publications reach an idle subscriber written straight to its socket, and a
+/// subscriber whose socket is full through its queue, behind the rest of a frame
+/// the socket took only part of. Either way each arrives whole, once and in
+/// order. Three subscribers: one that stops reading while frames of every length
+/// form pile up and then catches up, one that reads in fits and starts (its
+/// socket keeps filling and making room while its queue holds frames, when a
+/// write-through must not jump the queue), and one that keeps reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_arrive_whole_and_in_order_written_through_or_queued() {
+    let mut c = cfg();
+    c.set("send_queue_max_bytes", "100000000").unwrap();
+    c.set("send_queue_max_messages", "100000").unwrap();
+    let hub = Hub::new(c);
+    let addr = serve(&hub).await;
+    let mut stalled = connect(addr, "stalled").await;
+    let mut fitful = connect(addr, "fitful").await;
+    let mut fast = connect(addr, "fast").await;
+    eventually("registered", || hub.get_connection_count() == 3).await;
+    for id in ["stalled", "fitful", "fast"] {
+        hub.join_room(id, "feed").unwrap();
+    }
+
+    const N: u64 = 1_000;
+    // Sizes in every length form (7-bit, 16-bit, 64-bit), so partial writes cut
+    // frames in their headers and their payloads at varied places.
+    const SIZES: [usize; 8] = [10, 200, 70_000, 3, 1_000, 20_000, 125, 65_600];
+    fn check(text: &str, want: u64) {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        let v = &v["payload"];
+        assert_eq!(v["offset"], want, "offsets in order");
+        assert_eq!(v["data"][0], want, "the data of that offset");
+        let pad = v["data"][1].as_str().unwrap();
+        assert_eq!(pad.len(), SIZES[want as usize % SIZES.len()]);
+        assert!(pad.bytes().all(|b| b == b'p'), "payload intact");
+    }
+    let fast_reader = tokio::spawn(async move {
+        for i in 1..=N {
+            check(&recv(&mut fast).await, i);
+        }
+    });
+    let fitful_reader = tokio::spawn(async move {
+        for i in 1..=N {
+            check(&recv(&mut fitful).await, i);
+            if i % 16 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    for i in 1..=N {
+        let pad = "p".repeat(SIZES[i as usize % SIZES.len()]);
+        let data = keel::RawValue::from_string(format!("[{i},\"{pad}\"]")).unwrap();
+        let p = hub.publish("feed", &data, None).unwrap();
+        assert_eq!((p.offset, p.delivered, p.dropped), (i, 3, 0));
+        if i % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    // About 20 MB went to "stalled", more than loopback's buffers hold: the rest
+    // waits in its queue.
+    assert!(
+        hub.get_memory_usage().total_memory > 1_000_000,
+        "the stalled subscriber's socket filled"
+    );
+    for i in 1..=N {
+        check(&recv(&mut stalled).await, i);
+    }
+    for reader in [fast_reader, fitful_reader] {
+        tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
+    }
+}
