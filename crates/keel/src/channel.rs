@@ -31,7 +31,7 @@ use serde_json::value::RawValue;
 
 use crate::connection::Connection;
 use crate::hub::{BroadcastResult, Hub};
-use crate::transport::{Framed, Outgoing};
+use crate::transport::Outgoing;
 
 /// A channel's position: the last offset assigned, in its current epoch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -347,7 +347,7 @@ impl Channels {
                 st.history.pop_front();
             }
         }
-        let result = fan_out(hub, &st.members, &frame);
+        let result = fan_out(hub, st.members.values(), &frame);
         Publication {
             offset,
             epoch: st.epoch.to_string(),
@@ -512,35 +512,14 @@ impl Channels {
     }
 }
 
-/// Sends one publication to every member. Members whose task is idle get it
-/// written to their socket at once (`push_through`), without waking their task;
-/// with several runtime workers, a large fan-out writes through to only its
-/// share and queues the rest first, so the other workers' tasks send those
-/// meanwhile.
-fn fan_out(hub: &Hub, members: &HashMap<Arc<str>, Connection>, frame: &Bytes) -> BroadcastResult {
+fn fan_out<'a>(
+    hub: &Hub,
+    members: impl Iterator<Item = &'a Connection>,
+    frame: &Bytes,
+) -> BroadcastResult {
     let mut result = BroadcastResult::default();
-    let through = write_through_share(members.len());
-    for m in members.values().skip(through) {
+    for m in members {
         result.add(m.push_counted(hub, Outgoing::Text(frame.clone())));
     }
-    if through > 0 {
-        let framed = Framed::text(frame);
-        for m in members.values().take(through) {
-            result.add(m.push_through(hub, &framed));
-        }
-    }
     result
-}
-
-/// Fan-outs up to this size are written through by the publishing task alone.
-const SMALL_FAN_OUT: usize = 256;
-
-/// How many of `n` members the publishing task writes through to itself: all of
-/// a small fan-out, or one worker's share of a large one.
-fn write_through_share(n: usize) -> usize {
-    if n <= SMALL_FAN_OUT {
-        return n;
-    }
-    let workers = tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers());
-    n.div_ceil(workers.max(1))
 }

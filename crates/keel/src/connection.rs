@@ -29,7 +29,7 @@ use crate::hub::Hub;
 use crate::memory::UserData;
 use crate::queue::{Pushed, SendQueue};
 use crate::rate::{Bucket, Verdict};
-use crate::transport::{self, Batch, Framed, Incoming, Outgoing, ReadError, Socket};
+use crate::transport::{self, Batch, Incoming, Outgoing, ReadError, Socket};
 
 /// Why a connection ended. Carried in logs, metrics and `on_disconnect`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -404,26 +404,8 @@ impl Connection {
     pub(crate) fn push(&self, hub: &Hub, item: Outgoing) -> bool {
         matches!(
             self.push_counted(hub, item),
-            Pushed::Queued | Pushed::Written | Pushed::DroppedOldest(_)
+            Pushed::Queued | Pushed::DroppedOldest(_)
         )
-    }
-
-    /// A fan-out's push: written to the socket at once while the task is idle
-    /// (counted as sent here, since the task never sees it), queued otherwise.
-    pub(crate) fn push_through(&self, hub: &Hub, frame: &Framed) -> Pushed {
-        let pushed = self.inner.queue.push_through(frame, hub.limits());
-        match pushed {
-            Pushed::Written => {
-                let stats = &self.inner.stats;
-                stats.messages_out.fetch_add(1, Ordering::Relaxed);
-                let len = (frame.bytes.len() - frame.header_len) as u64;
-                stats.bytes_out.fetch_add(len, Ordering::Relaxed);
-            }
-            Pushed::DroppedOldest(n) => self.count_drops(hub, n as u64),
-            Pushed::DroppedNewest => self.count_drops(hub, 1),
-            Pushed::Queued | Pushed::Closed => {}
-        }
-        pushed
     }
 
     /// Queues `item`, counting what the slow-consumer policy dropped.
@@ -432,7 +414,7 @@ impl Connection {
         match pushed {
             Pushed::DroppedOldest(n) => self.count_drops(hub, n as u64),
             Pushed::DroppedNewest => self.count_drops(hub, 1),
-            Pushed::Queued | Pushed::Written | Pushed::Closed => {}
+            Pushed::Queued | Pushed::Closed => {}
         }
         pushed
     }
@@ -522,9 +504,6 @@ pub(crate) struct Driver {
     socket: Socket,
     /// Our Close frame has been handed to the socket: send nothing more.
     close_sent: bool,
-    /// The socket's writer is left in the send queue for write-throughs (taken
-    /// back at the next poll, before anything here writes).
-    offered: bool,
     /// Runs only while a close handshake is in flight.
     close_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// How it ended as this task saw it, if the server did not decide it first.
@@ -563,7 +542,6 @@ impl Driver {
             conn,
             socket,
             close_sent: false,
-            offered: false,
             close_timer: None,
             end: (DisconnectReason::ConnectionLost, 1006),
         }
@@ -613,8 +591,7 @@ impl Driver {
                         bytes += b.len() as u64;
                     }
                     Outgoing::Close(..) => self.close_sent = true,
-                    // Counted when the write-through began it.
-                    Outgoing::Ping | Outgoing::Framed(_) => {}
+                    Outgoing::Ping => {}
                 }
             }
             if messages > 0 {
@@ -765,19 +742,9 @@ impl Future for Driver {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        if std::mem::take(&mut this.offered) {
-            this.conn.inner.queue.reclaim_writer();
-        }
         for _ in 0..BUDGET {
             match this.step(cx) {
-                Poll::Pending => {
-                    // Idle: until the next poll, a fan-out may write to the
-                    // socket itself rather than wake this task.
-                    if let Some(w) = transport::writer(&this.socket) {
-                        this.offered = this.conn.inner.queue.offer_writer(w);
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending => return Poll::Pending,
                 Poll::Ready(Step::Stop) => return Poll::Ready(()),
                 Poll::Ready(Step::Continue) => {}
             }
@@ -790,8 +757,6 @@ impl Future for Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        // The queue outlives the task: it must not keep the socket open.
-        self.conn.inner.queue.reclaim_writer();
         let (reason, code) = self.conn.inner.close_reason.lock().unwrap_or(self.end);
         let reason = if std::thread::panicking() {
             DisconnectReason::InternalError

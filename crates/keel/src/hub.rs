@@ -1058,7 +1058,7 @@ impl BroadcastResult {
     pub(crate) fn add(&mut self, p: crate::queue::Pushed) {
         use crate::queue::Pushed;
         match p {
-            Pushed::Queued | Pushed::Written => self.sent += 1,
+            Pushed::Queued => self.sent += 1,
             Pushed::DroppedOldest(_) => {
                 self.sent += 1;
                 self.dropped += 1;

@@ -310,15 +310,14 @@ async fn graceful_shutdown_reports_and_refuses_new_connections() {
     assert_eq!(hub.get_connection_count(), 0);
 }
 
-/// Publications reach an idle subscriber written straight to its socket, and a
-/// subscriber whose socket is full through its queue, behind the rest of a frame
-/// the socket took only part of. Either way each arrives whole, once and in
-/// order. Three subscribers: one that stops reading while frames of every length
-/// form pile up and then catches up, one that reads in fits and starts (its
-/// socket keeps filling and making room while its queue holds frames, when a
-/// write-through must not jump the queue), and one that keeps reading.
+/// Publications reach each subscriber whole, once and in order, whether its
+/// socket keeps up or is full and the rest waits in its queue (the socket taking
+/// only part of a batch, cut in a header or a payload). Three subscribers: one
+/// that stops reading while frames of every length form pile up and then catches
+/// up, one that reads in fits and starts (its socket keeps filling and making
+/// room), and one that keeps reading.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publications_arrive_whole_and_in_order_written_through_or_queued() {
+async fn publications_arrive_whole_and_in_order_however_fast_subscribers_read() {
     let mut c = cfg();
     c.set("send_queue_max_bytes", "100000000").unwrap();
     c.set("send_queue_max_messages", "100000").unwrap();

@@ -278,14 +278,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream<S> {
         s
     }
 
-    /// The same connection over another stream (the held and unread bytes stay).
-    pub(crate) fn map_io<T>(self, f: impl FnOnce(S) -> T) -> Stream<T> {
-        Stream {
-            io: f(self.io),
-            hold: self.hold,
-        }
-    }
-
     /// Keeps `response` back, to go out in front of the next write (or at the
     /// next read, flush or shutdown).
     fn hold_back(&mut self, response: Vec<u8>) {
@@ -387,15 +379,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream<S> {
             [one] => Pin::new(&mut self.io).poll_write(cx, one),
             _ => Pin::new(&mut self.io).poll_write_vectored(cx, bufs),
         }
-    }
-}
-
-impl Stream<crate::transport::SharedTcp> {
-    /// The shared write half, once nothing is held back or left unread: from then
-    /// on the socket's bytes are the WebSocket's alone, and a write-through may add
-    /// to them.
-    pub(crate) fn shared_writer(&self) -> Option<&crate::transport::Writer> {
-        self.hold.is_none().then(|| self.io.writer())
     }
 }
 

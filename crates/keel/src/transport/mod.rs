@@ -13,17 +13,11 @@
 //!   connection costs its own memory and not every connection's. yawc is named in
 //!   this file only.
 //!
-//! A plain socket answered by Keel's listener without hyper sits on a [`SharedTcp`]:
-//! while its task is idle, a fan-out writes frames to it directly ([`shared`]).
-//!
 //! Why yawc for compression (see `docs/decisions.md`): permessage-deflate with no
 //! context takeover and a shared compressor pool, buffers that start small and
 //! shrink back, and Autobahn in its own CI.
 
 mod plain;
-mod shared;
-
-pub(crate) use shared::{Framed, SharedTcp, Writer};
 
 use std::task::{Context, Poll};
 
@@ -263,10 +257,9 @@ impl Transport {
                 let response = self.switching_protocols(&upgrade.key)?;
                 let max = self.max_message;
                 handoff.on_upgrade(move |stream| {
-                    start(stream.map(|s| {
-                        let io = Io::Direct(s.map_io(SharedTcp::new));
-                        Socket::Plain(plain::PlainSocket::new(io, max))
-                    }));
+                    start(
+                        stream.map(|s| Socket::Plain(plain::PlainSocket::new(Io::Direct(s), max))),
+                    );
                 });
                 return Ok((response, None));
             }
@@ -350,9 +343,8 @@ enum Pending {
 pub(crate) enum Io {
     /// Upgraded by hyper: its boxed connection.
     Hyper(TokioIo<hyper::upgrade::Upgraded>),
-    /// Answered by the listener: the accepted stream itself, its write half shared
-    /// for write-through.
-    Direct(crate::listener::Stream<SharedTcp>),
+    /// Answered by the listener: the accepted stream itself.
+    Direct(crate::listener::Stream),
 }
 
 impl tokio::io::AsyncRead for Io {
@@ -551,9 +543,6 @@ pub(crate) enum Outgoing {
     Ping,
     /// A Close with code and reason.
     Close(u16, String),
-    /// The rest of a frame a write-through began: header included, written as it
-    /// is, before anything else. Only plain sockets get these.
-    Framed(Bytes),
 }
 
 impl Outgoing {
@@ -562,8 +551,6 @@ impl Outgoing {
             Outgoing::Text(b) => yawc::Frame::text(b),
             Outgoing::Binary(b) => yawc::Frame::binary(b),
             Outgoing::Ping => yawc::Frame::ping(Bytes::new()),
-            // Never queued to a deflate socket: write-through is for plain ones.
-            Outgoing::Framed(b) => yawc::Frame::binary(b),
             Outgoing::Close(code, reason) => {
                 yawc::Frame::close(yawc::close::CloseCode::from(code), truncate(&reason, 123))
             }
@@ -652,19 +639,6 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-/// The handle through which a fan-out may write to this socket while its task is
-/// idle: only a plain socket on a [`SharedTcp`] whose handshake response is out,
-/// with nothing of its own to write.
-pub(crate) fn writer(socket: &Socket) -> Option<&Writer> {
-    match socket {
-        Socket::Plain(s) if s.is_idle() => match s.io() {
-            Io::Direct(stream) => stream.shared_writer(),
-            Io::Hyper(_) => None,
-        },
-        _ => None,
-    }
 }
 
 /// Whether the socket can take another frame now (registers the waker if not).

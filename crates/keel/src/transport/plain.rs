@@ -36,7 +36,7 @@ const WRITE_HIGH_WATER: usize = 8 * 1024;
 const STACK_WRITE: usize = 2048;
 
 const OP_CONT: u8 = 0x0;
-pub(super) const OP_TEXT: u8 = 0x1;
+const OP_TEXT: u8 = 0x1;
 const OP_BINARY: u8 = 0x2;
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
@@ -392,10 +392,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainSocket<S> {
                 // Nothing goes after our Close.
                 continue;
             }
-            let Some((head, n, payload)) = simple(&frame) else {
+            let Some((op, payload)) = simple(&frame) else {
                 self.start_send(frame)?;
                 continue;
             };
+            let (head, n) = header(op, payload.len());
             let total = n + payload.len();
             if written >= total {
                 written -= total;
@@ -421,9 +422,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainSocket<S> {
         let mut frames = [([0u8; 10], 0usize, &[][..]); BATCH_MAX];
         let mut total = 0;
         for (slot, frame) in frames.iter_mut().zip(batch.iter()) {
-            let Some((head, n, payload)) = simple(frame) else {
+            let Some((op, payload)) = simple(frame) else {
                 return Ok(0);
             };
+            let (head, n) = header(op, payload.len());
             *slot = (head, n, payload);
             total += n + payload.len();
         }
@@ -456,17 +458,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainSocket<S> {
         }
     }
 
-    /// The stream underneath.
-    pub(crate) fn io(&self) -> &S {
-        &self.io
-    }
-
-    /// Whether the socket has nothing of its own to write and may send more: then
-    /// someone else may write whole frames to its stream (see `shared`).
-    pub(crate) fn is_idle(&self) -> bool {
-        self.wpos == self.wbuf.len() && !self.close_sent && self.state == State::Open
-    }
-
     /// Whether another frame may be queued now; writes out what is buffered when
     /// the buffer is past its high-water mark.
     pub(crate) fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
@@ -486,7 +477,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainSocket<S> {
             Outgoing::Text(b) => self.encode(OP_TEXT, &b),
             Outgoing::Binary(b) => self.encode(OP_BINARY, &b),
             Outgoing::Ping => self.encode(OP_PING, &[]),
-            Outgoing::Framed(b) => self.wbuf.extend_from_slice(&b),
             Outgoing::Close(code, reason) => {
                 let reason = super::truncate(&reason, 123);
                 let mut payload = Vec::with_capacity(2 + reason.len());
@@ -520,7 +510,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainSocket<S> {
 }
 
 /// A server frame's header (unmasked, FIN set) and its length.
-pub(super) fn header(opcode: u8, len: usize) -> ([u8; 10], usize) {
+fn header(opcode: u8, len: usize) -> ([u8; 10], usize) {
     let mut h = [0u8; 10];
     h[0] = 0x80 | opcode;
     if len < 126 {
@@ -537,19 +527,15 @@ pub(super) fn header(opcode: u8, len: usize) -> ([u8; 10], usize) {
     }
 }
 
-/// The header (and its length) and payload of a frame that needs no encoding of
-/// its own: all but Close, whose payload is built from its code and reason. What
-/// a write-through left of a frame has its header already.
-fn simple(frame: &Outgoing) -> Option<([u8; 10], usize, &[u8])> {
-    let (op, payload): (u8, &[u8]) = match frame {
-        Outgoing::Text(b) => (OP_TEXT, b),
-        Outgoing::Binary(b) => (OP_BINARY, b),
-        Outgoing::Ping => (OP_PING, &[]),
-        Outgoing::Framed(b) => return Some(([0; 10], 0, b)),
-        Outgoing::Close(..) => return None,
-    };
-    let (head, n) = header(op, payload.len());
-    Some((head, n, payload))
+/// The opcode and payload of a frame that needs no encoding of its own (all but
+/// Close, whose payload is built from its code and reason).
+fn simple(frame: &Outgoing) -> Option<(u8, &[u8])> {
+    match frame {
+        Outgoing::Text(b) => Some((OP_TEXT, b)),
+        Outgoing::Binary(b) => Some((OP_BINARY, b)),
+        Outgoing::Ping => Some((OP_PING, &[])),
+        Outgoing::Close(..) => None,
+    }
 }
 
 /// Checks the UTF-8 of a text message's fragments as they arrive, so an invalid
