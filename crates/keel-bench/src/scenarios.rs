@@ -123,14 +123,18 @@ async fn reader(
         return r;
     }
     let mut out = Vec::new();
+    // One wait for the stop, made once: a new one per read would join and leave
+    // the watch's waiter list every time (5% of the load generator's samples).
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
             biased;
-            _ = stop.changed() => break,
             res = c.fill() => match res {
                 Ok(true) => {}
                 _ => break,
             },
+            _ = &mut stopped => break,
         }
         let now = clock.now_ns();
         let mut got = 0;
