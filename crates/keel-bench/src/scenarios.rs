@@ -130,11 +130,12 @@ async fn reader(
     loop {
         tokio::select! {
             biased;
+            // Stop first: a server that is behind keeps sending after the stop.
+            _ = &mut stopped => break,
             res = c.fill() => match res {
                 Ok(true) => {}
                 _ => break,
             },
-            _ = &mut stopped => break,
         }
         let now = clock.now_ns();
         let mut got = 0;
