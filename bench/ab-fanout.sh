@@ -9,8 +9,9 @@
 #   bench/ab-fanout.sh old /tmp/keel-old 10000 100 10s     # server core 0, load core 1
 #   bench/ab-fanout.sh two ./target/release/keel 10000 300 8s 0,1 0,1
 #
-# KB picks the keel-bench binary (default ./target/release/keel-bench); results
-# are appended to bench/results/ab.jsonl.
+# KB picks the keel-bench binary (default ./target/release/keel-bench), KB_ARGS
+# adds options to it (e.g. "--size 250"); results are appended to
+# bench/results/ab.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=$1 bin=$2 subs=$3 rate=$4 dur=${5:-10s} sc=${6:-0} lc=${7:-1}
@@ -29,7 +30,7 @@ for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && brea
 status=0
 taskset -c "$lc" "${KB:-./target/release/keel-bench}" fanout --addr 127.0.0.1:$port --protocol $proto \
   --pid $pid --label "$name" --json bench/results/ab.jsonl --subs "$subs" --rate "$rate" \
-  --duration "$dur" >"/tmp/ab-$name.out" 2>&1 || status=$?
+  --duration "$dur" ${KB_ARGS:-} >"/tmp/ab-$name.out" 2>&1 || status=$?
 kill -TERM $pid 2>/dev/null || true
 for _ in $(seq 1 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
 kill -KILL $pid 2>/dev/null || true

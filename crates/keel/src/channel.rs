@@ -518,8 +518,9 @@ fn fan_out<'a>(
     frame: &Bytes,
 ) -> BroadcastResult {
     let mut result = BroadcastResult::default();
+    let frame = Arc::new(frame.clone());
     for m in members {
-        result.add(m.push_counted(hub, Outgoing::Text(frame.clone())));
+        result.add(m.push_shared_counted(hub, &frame));
     }
     result
 }

@@ -419,6 +419,17 @@ impl Connection {
         pushed
     }
 
+    /// Queues a publication's shared frame (a text message), counting drops.
+    pub(crate) fn push_shared_counted(&self, hub: &Hub, frame: &Arc<Bytes>) -> Pushed {
+        let pushed = self.inner.queue.push_shared(frame, hub.limits());
+        match pushed {
+            Pushed::DroppedOldest(n) => self.count_drops(hub, n as u64),
+            Pushed::DroppedNewest => self.count_drops(hub, 1),
+            Pushed::Queued | Pushed::Closed => {}
+        }
+        pushed
+    }
+
     fn count_drops(&self, hub: &Hub, n: u64) {
         if n > 0 {
             self.inner.stats.dropped.fetch_add(n, Ordering::Relaxed);

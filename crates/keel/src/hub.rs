@@ -564,7 +564,7 @@ impl Hub {
     /// message is one buffer shared by all queues; no socket is awaited. Yields to
     /// other tasks every `max_concurrent_broadcast` queues.
     pub async fn broadcast(&self, text: impl Into<Bytes>, exclude: &[&str]) -> BroadcastResult {
-        let frame = text.into();
+        let frame = Arc::new(text.into());
         let mut result = BroadcastResult::default();
         let batch = self.inner.config.max_concurrent_broadcast;
         for shard in self.inner.shards.iter() {
@@ -573,7 +573,7 @@ impl Hub {
                 if exclude.contains(&&*c.client_id()) {
                     continue;
                 }
-                result.add(c.push_counted(self, Outgoing::Text(frame.clone())));
+                result.add(c.push_shared_counted(self, &frame));
                 if (i + 1) % batch == 0 {
                     tokio::task::yield_now().await;
                 }
@@ -741,13 +741,13 @@ impl Hub {
         text: impl Into<Bytes>,
         exclude: Option<&str>,
     ) -> BroadcastResult {
-        let frame = text.into();
+        let frame = Arc::new(text.into());
         let mut result = BroadcastResult::default();
         for c in self.inner.channels.members(room) {
             if exclude.is_some_and(|x| x == &*c.client_id()) {
                 continue;
             }
-            result.add(c.push_counted(self, Outgoing::Text(frame.clone())));
+            result.add(c.push_shared_counted(self, &frame));
         }
         result
     }

@@ -15,7 +15,10 @@
 //! must not do I/O or know what the frames mean beyond their size.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
+
+use bytes::Bytes;
 
 use futures::task::AtomicWaker;
 use parking_lot::Mutex;
@@ -44,9 +47,39 @@ pub(crate) enum Pushed {
     Closed,
 }
 
+/// One queued frame, in 16 bytes where an [`Outgoing`] takes 40. A fan-out writes
+/// one into every member's queue, far apart in memory: at 40 bytes nearly every
+/// push (and every pop) was a cache miss of its own, at 16 four share a line.
+enum Slot {
+    /// A frame many queues share (a publication): a count on its one copy.
+    Shared(Arc<Bytes>),
+    /// Anything else (replies, direct sends, the Close), boxed.
+    Own(Box<Outgoing>),
+}
+
+impl Slot {
+    fn size(&self) -> usize {
+        match self {
+            Slot::Shared(b) => b.len(),
+            Slot::Own(o) => size_of(o),
+        }
+    }
+
+    fn is_close(&self) -> bool {
+        matches!(self, Slot::Own(o) if matches!(**o, Outgoing::Close(..)))
+    }
+
+    fn into_outgoing(self) -> Outgoing {
+        match self {
+            Slot::Shared(b) => Outgoing::Text(Arc::unwrap_or_clone(b)),
+            Slot::Own(o) => *o,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
-    items: VecDeque<Outgoing>,
+    items: VecDeque<Slot>,
     /// Bytes of the data frames in `items`.
     bytes: usize,
     /// When the queue last became full (for the `disconnect` policy); `None` while not full.
@@ -89,7 +122,17 @@ impl SendQueue {
     /// will wake it). Skipping those wake-ups is most of what a broadcast to busy
     /// subscribers would otherwise spend.
     pub(crate) fn push(&self, item: Outgoing, limits: &Limits) -> Pushed {
-        let size = size_of(&item);
+        self.push_slot(Slot::Own(Box::new(item)), limits)
+    }
+
+    /// Queues a text frame that other queues share (a publication's one encoded
+    /// copy), as [`push`](Self::push) does.
+    pub(crate) fn push_shared(&self, frame: &Arc<Bytes>, limits: &Limits) -> Pushed {
+        self.push_slot(Slot::Shared(frame.clone()), limits)
+    }
+
+    fn push_slot(&self, item: Slot, limits: &Limits) -> Pushed {
+        let size = item.size();
         let was_empty;
         let result = {
             let mut q = self.inner.lock();
@@ -116,7 +159,7 @@ impl SendQueue {
                             let Some(old) = q.items.pop_front() else {
                                 break;
                             };
-                            q.bytes -= size_of(&old);
+                            q.bytes -= old.size();
                             dropped += 1;
                         }
                         q.bytes += size;
@@ -175,7 +218,10 @@ impl SendQueue {
                 q.ping_due = false;
                 q.json_ping_due = false;
             }
-            q.items.push_back(Outgoing::Close(code, reason.to_string()));
+            q.items.push_back(Slot::Own(Box::new(Outgoing::Close(
+                code,
+                reason.to_string(),
+            ))));
         }
         self.waker.wake();
         true
@@ -190,8 +236,11 @@ impl SendQueue {
             }
             q.closed = true;
             q.bytes += size_of(&item);
-            q.items.push_back(item);
-            q.items.push_back(Outgoing::Close(code, reason.to_string()));
+            q.items.push_back(Slot::Own(Box::new(item)));
+            q.items.push_back(Slot::Own(Box::new(Outgoing::Close(
+                code,
+                reason.to_string(),
+            ))));
         }
         self.waker.wake();
         true
@@ -227,11 +276,11 @@ impl SendQueue {
             let Some(item) = q.items.pop_front() else {
                 break;
             };
-            let size = size_of(&item);
+            let size = item.size();
             q.bytes -= size;
             bytes += size;
-            let close = matches!(item, Outgoing::Close(..));
-            send(item)?;
+            let close = item.is_close();
+            send(item.into_outgoing())?;
             n += 1;
             if close {
                 break;
@@ -251,13 +300,10 @@ impl SendQueue {
     /// connection cut off at once, which gets one try at telling the peer why.
     pub(crate) fn take_close(&self) -> Option<Outgoing> {
         let mut q = self.inner.lock();
-        let close = q
-            .items
-            .pop_back()
-            .filter(|i| matches!(i, Outgoing::Close(..)));
+        let close = q.items.pop_back().filter(Slot::is_close);
         q.items = VecDeque::new();
         q.bytes = 0;
-        close
+        close.map(Slot::into_outgoing)
     }
 
     /// Registers the writer's waker.
@@ -290,7 +336,6 @@ impl SendQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     fn text(n: usize) -> Outgoing {
         Outgoing::Text(Bytes::from(vec![b'x'; n]))
@@ -411,6 +456,32 @@ mod tests {
         assert!(matches!(&all[1], Outgoing::Text(b) if *b == json));
         assert_eq!(all.len(), 5, "ping, JSON ping, then the 3 queued");
         assert_eq!(q.depth(), (0, 0));
+    }
+
+    #[test]
+    fn shared_frames_count_and_keep_their_place_among_others() {
+        let q = SendQueue::default();
+        let l = limits(SlowConsumerPolicy::DropOldest);
+        let shared = Arc::new(Bytes::from_static(b"publication"));
+        assert_eq!(q.push_shared(&shared, &l), Pushed::Queued);
+        assert_eq!(q.push(text(5), &l), Pushed::Queued);
+        assert_eq!(q.push_shared(&shared, &l), Pushed::Queued);
+        assert_eq!(q.depth(), (27, 3));
+        assert_eq!(Arc::strong_count(&shared), 3, "one count per queued copy");
+        // The bounds see shared frames too: a fourth push drops the oldest.
+        assert_eq!(q.push(text(1), &l), Pushed::DroppedOldest(1));
+        assert_eq!(Arc::strong_count(&shared), 2, "the dropped one let go");
+        let all = drain(&q, &Bytes::new());
+        let texts: Vec<&[u8]> = all
+            .iter()
+            .map(|o| match o {
+                Outgoing::Text(b) => &b[..],
+                _ => panic!("only text was queued"),
+            })
+            .collect();
+        assert_eq!(texts, [&b"xxxxx"[..], b"publication", b"x"]);
+        drop(all);
+        assert_eq!(Arc::strong_count(&shared), 1, "sent copies let go");
     }
 
     #[test]
