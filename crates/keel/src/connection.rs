@@ -29,7 +29,7 @@ use crate::hub::Hub;
 use crate::memory::UserData;
 use crate::queue::{Pushed, SendQueue};
 use crate::rate::{Bucket, Verdict};
-use crate::transport::{self, Batch, Incoming, Outgoing, ReadError, Socket};
+use crate::transport::{self, Batch, Incoming, Outgoing, ReadError, Slot, Socket};
 
 /// Why a connection ended. Carried in logs, metrics and `on_disconnect`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -597,12 +597,18 @@ impl Driver {
             let (mut messages, mut bytes) = (0, 0);
             for item in batch.iter() {
                 match item {
-                    Outgoing::Text(b) | Outgoing::Binary(b) => {
+                    Slot::Shared(b) => {
                         messages += 1;
                         bytes += b.len() as u64;
                     }
-                    Outgoing::Close(..) => self.close_sent = true,
-                    Outgoing::Ping => {}
+                    Slot::Own(o) => match &**o {
+                        Outgoing::Text(b) | Outgoing::Binary(b) => {
+                            messages += 1;
+                            bytes += b.len() as u64;
+                        }
+                        Outgoing::Close(..) => self.close_sent = true,
+                        Outgoing::Ping => {}
+                    },
                 }
             }
             if messages > 0 {

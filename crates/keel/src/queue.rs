@@ -24,7 +24,7 @@ use futures::task::AtomicWaker;
 use parking_lot::Mutex;
 
 use crate::config::SlowConsumerPolicy;
-use crate::transport::Outgoing;
+use crate::transport::{Outgoing, Slot};
 
 /// Limits a queue enforces; copied from the Config once per Hub.
 #[derive(Debug, Clone, Copy)]
@@ -45,36 +45,6 @@ pub(crate) enum Pushed {
     DroppedNewest,
     /// Not queued: the connection is closing.
     Closed,
-}
-
-/// One queued frame, in 16 bytes where an [`Outgoing`] takes 40. A fan-out writes
-/// one into every member's queue, far apart in memory: at 40 bytes nearly every
-/// push (and every pop) was a cache miss of its own, at 16 four share a line.
-enum Slot {
-    /// A frame many queues share (a publication): a count on its one copy.
-    Shared(Arc<Bytes>),
-    /// Anything else (replies, direct sends, the Close), boxed.
-    Own(Box<Outgoing>),
-}
-
-impl Slot {
-    fn size(&self) -> usize {
-        match self {
-            Slot::Shared(b) => b.len(),
-            Slot::Own(o) => size_of(o),
-        }
-    }
-
-    fn is_close(&self) -> bool {
-        matches!(self, Slot::Own(o) if matches!(**o, Outgoing::Close(..)))
-    }
-
-    fn into_outgoing(self) -> Outgoing {
-        match self {
-            Slot::Shared(b) => Outgoing::Text(Arc::unwrap_or_clone(b)),
-            Slot::Own(o) => *o,
-        }
-    }
 }
 
 #[derive(Default)]
@@ -106,13 +76,6 @@ pub(crate) struct Drained {
 pub(crate) struct SendQueue {
     inner: Mutex<Inner>,
     waker: AtomicWaker,
-}
-
-fn size_of(item: &Outgoing) -> usize {
-    match item {
-        Outgoing::Text(b) | Outgoing::Binary(b) => b.len(),
-        Outgoing::Ping | Outgoing::Close(..) => 0,
-    }
 }
 
 impl SendQueue {
@@ -235,7 +198,7 @@ impl SendQueue {
                 return false;
             }
             q.closed = true;
-            q.bytes += size_of(&item);
+            q.bytes += item.size();
             q.items.push_back(Slot::Own(Box::new(item)));
             q.items.push_back(Slot::Own(Box::new(Outgoing::Close(
                 code,
@@ -259,16 +222,16 @@ impl SendQueue {
         json_ping: impl FnOnce() -> bytes::Bytes,
         max_items: usize,
         max_bytes: usize,
-        mut send: impl FnMut(Outgoing) -> Result<(), E>,
+        mut send: impl FnMut(Slot) -> Result<(), E>,
     ) -> Result<Drained, E> {
         let mut q = self.inner.lock();
         let mut n = 0;
         if std::mem::take(&mut q.ping_due) {
-            send(Outgoing::Ping)?;
+            send(Slot::from(Outgoing::Ping))?;
             n += 1;
         }
         if std::mem::take(&mut q.json_ping_due) {
-            send(Outgoing::Text(json_ping()))?;
+            send(Slot::from(Outgoing::Text(json_ping())))?;
             n += 1;
         }
         let mut bytes = 0;
@@ -280,7 +243,7 @@ impl SendQueue {
             q.bytes -= size;
             bytes += size;
             let close = item.is_close();
-            send(item.into_outgoing())?;
+            send(item)?;
             n += 1;
             if close {
                 break;
@@ -349,7 +312,7 @@ mod tests {
             usize::MAX,
             usize::MAX,
             |i| {
-                out.push(i);
+                out.push(i.into_outgoing());
                 Ok::<(), ()>(())
             },
         )

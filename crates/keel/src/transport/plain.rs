@@ -21,7 +21,7 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{Batch, Incoming, Outgoing, ReadError, BATCH_MAX};
+use super::{Batch, Incoming, Outgoing, ReadError, Slot, BATCH_MAX};
 
 /// Bytes read per `read` call into the stack.
 const READ_CHUNK: usize = 4096;
@@ -397,7 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainSocket<S> {
                 continue;
             }
             let Some((op, payload)) = simple(&frame) else {
-                self.start_send(frame)?;
+                self.start_send(frame.into_outgoing())?;
                 continue;
             };
             let (head, n) = header(op, payload.len());
@@ -569,7 +569,15 @@ fn header(opcode: u8, len: usize) -> ([u8; 10], usize) {
 
 /// The opcode and payload of a frame that needs no encoding of its own (all but
 /// Close, whose payload is built from its code and reason).
-fn simple(frame: &Outgoing) -> Option<(u8, &[u8])> {
+fn simple(frame: &Slot) -> Option<(u8, &[u8])> {
+    match frame {
+        Slot::Shared(b) => Some((OP_TEXT, b)),
+        Slot::Own(o) => simple_owned(o),
+    }
+}
+
+/// [`simple`] for an owned frame.
+fn simple_owned(frame: &Outgoing) -> Option<(u8, &[u8])> {
     match frame {
         Outgoing::Text(b) => Some((OP_TEXT, b)),
         Outgoing::Binary(b) => Some((OP_BINARY, b)),
@@ -895,7 +903,7 @@ mod tests {
     fn batch_of(frames: Vec<Outgoing>) -> Batch {
         let mut b = Batch::new();
         for f in frames {
-            assert!(b.push(f), "batch full");
+            assert!(b.push(Slot::from(f)), "batch full");
         }
         b
     }
