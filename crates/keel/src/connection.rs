@@ -410,18 +410,16 @@ impl Connection {
 
     /// Queues `item`, counting what the slow-consumer policy dropped.
     pub(crate) fn push_counted(&self, hub: &Hub, item: Outgoing) -> Pushed {
-        let pushed = self.inner.queue.push(item, hub.limits());
-        match pushed {
-            Pushed::DroppedOldest(n) => self.count_drops(hub, n as u64),
-            Pushed::DroppedNewest => self.count_drops(hub, 1),
-            Pushed::Queued | Pushed::Closed => {}
-        }
-        pushed
+        self.counted(hub, self.inner.queue.push(item, hub.limits()))
     }
 
     /// Queues a publication's shared frame (a text message), counting drops.
     pub(crate) fn push_shared_counted(&self, hub: &Hub, frame: &Arc<Bytes>) -> Pushed {
-        let pushed = self.inner.queue.push_shared(frame, hub.limits());
+        self.counted(hub, self.inner.queue.push_shared(frame, hub.limits()))
+    }
+
+    /// Counts what a push's slow-consumer policy dropped, and hands the result on.
+    fn counted(&self, hub: &Hub, pushed: Pushed) -> Pushed {
         match pushed {
             Pushed::DroppedOldest(n) => self.count_drops(hub, n as u64),
             Pushed::DroppedNewest => self.count_drops(hub, 1),

@@ -605,16 +605,17 @@ impl From<Outgoing> for Slot {
     }
 }
 
-/// Most frames a [`Batch`] holds: what one vectored write carries (two buffers a
-/// frame, below the kernel's 1024). A subscriber that fell behind catches up in
-/// as few writes as this allows, and a write's fixed cost is most of what a busy
-/// server spends: 128 against 32 raised one core's fan-out ceiling from about
+/// Most frames a [`Batch`] holds, and so one write carries (as a vectored write,
+/// two buffers a frame, it stays below the kernel's 1024). A subscriber that fell
+/// behind catches up in as few writes as this allows, and a write's fixed cost is
+/// most of what a busy server spends: 128 against 32 raised one core's fan-out ceiling from about
 /// 2.1 to 2.75 M deliveries/s (docs/benchmarks.md); 256 gained nothing more.
 pub(crate) const BATCH_MAX: usize = 128;
 
 /// Frames taken from a send queue under one lock, held on the caller's stack until
-/// the socket has them: the plain socket writes them straight from their shared
-/// buffers, without copying them into a buffer of its own.
+/// the socket has them. A publication stays its one shared buffer until the plain
+/// socket copies the batch into the buffer of a single write (or, for large
+/// frames, writes from the frames' own buffers).
 pub(crate) struct Batch {
     items: [Option<Slot>; BATCH_MAX],
     len: usize,
