@@ -98,7 +98,9 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(async {
+    // The readers share a read buffer and a histogram (`scenarios::Shared`), so
+    // they run as local tasks of this one thread.
+    let report = tokio::task::LocalSet::new().block_on(&runtime, async {
         match scenario.as_str() {
             "idle" => {
                 scenarios::idle(&target, num("conns", "1000")? as usize, dur("hold", "30s")?).await

@@ -8,7 +8,7 @@ const SUB: usize = 8;
 /// Powers of two covered, from 1 µs up (2^36 µs is about 19 hours).
 const POWERS: usize = 36;
 
-/// Latency histogram in microseconds; cheap to record, mergeable.
+/// Latency histogram in microseconds; cheap to record.
 #[derive(Clone)]
 pub(crate) struct Histogram {
     counts: Vec<u64>,
@@ -52,15 +52,6 @@ impl Histogram {
         self.counts[bucket(us)] += 1;
         self.total += 1;
         self.max_us = self.max_us.max(us);
-    }
-
-    /// Adds another histogram's counts.
-    pub(crate) fn merge(&mut self, other: &Histogram) {
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
-        }
-        self.total += other.total;
-        self.max_us = self.max_us.max(other.max_us);
     }
 
     /// Values recorded.
