@@ -2,11 +2,11 @@
 //! masked frames out, unmasked frames scanned in place.
 //!
 //! Built for throughput on one core, not for generality: a read takes whatever the
-//! socket holds (up to [`READ_MAX`]) into a buffer that every reader on the
-//! thread shares, frames are found by scanning headers without copying or
-//! allocating, and only what a scenario needs from a payload is looked at. It does
-//! not negotiate compression and does not reassemble fragmented messages (the
-//! scenarios' messages are small, and servers send them whole).
+//! socket holds (with room for at least [`READ_ROOM`]) into a buffer that every
+//! reader on the thread shares, frames are found by scanning headers without
+//! copying or allocating, and only what a scenario needs from a payload is looked
+//! at. It does not negotiate compression and does not reassemble fragmented
+//! messages (the scenarios' messages are small, and servers send them whole).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -18,10 +18,11 @@ use memchr::memmem;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-/// Most bytes one read takes. A server that fell behind writes a batch of a hundred
-/// frames or more at once: read 4 KiB at a time, that cost the load generator eight
-/// reads where one does (it had 12 frames a `recvfrom` at 2 M deliveries/s).
-pub(crate) const READ_MAX: usize = 64 * 1024;
+/// The room every read has, at least (more once a frame larger than this has
+/// passed through). A server that fell behind writes a batch of a hundred frames
+/// or more at once: read 4 KiB at a time, that cost the load generator eight reads
+/// where one does (it had 12 frames a `recvfrom` at 2 M deliveries/s).
+pub(crate) const READ_ROOM: usize = 64 * 1024;
 
 /// A connected, upgraded socket.
 pub(crate) struct Conn {
@@ -148,10 +149,10 @@ impl Conn {
         })
     }
 
-    /// Reads what the socket holds (up to [`READ_MAX`]) into `scratch` (a buffer
-    /// that the readers of a thread share, so that it stays in the cache), behind
-    /// the partial frame kept from the last read, and hands each whole frame to `each`
-    /// until it breaks; a partial frame at the end is kept for the next read.
+    /// Reads what the socket holds (with room for at least [`READ_ROOM`]) into
+    /// `scratch` (a buffer that the readers of a thread share, so that it stays in
+    /// the cache), behind the partial frame kept from the last read, and hands each
+    /// whole frame to `each` until it breaks; a partial frame at the end is kept for the next read.
     /// Returns `Ok(false)` at EOF, `Ok(true)` otherwise (also when the socket had
     /// nothing: `WouldBlock` clears its readiness, so wait with `readable()`).
     /// Frames left in [`Conn::buf`] by the handshake must be taken with
@@ -163,7 +164,7 @@ impl Conn {
     ) -> io::Result<bool> {
         scratch.clear();
         scratch.extend_from_slice(&self.buf[self.pos..]);
-        scratch.reserve(READ_MAX);
+        scratch.reserve(READ_ROOM);
         match self.tcp.try_read_buf(scratch) {
             Ok(0) => return Ok(false),
             Ok(_) => {}
@@ -348,10 +349,10 @@ mod tests {
         let mut ping = Vec::new();
         server_frame(&mut ping, 9, &[7; 200]);
         expected.push((9, vec![7; 200]));
-        // A frame larger than one read takes, so it must be carried across reads.
+        // A frame larger than a read's room, so it must be carried across reads.
         let mut big = Vec::new();
-        server_frame(&mut big, 2, &vec![b'z'; READ_MAX + 1000]);
-        expected.push((2, vec![b'z'; READ_MAX + 1000]));
+        server_frame(&mut big, 2, &vec![b'z'; READ_ROOM + 1000]);
+        expected.push((2, vec![b'z'; READ_ROOM + 1000]));
         server_frame(&mut big, 1, b"last");
         expected.push((1, b"last".to_vec()));
 
