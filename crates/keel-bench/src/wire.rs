@@ -297,26 +297,32 @@ mod tests {
         out.extend_from_slice(payload);
     }
 
-    /// Reads with `read_frames` until `want` frames were seen in all, or EOF.
+    /// Reads with `read_frames` until `want` frames were seen in all (true) or EOF
+    /// (false); fails the test if neither comes within 10 s (a lost frame).
     async fn read_until(
         c: &mut Conn,
         scratch: &mut Vec<u8>,
         seen: &mut Vec<(u8, Vec<u8>)>,
         want: usize,
     ) -> bool {
-        while seen.len() < want {
-            c.tcp.readable().await.expect("readable");
-            let open = c
-                .read_frames(scratch, |f| {
-                    seen.push((f.opcode, f.payload.to_vec()));
-                    ControlFlow::Continue(())
-                })
-                .expect("read");
-            if !open {
-                return false;
+        let read = async {
+            while seen.len() < want {
+                c.tcp.readable().await.expect("readable");
+                let open = c
+                    .read_frames(scratch, |f| {
+                        seen.push((f.opcode, f.payload.to_vec()));
+                        ControlFlow::Continue(())
+                    })
+                    .expect("read");
+                if !open {
+                    return false;
+                }
             }
-        }
-        true
+            true
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), read)
+            .await
+            .expect("frames or EOF within 10 s")
     }
 
     #[tokio::test]
