@@ -134,25 +134,33 @@ async fn reader(
     }
     let (mut messages, mut got) = (0, 0);
     let mut out = Vec::new();
-    // Frames that came with the handshake's read (the welcome, say).
-    let mut open = true;
-    let now = clock.now_ns();
-    while let Some(f) = c.next_frame() {
-        let latency = &mut shared.borrow_mut().latency;
-        if take(f, d, now, latency, &mut got, &mut out).is_break() {
-            open = false;
-            break;
-        }
-    }
     // One wait for the stop, made once: a new one per read would join and leave
     // the watch's waiter list every time (5% of the load generator's samples).
     let stopped = stop.changed();
     tokio::pin!(stopped);
-    while open {
+    // The first read does not wait for the socket: it also hands over the frames
+    // that came with the handshake's read (the welcome, say).
+    loop {
+        // The shared state is borrowed for this read only, never across an await.
+        let mut open = true;
+        let read = {
+            let mut now = None;
+            let mut guard = shared.borrow_mut();
+            let Shared { buf, latency } = &mut *guard;
+            c.read_frames(buf, |f| {
+                let now = *now.get_or_insert_with(|| clock.now_ns());
+                let step = take(f, d, now, latency, &mut got, &mut out);
+                open &= step.is_continue();
+                step
+            })
+        };
         if got > 0 {
             messages += got;
             live.fetch_add(got, Ordering::Relaxed);
             got = 0;
+        }
+        if !open || !matches!(read, Ok(true)) {
+            break;
         }
         if !out.is_empty() {
             if c.tcp.write_all(&out).await.is_err() {
@@ -168,21 +176,8 @@ async fn reader(
                 break;
             },
         }
-        // The shared state is borrowed for this read only, never across an await.
-        let read = {
-            let mut now = None;
-            let mut guard = shared.borrow_mut();
-            let Shared { buf, latency } = &mut *guard;
-            c.read_frames(buf, |f| {
-                let now = *now.get_or_insert_with(|| clock.now_ns());
-                let step = take(f, d, now, latency, &mut got, &mut out);
-                open &= step.is_continue();
-                step
-            })
-        };
-        open &= matches!(read, Ok(true));
     }
-    messages + got
+    messages
 }
 
 /// What a reader does with one frame: counts a timestamped message (its latency

@@ -151,12 +151,11 @@ impl Conn {
 
     /// Reads what the socket holds (with room for at least [`READ_ROOM`]) into
     /// `scratch` (a buffer that the readers of a thread share, so that it stays in
-    /// the cache), behind the partial frame kept from the last read, and hands each
-    /// whole frame to `each` until it breaks; a partial frame at the end is kept for the next read.
-    /// Returns `Ok(false)` at EOF, `Ok(true)` otherwise (also when the socket had
-    /// nothing: `WouldBlock` clears its readiness, so wait with `readable()`).
-    /// Frames left in [`Conn::buf`] by the handshake must be taken with
-    /// [`Conn::next_frame`] first.
+    /// the cache), behind what was left from before, and hands each whole frame to
+    /// `each` until it breaks; a partial frame at the end is kept for the next call.
+    /// Frames left by the handshake's read are handed over too, also when the
+    /// socket has nothing new (`WouldBlock`, which clears its readiness: wait with
+    /// `readable()` before calling again). Returns `Ok(false)` at EOF.
     pub(crate) fn read_frames(
         &mut self,
         scratch: &mut Vec<u8>,
@@ -165,12 +164,11 @@ impl Conn {
         scratch.clear();
         scratch.extend_from_slice(&self.buf[self.pos..]);
         scratch.reserve(READ_ROOM);
-        match self.tcp.try_read_buf(scratch) {
-            Ok(0) => return Ok(false),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+        let open = match self.tcp.try_read_buf(scratch) {
+            Ok(n) => n > 0,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
             Err(e) => return Err(e),
-        }
+        };
         let mut at = 0;
         while let Some((opcode, payload)) = parse_frame(&scratch[at..]) {
             let frame = Frame {
@@ -185,7 +183,7 @@ impl Conn {
         self.buf.clear();
         self.pos = 0;
         self.buf.extend_from_slice(&scratch[at..]);
-        Ok(true)
+        Ok(open)
     }
 }
 
@@ -343,8 +341,18 @@ mod tests {
             pos: 0,
         };
         let mut expected = vec![(1, b"welcome".to_vec())];
-        let first = c.next_frame().map(|f| (f.opcode, f.payload.to_vec()));
-        let mut seen: Vec<(u8, Vec<u8>)> = first.into_iter().collect();
+        let mut seen: Vec<(u8, Vec<u8>)> = Vec::new();
+        let mut scratch = Vec::new();
+        // Nothing has been sent yet: the read would block, and the frame the
+        // handshake left is handed over all the same.
+        let open = c
+            .read_frames(&mut scratch, |f| {
+                seen.push((f.opcode, f.payload.to_vec()));
+                ControlFlow::Continue(())
+            })
+            .expect("read");
+        assert!(open);
+        assert_eq!(seen, expected);
 
         let mut wire = Vec::new();
         for i in 0..3u8 {
@@ -362,7 +370,6 @@ mod tests {
         server_frame(&mut big, 1, b"last");
         expected.push((1, b"last".to_vec()));
 
-        let mut scratch = Vec::new();
         wire.extend_from_slice(&ping[..1]);
         server.write_all(&wire).await.expect("write");
         assert!(read_until(&mut c, &mut scratch, &mut seen, 4).await);

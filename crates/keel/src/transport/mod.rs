@@ -608,8 +608,9 @@ impl From<Outgoing> for Slot {
 /// Most frames a [`Batch`] holds, and so one write carries (as a vectored write,
 /// two buffers a frame, it stays below the kernel's 1024). A subscriber that fell
 /// behind catches up in as few writes as this allows, and a write's fixed cost is
-/// most of what a busy server spends: 128 against 32 raised one core's fan-out ceiling from about
-/// 2.1 to 2.75 M deliveries/s (docs/benchmarks.md); 256 gained nothing more.
+/// most of what a busy server spends: 128 against 32 raised one core's fan-out
+/// ceiling from about 2.1 to 2.75 M deliveries/s (docs/benchmarks.md); 256 gained
+/// nothing more.
 pub(crate) const BATCH_MAX: usize = 128;
 
 /// Frames taken from a send queue under one lock, held on the caller's stack until
