@@ -1,7 +1,7 @@
 //! The Hub's sweeper: heartbeats, heartbeat timeouts, slow-consumer timeouts,
-//! memory checks, history and presence expiry, credential expiry and auth
-//! timeouts, and the reclaiming of detached sessions, for all connections, from
-//! one task.
+//! memory checks (every `memory_check_interval`, on their own timer), history and
+//! presence expiry, credential expiry and auth timeouts, and the reclaiming of
+//! detached sessions, for all connections, from one task.
 //!
 //! # Why a sweep and not a timer per connection
 //!
@@ -36,7 +36,9 @@ pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
             h.config.heartbeat_interval,
             h.config.heartbeat_timeout,
             h.config.num_shards.max(1),
-            h.config.memory_check_interval,
+            h.config
+                .max_total_memory
+                .map(|_| h.config.memory_check_interval),
             h.config.presence_ttl.min(h.config.reconnect_token_ttl).min(
                 if h.config.auth_first_message {
                     h.config.auth_timeout
@@ -54,22 +56,35 @@ pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
     let mut next_ping: Vec<Instant> = (0..shards)
         .map(|i| start + ping_step * i as u32 + ping_step)
         .collect();
-    let mut next_memory_check = start + check_every;
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Memory checks keep their own interval, which may be shorter than the tick
+    // (a tick derived from a 25 s heartbeat is 6.25 s) or longer. Without a
+    // memory limit there is nothing to check and no timer.
+    let mut memory_ticker = check_every.map(|every| {
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
     loop {
-        tokio::select! {
+        let memory_check = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
+            _ = ticker.tick() => false,
+            _ = async {
+                match memory_ticker.as_mut() {
+                    Some(t) => t.tick().await,
+                    None => std::future::pending().await,
+                }
+            } => true,
+        };
         let Some(inner) = hub.upgrade() else { return };
         let hub = Hub { inner };
+        if memory_check {
+            crate::shutdown::enforce_total_memory(&hub);
+            continue;
+        }
         let now = Instant::now();
         sweep(&hub, now, &mut next_ping, interval);
-        if now >= next_memory_check {
-            next_memory_check = now + check_every;
-            crate::shutdown::enforce_total_memory(&hub);
-        }
         hub.inner.channels.sweep(&hub);
         hub.reclaim_sessions();
         if let Some(limits) = &hub.inner.ip_limits {

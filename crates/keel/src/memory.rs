@@ -64,24 +64,27 @@ pub(crate) fn entry_size(key: &str, value: &serde_json::Value) -> usize {
 }
 
 /// Orders connections for eviction: the first in the returned list goes first.
+///
+/// The policy decides; among connections it cannot tell apart (the same
+/// `last_seen` millisecond, say, or no user data under `oldest`) the one holding
+/// more memory goes first, so that a tie never costs a connection that holds little
+/// while the one filling memory stays.
 pub(crate) fn eviction_order(
     mut conns: Vec<(Connection, usize)>,
     policy: EvictionPolicy,
 ) -> Vec<(Connection, usize)> {
+    use std::cmp::Reverse;
     use std::sync::atomic::Ordering;
+    // Connections without user data go last under `oldest`.
+    let never = Instant::now() + std::time::Duration::from_secs(1 << 30);
     match policy {
         EvictionPolicy::Lru => {
-            conns.sort_by_key(|(c, _)| c.inner.last_seen.load(Ordering::Relaxed))
+            conns.sort_by_key(|(c, mem)| (c.inner.last_seen.load(Ordering::Relaxed), Reverse(*mem)))
         }
-        EvictionPolicy::Fifo => conns.sort_by_key(|(c, _)| c.inner.connected_at),
-        EvictionPolicy::Oldest => conns.sort_by_key(|(c, _)| {
-            c.inner
-                .user_data
-                .lock()
-                .as_ref()
-                .map(|u| u.first_write)
-                // Connections without user data go last.
-                .unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(1 << 30))
+        EvictionPolicy::Fifo => conns.sort_by_key(|(c, mem)| (c.inner.connected_at, Reverse(*mem))),
+        EvictionPolicy::Oldest => conns.sort_by_cached_key(|(c, mem)| {
+            let first = c.inner.user_data.lock().as_ref().map(|u| u.first_write);
+            (first.unwrap_or(never), Reverse(*mem))
         }),
     }
     conns
@@ -95,5 +98,45 @@ mod tests {
     fn entry_size_counts_key_and_json() {
         assert_eq!(entry_size("k", &serde_json::json!("abc")), 1 + 5);
         assert_eq!(entry_size("key", &serde_json::json!({"a": 1})), 3 + 7);
+    }
+
+    fn conn(id: &str, last_seen_ms: u64) -> Connection {
+        Connection::new(id.into(), serde_json::Value::Null, None, None, last_seen_ms)
+    }
+
+    fn ids(order: &[(Connection, usize)]) -> Vec<String> {
+        order
+            .iter()
+            .map(|(c, _)| c.client_id().to_string())
+            .collect()
+    }
+
+    // Regression: the CI of 2026-12-04 evicted the connection that was reading
+    // (holding one message) instead of the one that never read, because both had
+    // been seen in the same millisecond and the tie fell to registry order.
+    #[test]
+    fn ties_go_to_the_connection_holding_more() {
+        let order = eviction_order(
+            vec![
+                (conn("small", 7), 50),
+                (conn("big", 7), 900),
+                (conn("none", 7), 0),
+            ],
+            EvictionPolicy::Lru,
+        );
+        assert_eq!(ids(&order), ["big", "small", "none"]);
+        // The policy still comes first: the least recently seen goes first even
+        // when it holds less.
+        let order = eviction_order(
+            vec![(conn("recent", 9), 900), (conn("stale", 3), 50)],
+            EvictionPolicy::Lru,
+        );
+        assert_eq!(ids(&order), ["stale", "recent"]);
+        // Without user data, `oldest` cannot tell them apart either.
+        let order = eviction_order(
+            vec![(conn("small", 1), 10), (conn("big", 1), 20)],
+            EvictionPolicy::Oldest,
+        );
+        assert_eq!(ids(&order), ["big", "small"]);
     }
 }

@@ -216,32 +216,40 @@ async fn queued_output_over_total_memory_evicts_by_policy() {
     let mut c = cfg();
     c.set("max_total_memory", "200000").unwrap();
     c.set("memory_check_interval", "50ms").unwrap();
+    // Regression: memory was checked only on the sweeper's tick (a quarter of the
+    // heartbeat, here 15 s, past the test's deadline), whatever the interval said.
+    c.set("heartbeat_interval", "60s").unwrap();
+    c.set("heartbeat_timeout", "60s").unwrap();
+    c.set("presence_ttl", "60s").unwrap();
+    // "slow" never reads, so it never takes our Close: do not wait 3 s for it.
+    c.set("close_timeout", "200ms").unwrap();
     c.set("send_queue_max_bytes", "1000000").unwrap();
     c.set("send_queue_max_messages", "100000").unwrap();
     let hub = Hub::new(c);
     let addr = serve(&hub).await;
-    // "slow" never reads after connecting; "fast" reads.
+    // "slow" never reads after connecting; "fast" reads every publication before
+    // the next one goes out, so it never holds more than one (50 kB) while the
+    // total is over 200 kB: only "slow" can be the one filling memory.
     let _slow = connect(addr, "slow").await;
     let mut fast = connect(addr, "fast").await;
     eventually("registered", || hub.get_connection_count() == 2).await;
     hub.join_room("slow", "feed").unwrap();
     hub.join_room("fast", "feed").unwrap();
-    let data = keel::RawValue::from_string(format!("\"{}\"", "m".repeat(50_000))).unwrap();
-    let reader = tokio::spawn(async move {
-        loop {
-            if tokio::time::timeout(Duration::from_secs(2), recv(&mut fast))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
+    // Random letters: permessage-deflate (on by default) shrinks a run of one
+    // letter to a few hundred bytes, and the kernel's socket buffers then hold
+    // thousands of them before anything queues in the hub.
+    let text: String =
+        rand::Rng::sample_iter(rand::thread_rng(), rand::distributions::Alphanumeric)
+            .take(50_000)
+            .map(char::from)
+            .collect();
+    let data = keel::RawValue::from_string(format!("\"{text}\"")).unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
     while hub.get_connection("slow").is_some() {
         assert!(tokio::time::Instant::now() < deadline, "slow never evicted");
         hub.publish("feed", &data, None).unwrap();
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        let got = recv(&mut fast).await;
+        assert!(got.len() > 50_000, "fast gets each publication whole");
     }
     assert!(
         hub.get_connection("fast").is_some(),
@@ -255,7 +263,6 @@ async fn queued_output_over_total_memory_evicts_by_policy() {
         .unwrap()
         .1;
     assert_eq!(evicted, 1);
-    reader.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
