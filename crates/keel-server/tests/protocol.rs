@@ -315,6 +315,11 @@ async fn slow_reader_does_not_slow_others_and_stays_bounded() {
     let payload = "p".repeat(16 * 1024);
     let n = 2000u64;
     let mut publisher = Client::connect(gw.addr).await;
+    // The publisher stays at most WINDOW messages ahead of the fast reader, so the
+    // fast one's queue (16 messages of 16 KiB fit its bound) never overflows
+    // however the machine schedules the reader, while the slow one's does.
+    const WINDOW: u64 = 8;
+    let (received, mut progress) = tokio::sync::watch::channel(0u64);
     let reader = tokio::spawn(async move {
         let mut next = 1u64;
         while next <= n {
@@ -323,11 +328,19 @@ async fn slow_reader_does_not_slow_others_and_stays_bounded() {
                 m["payload"]["offset"], next,
                 "fast subscriber lost or reordered"
             );
+            received.send_replace(next);
             next += 1;
         }
     });
     let mut max_queue = 0usize;
     for i in 0..n {
+        let alive = tokio::time::timeout(WAIT, progress.wait_for(|got| got + WINDOW > i))
+            .await
+            .expect("the fast subscriber keeps receiving while the slow one is stuck")
+            .is_ok();
+        if !alive {
+            break; // the reader failed: awaiting it below says why
+        }
         publisher
             .send(json!({"type": "publish", "payload": {"channel": "feed", "data": {"i": i, "pad": payload}}}))
             .await;
