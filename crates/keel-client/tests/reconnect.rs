@@ -206,10 +206,13 @@ async fn silent_server_is_detected_by_the_watchdog() {
     let gw = gateway(cfg).await;
     let proxy = Proxy::start(gw.addr).await;
     let (sub, mut events) = Client::connect(&proxy.ws_url(), fast()).unwrap();
+    // The client last hears the server no earlier than this: the subscribe's
+    // answer (or a ping after it) comes later. Taken after the freeze, the bound
+    // would be up to a frame's age too late.
+    let started = tokio::time::Instant::now();
     sub.subscribe("c").await.unwrap();
     // A zombie path: no FIN, no RST, nothing.
     proxy.freeze();
-    let started = tokio::time::Instant::now();
     let (code, reason, will_reconnect) = disconnected(&mut events).await;
     assert_eq!(code, None);
     assert!(reason.contains("nothing heard"), "{reason}");
