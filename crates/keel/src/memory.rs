@@ -111,9 +111,9 @@ mod tests {
             .collect()
     }
 
-    // Regression: the CI of 2026-12-04 evicted the connection that was reading
-    // (holding one message) instead of the one that never read, because both had
-    // been seen in the same millisecond and the tie fell to registry order.
+    // Regression: the CI of 2026-12-04 saw the connection that was reading
+    // evicted. Two connections opened within one millisecond tie under `lru`, and
+    // the tie fell to registry order, which can put the one holding little first.
     #[test]
     fn ties_go_to_the_connection_holding_more() {
         let order = eviction_order(
