@@ -380,8 +380,14 @@ async fn disconnect_policy_closes_slow_consumer_with_4000() {
     c.set("send_queue_max_messages", "8").unwrap();
     c.set("slow_consumer_policy", "disconnect").unwrap();
     c.set("slow_consumer_timeout", "200ms").unwrap();
-    c.set("heartbeat_interval", "100ms").unwrap();
-    c.set("heartbeat_timeout", "10s").unwrap();
+    // Regression: the timeout was checked on the sweeper's tick, a quarter of the
+    // heartbeat (here 15 s, past the deadline); the test used to set 100 ms
+    // heartbeats to hide that.
+    c.set("heartbeat_interval", "60s").unwrap();
+    c.set("heartbeat_timeout", "60s").unwrap();
+    c.set("presence_ttl", "60s").unwrap();
+    // The slow one never takes our Close: do not wait 3 s for it.
+    c.set("close_timeout", "200ms").unwrap();
     let gw = gateway(c).await;
     let mut slow = Raw::connect(gw.addr).await;
     // Subscribe, then stop reading.

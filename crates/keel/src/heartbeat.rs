@@ -9,10 +9,12 @@
 //! for every idle connection, and a separate ping task would cost a task each.
 //! Here each connection has one `last_seen` atomic, stored by its own task when a
 //! frame arrives. One task wakes every `tick` (a quarter of the smallest of
-//! interval, timeout, presence TTL and session TTL, at least 10 ms) and walks the registry: it closes connections silent
-//! for longer than `interval + timeout`, and pings one shard in `num_shards` per
-//! `interval / num_shards`, so heartbeats are spread over the interval instead of
-//! arriving in one burst. An idle connection's task is woken once per interval, to
+//! interval, timeout, presence TTL, session TTL, auth timeout when auth comes in
+//! the first message, and slow-consumer timeout under `disconnect`; at least
+//! 10 ms) and walks the registry: it closes connections silent for longer than
+//! `interval + timeout`, and pings one shard in `num_shards` per `interval /
+//! num_shards`, so heartbeats are spread over the interval instead of arriving in
+//! one burst. An idle connection's task is woken once per interval, to
 //! write its ping, and at no other time. The JSON `ping` is encoded once per sweep
 //! and shared by every queue.
 //!
@@ -39,13 +41,21 @@ pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
             h.config
                 .max_total_memory
                 .map(|_| h.config.memory_check_interval),
-            h.config.presence_ttl.min(h.config.reconnect_token_ttl).min(
-                if h.config.auth_first_message {
+            h.config
+                .presence_ttl
+                .min(h.config.reconnect_token_ttl)
+                .min(if h.config.auth_first_message {
                     h.config.auth_timeout
                 } else {
                     Duration::MAX
-                },
-            ),
+                })
+                .min(
+                    if h.config.slow_consumer_policy == SlowConsumerPolicy::Disconnect {
+                        h.config.slow_consumer_timeout
+                    } else {
+                        Duration::MAX
+                    },
+                ),
         ),
         None => return,
     };
