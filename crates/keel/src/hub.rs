@@ -453,15 +453,14 @@ impl Hub {
     }
 
     /// Called by the connection task as it ends, on every path.
+    ///
+    /// Everything a watcher might check once the connection is out of the registry
+    /// is settled before it leaves it: its place under `max_connections` and its
+    /// address's allowance are free, its disconnect is counted and its user data
+    /// uncounted. Then it leaves the registry, its traffic moves to the closed
+    /// totals, and it leaves its channels and hands its session over.
     pub(crate) fn unregister(&self, conn: &Connection, reason: DisconnectReason, code: u16) {
         conn.inner.gone.store(true, Ordering::Release);
-        {
-            let id = conn.client_id();
-            let mut shard = self.shard(&id).write();
-            if shard.get(&id).is_some_and(|c| c.same(conn)) {
-                shard.remove(&id);
-            }
-        }
         // Keep the session for a resume unless the client said goodbye (1000), the
         // server ended it on purpose, or another connection has it now.
         let keep = self.inner.config.enable_reconnect
@@ -475,30 +474,8 @@ impl Hub {
                 | DisconnectReason::InternalError => true,
                 _ => false,
             };
-        // A vanished client stays present until `presence_ttl` after its last frame.
-        let linger = keep.then(|| {
-            self.inner.started
-                + Duration::from_millis(conn.inner.last_seen.load(Ordering::Relaxed))
-                + self.inner.config.presence_ttl
-        });
-        let channels: Vec<Arc<str>> = std::mem::take(&mut *conn.inner.channels.lock());
-        for ch in &channels {
-            self.inner.channels.leave(self, ch, conn, linger);
-        }
         let user_data = conn.inner.user_data.lock().take();
-        if keep {
-            let ident = conn.ident();
-            self.inner.sessions.detach(
-                ident.session_id,
-                Detached {
-                    client_id: ident.client_id,
-                    generation: ident.generation,
-                    user_data,
-                    channels,
-                    expires: Instant::now() + self.inner.sessions.ttl,
-                },
-            );
-        } else if let Some(ud) = user_data {
+        if let (false, Some(ud)) = (keep, &user_data) {
             self.inner
                 .user_data_bytes
                 .fetch_sub(ud.bytes, Ordering::Relaxed);
@@ -512,7 +489,39 @@ impl Hub {
         if reason == DisconnectReason::HeartbeatTimeout {
             m.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
         }
+        {
+            let id = conn.client_id();
+            let mut shard = self.shard(&id).write();
+            if shard.get(&id).is_some_and(|c| c.same(conn)) {
+                shard.remove(&id);
+            }
+        }
+        // After it left the registry: a snapshot sums the closed totals and the
+        // live connections, and must not count this one in both.
         m.fold(&conn.inner.stats);
+        // A vanished client stays present until `presence_ttl` after its last frame.
+        let linger = keep.then(|| {
+            self.inner.started
+                + Duration::from_millis(conn.inner.last_seen.load(Ordering::Relaxed))
+                + self.inner.config.presence_ttl
+        });
+        let channels: Vec<Arc<str>> = std::mem::take(&mut *conn.inner.channels.lock());
+        for ch in &channels {
+            self.inner.channels.leave(self, ch, conn, linger);
+        }
+        if keep {
+            let ident = conn.ident();
+            self.inner.sessions.detach(
+                ident.session_id,
+                Detached {
+                    client_id: ident.client_id,
+                    generation: ident.generation,
+                    user_data,
+                    channels,
+                    expires: Instant::now() + self.inner.sessions.ttl,
+                },
+            );
+        }
         tracing::info!(
             client_id = %conn.client_id(),
             session_id = %conn.session_id(),

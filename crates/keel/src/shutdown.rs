@@ -115,17 +115,19 @@ pub(crate) fn enforce_total_memory(hub: &Hub) -> usize {
     let Some(max) = hub.config().max_total_memory else {
         return 0;
     };
-    let conns: Vec<(Connection, usize)> = hub
-        .shards()
-        .iter()
-        .flat_map(|s| {
-            s.read()
-                .values()
-                .map(|c| (c.clone(), c.memory()))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    let total: usize = conns.iter().map(|(_, m)| m).sum();
+    // Only connections holding memory can be evicted, so only they are collected:
+    // a check walks every connection but clones few handles.
+    let mut total = 0;
+    let mut conns: Vec<(Connection, usize)> = Vec::new();
+    for shard in hub.shards() {
+        for c in shard.read().values() {
+            let mem = c.memory();
+            if mem > 0 {
+                total += mem;
+                conns.push((c.clone(), mem));
+            }
+        }
+    }
     if total <= max {
         return 0;
     }
@@ -134,9 +136,6 @@ pub(crate) fn enforce_total_memory(hub: &Hub) -> usize {
     for (c, mem) in crate::memory::eviction_order(conns, hub.config().memory_eviction_policy) {
         if excess == 0 {
             break;
-        }
-        if mem == 0 {
-            continue;
         }
         tracing::warn!(client_id = %c.client_id(), bytes = mem, "evicting connection over max_total_memory");
         c.close_as(

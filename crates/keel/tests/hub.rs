@@ -208,6 +208,7 @@ async fn user_data_is_accounted_and_limited() {
     expect_close(&mut a).await;
     eventually("a gone", || hub.get_connection_count() == 1).await;
     assert_eq!(hub.get_memory_usage().total_memory, 0);
+    // Uncounted before it left the registry.
     assert_eq!(hub.metrics_snapshot().user_data_bytes, 0);
 }
 
@@ -255,13 +256,14 @@ async fn queued_output_over_total_memory_evicts_by_policy() {
         hub.get_connection("fast").is_some(),
         "only the one holding memory went"
     );
-    let m = hub.metrics_snapshot();
-    let evicted = m
+    // Counted before it left the registry (the CI of stop 14's second run caught
+    // the count lagging behind).
+    let evicted = hub
+        .metrics_snapshot()
         .disconnects_total
         .iter()
         .find(|(r, _)| *r == "memory_evicted")
-        .unwrap()
-        .1;
+        .map_or(0, |(_, n)| *n);
     assert_eq!(evicted, 1);
 }
 
