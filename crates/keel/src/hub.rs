@@ -457,8 +457,8 @@ impl Hub {
     /// Everything a watcher might check once the connection is out of the registry
     /// is settled before it leaves it: its place under `max_connections` and its
     /// address's allowance are free, its disconnect is counted and its user data
-    /// uncounted. Then it leaves the registry, its traffic moves to the closed
-    /// totals, and it leaves its channels and hands its session over.
+    /// uncounted. Then it leaves the registry (its traffic moving to the closed
+    /// totals in the same step), leaves its channels and hands its session over.
     pub(crate) fn unregister(&self, conn: &Connection, reason: DisconnectReason, code: u16) {
         conn.inner.gone.store(true, Ordering::Release);
         // Keep the session for a resume unless the client said goodbye (1000), the
@@ -495,10 +495,11 @@ impl Hub {
             if shard.get(&id).is_some_and(|c| c.same(conn)) {
                 shard.remove(&id);
             }
+            // Its traffic moves to the closed totals in the same step, under the
+            // lock a snapshot holds while it sums: counted once, never twice or
+            // not at all.
+            m.fold(&conn.inner.stats);
         }
-        // After it left the registry: a snapshot sums the closed totals and the
-        // live connections, and must not count this one in both.
-        m.fold(&conn.inner.stats);
         // A vanished client stays present until `presence_ttl` after its last frame.
         let linger = keep.then(|| {
             self.inner.started
@@ -1035,16 +1036,17 @@ impl Hub {
     }
 
     /// A snapshot of the counters and gauges.
+    ///
+    /// Traffic totals never go down from one snapshot to the next: every shard's
+    /// read lock is held while the closed totals and the live connections are
+    /// summed, and a leaving connection moves its traffic from one to the other
+    /// under its shard's write lock. Connects and disconnects wait while it sums
+    /// (one pass over the connections, no allocation per connection).
     pub fn metrics_snapshot(&self) -> MetricsSnapshot {
-        let live: Vec<Connection> = self
-            .inner
-            .shards
-            .iter()
-            .flat_map(|s| s.read().values().cloned().collect::<Vec<_>>())
-            .collect();
+        let shards: Vec<_> = self.inner.shards.iter().map(|s| s.read()).collect();
         MetricsSnapshot::collect(
             &self.inner.metrics,
-            live.iter(),
+            shards.iter().flat_map(|s| s.values()),
             self.inner.channels.count(),
             self.inner.user_data_bytes.load(Ordering::Relaxed),
             self.inner.sessions.count(),

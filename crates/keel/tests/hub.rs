@@ -388,3 +388,63 @@ async fn publications_arrive_whole_and_in_order_however_fast_subscribers_read() 
         tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
     }
 }
+
+// Regression: a snapshot read the live connections and the closed totals at
+// different moments, so a connection leaving in between was counted twice (or not
+// at all) once, and the next scrape went down: Prometheus reads a counter that goes
+// down as a restart, and `rate()` spikes by the whole total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_totals_never_go_down_while_connections_come_and_go() {
+    let hub = Hub::with_handler(cfg(), Echo::default());
+    let addr = serve(&hub).await;
+    let churn = tokio::spawn(async move {
+        for round in 0..60 {
+            let mut batch = Vec::new();
+            for i in 0..10 {
+                batch.push(tokio::spawn(async move {
+                    let mut ws = connect(addr, &format!("c{round}-{i}")).await;
+                    for _ in 0..5 {
+                        send(&mut ws, "x").await;
+                        assert_eq!(recv(&mut ws).await, "x");
+                    }
+                    // Dropped without a close: the server sees it leave at once.
+                }));
+            }
+            for t in batch {
+                t.await.unwrap();
+            }
+        }
+    });
+    let mut last = hub.metrics_snapshot();
+    let mut scrapes = 0u32;
+    while !churn.is_finished() {
+        let now = hub.metrics_snapshot();
+        for (what, before, after) in [
+            ("messages_in", last.messages_in_total, now.messages_in_total),
+            ("bytes_in", last.bytes_in_total, now.bytes_in_total),
+            (
+                "messages_out",
+                last.messages_out_total,
+                now.messages_out_total,
+            ),
+            ("bytes_out", last.bytes_out_total, now.bytes_out_total),
+        ] {
+            assert!(after >= before, "{what} went down: {before} -> {after}");
+        }
+        last = now;
+        scrapes += 1;
+        tokio::task::yield_now().await;
+    }
+    churn.await.unwrap();
+    assert!(
+        scrapes > 10,
+        "the check ran alongside the churn ({scrapes})"
+    );
+    eventually("every churned connection gone", || {
+        hub.get_connection_count() == 0
+    })
+    .await;
+    let end = hub.metrics_snapshot();
+    assert_eq!(end.messages_in_total, 60 * 10 * 5);
+    assert_eq!(end.messages_out_total, 60 * 10 * 5);
+}
