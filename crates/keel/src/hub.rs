@@ -1043,13 +1043,19 @@ impl Hub {
     /// under its shard's write lock. Connects and disconnects wait while it sums
     /// (one pass over the connections, no allocation per connection).
     pub fn metrics_snapshot(&self) -> MetricsSnapshot {
+        // Read before the registry's locks: while those are held, only each
+        // connection's queue lock is taken, and nothing holding a queue lock ever
+        // waits on the registry.
+        let channels = self.inner.channels.count();
+        let user_data_bytes = self.inner.user_data_bytes.load(Ordering::Relaxed);
+        let sessions = self.inner.sessions.count();
         let shards: Vec<_> = self.inner.shards.iter().map(|s| s.read()).collect();
         MetricsSnapshot::collect(
             &self.inner.metrics,
             shards.iter().flat_map(|s| s.values()),
-            self.inner.channels.count(),
-            self.inner.user_data_bytes.load(Ordering::Relaxed),
-            self.inner.sessions.count(),
+            channels,
+            user_data_bytes,
+            sessions,
         )
     }
 
