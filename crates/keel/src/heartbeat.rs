@@ -33,7 +33,7 @@ use crate::connection::{Connection, DisconnectReason};
 use crate::hub::{Hub, HubInner};
 
 pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
-    let (interval, timeout, shards, check_every, expiries) = match hub.upgrade() {
+    let (interval, timeout, shards, check_every, deadlines) = match hub.upgrade() {
         Some(h) => (
             h.config.heartbeat_interval,
             h.config.heartbeat_timeout,
@@ -59,7 +59,7 @@ pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
         ),
         None => return,
     };
-    let tick = (interval.min(timeout).min(expiries) / 4).max(Duration::from_millis(10));
+    let tick = (interval.min(timeout).min(deadlines) / 4).max(Duration::from_millis(10));
     let ping_step = interval / shards as u32;
     let start = Instant::now();
     // Shard i is first pinged at i * ping_step, then every interval.

@@ -256,7 +256,7 @@ async fn queued_output_over_total_memory_evicts_by_policy() {
         hub.get_connection("fast").is_some(),
         "only the one holding memory went"
     );
-    // Counted before it left the registry (the CI of stop 14's second run caught
+    // Counted before it left the registry (a clean-clone CI run on 2f02e73 caught
     // the count lagging behind).
     let evicted = hub
         .metrics_snapshot()
