@@ -9,26 +9,33 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use keel::{Config, Connection, Handler, Hub, Message, Upgrade};
+use keel::{Config, Connection, Deferred, Handler, Hub, Message, Upgrade};
 
 /// The chat's behaviour: join the lobby on connect, publish what is said.
 struct Chat;
 
 impl Handler for Chat {
-    fn on_connect(&self, hub: &Hub, conn: &Connection) {
-        let _ = hub.join_room(&conn.client_id(), "lobby");
+    // Joining and publishing wait on the broker: each hook hands that work back
+    // to the connection's task, which finishes it before reading on.
+    fn on_connect(&self, hub: &Hub, conn: &Connection) -> Option<Deferred> {
+        let (hub, conn) = (hub.clone(), conn.clone());
+        Some(Box::pin(async move {
+            let _ = hub.subscribe(&conn, "lobby", None).await;
+        }))
     }
 
-    fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) {
+    fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) -> Option<Deferred> {
         let Message::Text(text) = msg else {
             conn.close(1003, "text only");
-            return;
+            return None;
         };
         let name = conn.metadata()["name"].as_str().unwrap_or("anonymous");
         let data = serde_json::json!({ "from": name, "text": text });
-        if let Ok(raw) = keel::RawValue::from_string(data.to_string()) {
-            let _ = hub.publish("lobby", &raw, Some(&conn.client_id()));
-        }
+        let raw = keel::RawValue::from_string(data.to_string()).ok()?;
+        let (hub, conn) = (hub.clone(), conn.clone());
+        Some(Box::pin(async move {
+            let _ = hub.publish("lobby", &raw, Some(&conn.client_id())).await;
+        }))
     }
 }
 

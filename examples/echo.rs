@@ -8,17 +8,18 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use keel::{Config, Connection, Handler, Hub, Message, Upgrade};
+use keel::{Config, Connection, Deferred, Handler, Hub, Message, Upgrade};
 
 /// Sends every message back as it came.
 struct Echo;
 
 impl Handler for Echo {
-    fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) {
+    fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) -> Option<Deferred> {
         match msg {
             Message::Text(t) => conn.send_text(hub, bytes::Bytes::copy_from_slice(t.as_bytes())),
             Message::Binary(b) => conn.send_binary(hub, bytes::Bytes::copy_from_slice(b)),
         };
+        None
     }
 }
 

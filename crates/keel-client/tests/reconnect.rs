@@ -102,7 +102,7 @@ async fn gap_larger_than_history_is_reported_never_partial() {
         let hub = gw.hub.clone();
         async move {
             let raw = serde_json::value::to_raw_value(&json!({ "n": n })).unwrap();
-            hub.publish("c", &raw, None).unwrap();
+            hub.publish("c", &raw, None).await.unwrap();
         }
     };
     publish(0).await;
@@ -147,11 +147,16 @@ async fn gap_past_history_ttl_is_reported() {
     proxy.cut();
     disconnected(&mut events).await;
     let raw = serde_json::value::to_raw_value(&json!({ "n": 1 })).unwrap();
-    gw.hub.publish("c", &raw, None).unwrap();
+    gw.hub.publish("c", &raw, None).await.unwrap();
     // Wait until history has expired it (observed, not assumed).
     let hub = gw.hub.clone();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while hub.history("c", 0, 10).is_some_and(|(_, m)| !m.is_empty()) {
+    let all = keel::HistoryQuery {
+        after: 0,
+        epoch: None,
+        limit: 10,
+    };
+    while !hub.history("c", all).await.unwrap().publications.is_empty() {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -176,7 +181,7 @@ async fn restarted_gateway_new_epoch_gives_recovered_false() {
     let (sub, mut events) = Client::connect(&proxy.ws_url(), fast()).unwrap();
     let first = sub.subscribe("c").await.unwrap();
     let raw = serde_json::value::to_raw_value(&json!({ "n": 1 })).unwrap();
-    gw.hub.publish("c", &raw, None).unwrap();
+    gw.hub.publish("c", &raw, None).await.unwrap();
     collect(&mut events, "c", 1).await;
 
     // Restart: a new process in memory mode (same secret, so the token is valid).
@@ -191,7 +196,7 @@ async fn restarted_gateway_new_epoch_gives_recovered_false() {
     };
     assert_eq!((from, to), (2, None));
     // The subscription came back on the new node: its messages arrive, in the new epoch.
-    gw2.hub.publish("c", &raw, None).unwrap();
+    gw2.hub.publish("c", &raw, None).await.unwrap();
     let m = next_matching(&mut events, "Message", |e| matches!(e, Event::Message(_))).await;
     let Event::Message(m) = m else { unreachable!() };
     assert_eq!(m.offset, 1);
@@ -372,7 +377,7 @@ async fn gap_from_slow_consumer_drops_is_repaired_from_history() {
     const N: u64 = 600;
     for n in 0..N {
         let raw = serde_json::value::to_raw_value(&json!({ "n": n, "pad": pad })).unwrap();
-        gw.hub.publish("big", &raw, None).unwrap();
+        gw.hub.publish("big", &raw, None).await.unwrap();
     }
     assert!(
         gw.hub.dropped_total() > 0,

@@ -26,6 +26,8 @@ pub enum ErrorCode {
     LimitExceeded,
     /// The thing named does not exist.
     NotFound,
+    /// A broker or backend the request needs cannot answer now: retry later.
+    Unavailable,
     /// The server failed.
     Internal,
 }
@@ -44,6 +46,7 @@ impl ErrorCode {
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
     }

@@ -413,7 +413,7 @@ async fn health(State(state): State<AppState>) -> Response {
 async fn health_broker(State(state): State<AppState>) -> Response {
     // The in-memory broker's round trip: a lookup through the channel registry.
     let t = Instant::now();
-    let _ = state.hub.channel_position("__keel_health");
+    let _ = state.hub.channel_position("__keel_health").await;
     Json(json!({
         "overall": "healthy",
         "broker": "memory",
@@ -445,7 +445,7 @@ struct PublishBody {
 }
 
 async fn api_publish(State(state): State<AppState>, body: Json<PublishBody>) -> Response {
-    match state.hub.publish(&body.channel, &body.data, None) {
+    match state.hub.publish(&body.channel, &body.data, None).await {
         Ok(p) => Json(json!({"channel": body.channel, "offset": p.offset, "epoch": p.epoch, "delivered": p.delivered})).into_response(),
         Err(e) => bad_request(e.detail()),
     }
@@ -458,14 +458,13 @@ struct BroadcastBody {
 }
 
 async fn api_broadcast(State(state): State<AppState>, body: Json<BroadcastBody>) -> Response {
-    let results: Vec<serde_json::Value> = body
-        .channels
-        .iter()
-        .map(|ch| match state.hub.publish(ch, &body.data, None) {
+    let mut results = Vec::with_capacity(body.channels.len());
+    for ch in &body.channels {
+        results.push(match state.hub.publish(ch, &body.data, None).await {
             Ok(p) => json!({"channel": ch, "offset": p.offset, "epoch": p.epoch, "delivered": p.delivered}),
             Err(e) => json!({"channel": ch, "error": e.detail()}),
-        })
-        .collect();
+        });
+    }
     Json(json!({ "results": results })).into_response()
 }
 
@@ -560,13 +559,14 @@ async fn api_history(
     Path(channel): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Response {
-    Json(protocol::history(
-        &state.hub,
-        &channel,
-        q.since.unwrap_or(0),
-        q.limit,
-    ))
-    .into_response()
+    let since = q.since.map(|offset| keel_protocol::StreamPosition {
+        offset,
+        epoch: String::new(),
+    });
+    match protocol::history(&state.hub, &channel, since.as_ref(), q.limit).await {
+        Ok(h) => Json(h).into_response(),
+        Err(e) => bad_request(e.detail()),
+    }
 }
 
 /// Starts the drain without exiting: readiness turns 503, clients are told to

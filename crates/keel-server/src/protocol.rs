@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use keel::{Action, Authenticator, Connection, Handler, Hub, Message};
+use keel::{Action, Authenticator, Connection, Deferred, Handler, Hub, Message};
 use keel_protocol::encode;
 use keel_protocol::{
     kind, AuthPayload, ChannelPayload, ClientEnvelope, ErrorCode, HistoryPayload, PublishPayload,
@@ -126,19 +126,21 @@ impl Gateway {
 }
 
 impl Handler for Gateway {
-    fn on_connect(&self, hub: &Hub, conn: &Connection) {
+    fn on_connect(&self, hub: &Hub, conn: &Connection) -> Option<Deferred> {
         // A first-message client hears nothing before its `auth_response`.
         if !conn.awaiting_auth() {
             self.welcome(hub, conn);
         }
+        None
     }
 
-    fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) {
+    fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) -> Option<Deferred> {
         match msg {
             // The lock behind `awaiting_auth` is taken only where first-message
             // auth is on: not on every message of every connection.
             Message::Text(text) if hub.config().auth_first_message && conn.awaiting_auth() => {
-                self.first_message(hub, conn, text)
+                self.first_message(hub, conn, text);
+                None
             }
             Message::Text(text) => handle_text(self, hub, conn, text),
             Message::Binary(_) => {
@@ -146,6 +148,7 @@ impl Handler for Gateway {
                     keel_protocol::close::UNSUPPORTED_DATA,
                     "binary frames are not part of protocol v1",
                 );
+                None
             }
         }
     }
@@ -164,38 +167,67 @@ fn error_code(e: &keel::Error) -> ErrorCode {
         keel::ErrorKind::Forbidden => ErrorCode::Forbidden,
         keel::ErrorKind::Unauthorized => ErrorCode::Unauthorized,
         keel::ErrorKind::RateLimited => ErrorCode::RateLimited,
+        keel::ErrorKind::Unavailable => ErrorCode::Unavailable,
         _ => ErrorCode::Internal,
     }
 }
 
-fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) {
+/// Where the answer to a request that waits on the broker goes: owned, so the
+/// connection's task can finish the request after the handler returned.
+struct Pending {
+    hub: Hub,
+    conn: Connection,
+    request_id: Option<Box<RawValue>>,
+}
+
+impl Pending {
+    fn new(hub: &Hub, conn: &Connection, request_id: Option<&RawValue>) -> Self {
+        Pending {
+            hub: hub.clone(),
+            conn: conn.clone(),
+            request_id: request_id.map(|r| r.to_owned()),
+        }
+    }
+
+    fn reply<P: Serialize>(&self, request_kind: &str, payload: P) {
+        let frame = encode::reply(request_kind, payload, self.request_id.as_deref());
+        self.conn.send_text(&self.hub, frame);
+    }
+
+    fn error(&self, e: &keel::Error) {
+        let frame = encode::error(error_code(e), e.detail(), self.request_id.as_deref());
+        self.conn.send_text(&self.hub, frame);
+    }
+}
+
+/// Handles one client envelope. Requests that wait on the broker (subscribe,
+/// publish, history, resume) come back as a [`Deferred`] that the connection's
+/// task finishes before it reads the next message, so a connection's requests are
+/// answered in the order they were sent.
+fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) -> Option<Deferred> {
     let env = match ClientEnvelope::parse(text) {
         Ok(env) => env,
         Err(e) => {
             conn.send_text(hub, encode::error(e.code(), e.detail(), None));
-            return;
+            return None;
         }
     };
     let rid = env.request_id;
     let reply = |payload: &serde_json::Value| {
         conn.send_text(hub, encode::reply(&env.kind, payload, rid));
+        None
     };
     let fail = |code: ErrorCode, detail: &str| {
         conn.send_text(hub, encode::error(code, detail, rid));
+        None
     };
     let bad_payload = |e: serde_json::Error| {
-        conn.send_text(
-            hub,
-            encode::error(
-                ErrorCode::InvalidMessage,
-                &format!("bad payload for `{}`: {e}", env.kind),
-                rid,
-            ),
-        );
+        fail(
+            ErrorCode::InvalidMessage,
+            &format!("bad payload for `{}`: {e}", env.kind),
+        )
     };
-    let hub_error = |e: keel::Error| {
-        conn.send_text(hub, encode::error(error_code(&e), e.detail(), rid));
-    };
+    let hub_error = |e: keel::Error| fail(error_code(&e), e.detail());
 
     match env.kind.as_ref() {
         kind::SUBSCRIBE => {
@@ -206,26 +238,34 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) {
             if let Err(e) = hub.authorize(conn, Action::Subscribe, &p.channel) {
                 return hub_error(e);
             }
-            match hub.subscribe(&conn.client_id(), &p.channel, p.since.as_ref()) {
-                Ok((pos, recovered, replayed)) => reply(&serde_json::json!({
-                    "channel": p.channel,
-                    "offset": pos.offset,
-                    "epoch": pos.epoch,
-                    "recovered": recovered,
-                    "replayed": replayed,
-                })),
-                Err(e) => hub_error(e),
-            }
+            let out = Pending::new(hub, conn, rid);
+            Some(Box::pin(async move {
+                match out
+                    .hub
+                    .subscribe(&out.conn, &p.channel, p.since.as_ref())
+                    .await
+                {
+                    Ok(s) => out.reply(
+                        kind::SUBSCRIBE,
+                        serde_json::json!({
+                            "channel": p.channel,
+                            "offset": s.position.offset,
+                            "epoch": s.position.epoch,
+                            "recovered": s.recovered,
+                            "replayed": s.replayed,
+                        }),
+                    ),
+                    Err(e) => out.error(&e),
+                }
+            }))
         }
         kind::UNSUBSCRIBE => {
             let p: ChannelPayload = match env.payload() {
                 Ok(p) => p,
                 Err(e) => return bad_payload(e),
             };
-            match hub.leave_room(&conn.client_id(), &p.channel) {
-                Ok(_) => reply(&serde_json::json!({ "channel": p.channel })),
-                Err(e) => hub_error(e),
-            }
+            hub.unsubscribe(conn, &p.channel);
+            reply(&serde_json::json!({ "channel": p.channel }))
         }
         kind::PUBLISH => {
             let p: PublishPayload<'_> = match env.payload() {
@@ -235,24 +275,23 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) {
             if let Err(e) = hub.authorize(conn, Action::Publish, &p.channel) {
                 return hub_error(e);
             }
-            match hub.publish(&p.channel, p.data, Some(&conn.client_id())) {
-                // The hot reply: a typed payload, no intermediate `Value`.
-                Ok(publication) => {
-                    conn.send_text(
-                        hub,
-                        encode::reply(
-                            &env.kind,
-                            PublishReply {
-                                channel: &p.channel,
-                                offset: publication.offset,
-                                epoch: &publication.epoch,
-                            },
-                            rid,
-                        ),
-                    );
+            let out = Pending::new(hub, conn, rid);
+            let (channel, data) = (p.channel, p.data.to_owned());
+            Some(Box::pin(async move {
+                let publisher = out.conn.client_id();
+                match out.hub.publish(&channel, &data, Some(&publisher)).await {
+                    // The hot reply: a typed payload, no intermediate `Value`.
+                    Ok(publication) => out.reply(
+                        kind::PUBLISH,
+                        PublishReply {
+                            channel: &channel,
+                            offset: publication.offset,
+                            epoch: &publication.epoch,
+                        },
+                    ),
+                    Err(e) => out.error(&e),
                 }
-                Err(e) => hub_error(e),
-            }
+            }))
         }
         kind::RPC => {
             let p: RpcPayload<'_> = match env.payload() {
@@ -263,6 +302,7 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) {
                 "echo" => {
                     let data = p.data.unwrap_or(RawValue::NULL);
                     conn.send_text(hub, encode::reply(&env.kind, EchoPayload { data }, rid));
+                    None
                 }
                 other => fail(ErrorCode::NotFound, &format!("no rpc method `{other}`")),
             }
@@ -285,17 +325,19 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) {
             if let Err(e) = hub.authorize(conn, Action::History, &p.channel) {
                 return hub_error(e);
             }
-            reply(&history(
-                hub,
-                &p.channel,
-                p.since.map_or(0, |s| s.offset),
-                p.limit,
-            ))
+            let out = Pending::new(hub, conn, rid);
+            Some(Box::pin(async move {
+                match history(&out.hub, &p.channel, p.since.as_ref(), p.limit).await {
+                    Ok(h) => out.reply(kind::HISTORY, h),
+                    Err(e) => out.error(&e),
+                }
+            }))
         }
         kind::PING => {
             conn.send_text(hub, encode::pong(rid));
+            None
         }
-        kind::PONG => {}
+        kind::PONG => None,
         kind::RESUME => {
             let p: ResumePayload = match env.payload() {
                 Ok(p) => p,
@@ -318,12 +360,18 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) {
             // A reconnect token is not a credential: an authenticated connection
             // may only resume its own client's session.
             let me = conn.identity().map(|i| i.client_id);
-            match hub.resume(conn, &p.reconnect_token, &positions, me.as_deref()) {
-                Ok(r) => {
-                    conn.send_text(hub, encode::reply(&env.kind, &r, rid));
+            let out = Pending::new(hub, conn, rid);
+            let token = p.reconnect_token;
+            Some(Box::pin(async move {
+                let resumed = out
+                    .hub
+                    .resume(&out.conn, &token, &positions, me.as_deref())
+                    .await;
+                match resumed {
+                    Ok(r) => out.reply(kind::RESUME, &r),
+                    Err(e) => out.error(&e),
                 }
-                Err(e) => hub_error(e),
-            }
+            }))
         }
         kind::AUTH => fail(
             ErrorCode::InvalidMessage,
@@ -352,6 +400,7 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) {
                         hub,
                         encode::reply(&env.kind, RefreshReply { expires_at }, rid),
                     );
+                    None
                 }
                 Err(e) => hub_error(e),
             }
@@ -368,21 +417,52 @@ pub fn presence(hub: &Hub, channel: &str) -> serde_json::Value {
     serde_json::json!({ "channel": channel, "clients": hub.presence(channel) })
 }
 
-/// `history_response` payload (also `GET /api/history/{channel}`): the payloads of
-/// the publications after `since`, oldest first.
-pub fn history(hub: &Hub, channel: &str, since: u64, limit: Option<usize>) -> serde_json::Value {
-    let limit = limit.unwrap_or(usize::MAX);
-    match hub.history(channel, since, limit) {
-        Some((pos, frames)) => {
-            let messages: Vec<serde_json::Value> = frames
-                .iter()
-                .filter_map(|f| serde_json::from_slice::<serde_json::Value>(f).ok())
-                .map(|mut v| v["payload"].take())
-                .collect();
-            serde_json::json!({ "channel": channel, "epoch": pos.epoch, "offset": pos.offset, "messages": messages })
-        }
-        None => {
-            serde_json::json!({ "channel": channel, "epoch": null, "offset": 0, "messages": [] })
-        }
-    }
+/// One publication in a `history_response`: the `message` payload.
+#[derive(Serialize)]
+struct HistoryMessage<'a> {
+    channel: &'a str,
+    data: &'a RawValue,
+    offset: u64,
+    epoch: &'a str,
+    publisher: Option<&'a str>,
+}
+
+/// `history_response` payload (also `GET /api/history/{channel}`): the
+/// publications after `since`, oldest first, at most `limit`. With an epoch in
+/// `since`, a recovery: all that followed it or none (`recovered` says which);
+/// without, what is kept. `epoch` is null for a channel with no stream.
+pub async fn history(
+    hub: &Hub,
+    channel: &str,
+    since: Option<&keel_protocol::StreamPosition>,
+    limit: Option<usize>,
+) -> keel::Result<serde_json::Value> {
+    let query = keel::HistoryQuery {
+        after: since.map_or(0, |s| s.offset),
+        epoch: since.map(|s| s.epoch.as_str()).filter(|e| !e.is_empty()),
+        limit: limit.unwrap_or(usize::MAX),
+    };
+    let h = hub.history(channel, query).await?;
+    let messages: Vec<HistoryMessage<'_>> = h
+        .publications
+        .iter()
+        .map(|p| HistoryMessage {
+            channel: &p.channel,
+            data: &p.data,
+            offset: p.offset,
+            epoch: &p.epoch,
+            publisher: p.publisher.as_deref(),
+        })
+        .collect();
+    let (offset, epoch) = match &h.position {
+        Some(pos) => (pos.offset, Some(pos.epoch.as_str())),
+        None => (0, None),
+    };
+    Ok(serde_json::json!({
+        "channel": channel,
+        "epoch": epoch,
+        "offset": offset,
+        "recovered": h.complete,
+        "messages": messages,
+    }))
 }

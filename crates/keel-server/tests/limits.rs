@@ -40,7 +40,7 @@ async fn a_flooding_client_is_limited_and_closed_while_others_get_everything() {
         for n in 1..=NEWS {
             tick.tick().await;
             let raw = serde_json::value::to_raw_value(&json!({ "n": n })).unwrap();
-            hub.publish("news", &raw, None).unwrap();
+            hub.publish("news", &raw, None).await.unwrap();
         }
     });
 

@@ -155,7 +155,7 @@ async fn private_channels_are_their_owners_alone() {
     );
     // The server writes to it; only bob reads it.
     let raw = serde_json::value::to_raw_value(&json!("for bob")).unwrap();
-    gw.hub.publish("#bob", &raw, None).unwrap();
+    gw.hub.publish("#bob", &raw, None).await.unwrap();
     let m = bob.recv().await;
     assert_eq!(
         (m["type"].as_str(), m["payload"]["data"].as_str()),
@@ -176,8 +176,8 @@ async fn namespaces_keep_their_own_history_size() {
     let gw = gateway(cfg()).await;
     for n in 1..=5 {
         let raw = serde_json::value::to_raw_value(&json!(n)).unwrap();
-        gw.hub.publish("feed:x", &raw, None).unwrap();
-        gw.hub.publish("plain", &raw, None).unwrap();
+        gw.hub.publish("feed:x", &raw, None).await.unwrap();
+        gw.hub.publish("plain", &raw, None).await.unwrap();
     }
     let mut c = Client::connect(gw.addr).await;
     let h = c.request("history", json!({"channel": "feed:x"})).await;

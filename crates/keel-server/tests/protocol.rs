@@ -409,7 +409,7 @@ async fn disconnect_policy_closes_slow_consumer_with_4000() {
             Instant::now() < deadline,
             "slow consumer never disconnected"
         );
-        gw.hub.publish("s", &data, None).unwrap();
+        gw.hub.publish("s", &data, None).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Counted before it left the registry.

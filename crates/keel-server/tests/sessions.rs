@@ -8,6 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+
 use common::*;
 use serde_json::{json, Value};
 
@@ -18,9 +20,9 @@ fn token(c: &Client) -> String {
         .to_string()
 }
 
-fn publish(gw: &keel_server::Running, channel: &str, n: u64) -> u64 {
+async fn publish(gw: &keel_server::Running, channel: &str, n: u64) -> u64 {
     let raw = serde_json::value::to_raw_value(&json!({ "n": n })).unwrap();
-    gw.hub.publish(channel, &raw, None).unwrap().offset
+    gw.hub.publish(channel, &raw, None).await.unwrap().offset
 }
 
 /// Drops a client without a close handshake (the server sees the socket end).
@@ -53,14 +55,14 @@ async fn resume_restores_identity_subscriptions_user_data_and_replays() {
     let tok = token(&a);
     let sub = a.subscribe("news").await;
     let epoch = sub["payload"]["epoch"].as_str().unwrap().to_string();
-    publish(&gw, "news", 1);
+    publish(&gw, "news", 1).await;
     let m = a.recv().await;
     assert_eq!(m["payload"]["offset"], 1);
     gw.hub.set_user_data(&id, "cart", json!([1, 2, 3])).unwrap();
 
     vanish(&gw, a).await;
     for n in 2..=4 {
-        publish(&gw, "news", n);
+        publish(&gw, "news", n).await;
     }
 
     let mut b = Client::connect(gw.addr).await;
@@ -98,7 +100,7 @@ async fn resume_restores_identity_subscriptions_user_data_and_replays() {
     assert_eq!(gw.hub.get_user_data(&id, "cart"), Some(json!([1, 2, 3])));
     assert_eq!(gw.hub.get_connection_count(), 1);
     assert_eq!(gw.hub.get_detached_session_count(), 0);
-    publish(&gw, "news", 5);
+    publish(&gw, "news", 5).await;
     let m = b.recv().await;
     assert_eq!(
         (
@@ -281,7 +283,7 @@ async fn resuming_while_the_old_connection_is_open_replaces_it() {
     // A replaced connection leaves no detached session behind.
     assert_eq!(gw.hub.get_detached_session_count(), 0);
     assert_eq!(gw.hub.get_room_members("room"), vec![id.clone()]);
-    publish(&gw, "room", 1);
+    publish(&gw, "room", 1).await;
     assert_eq!(b.recv().await["payload"]["offset"], 1);
 }
 
@@ -453,19 +455,21 @@ async fn subscribing_with_since_while_publishing_loses_and_repeats_nothing() {
                 tick.tick().await;
             }
             let raw = serde_json::value::to_raw_value(&json!({ "n": n })).unwrap();
-            hub.publish("stream", &raw, None).unwrap();
+            hub.publish("stream", &raw, None).await.unwrap();
         }
     });
     eventually("the stream to start", || {
         gw.hub
             .channel_position("stream")
+            .now_or_never()
+            .and_then(|p| p.ok().flatten())
             .is_some_and(|p| p.offset > 0)
     })
     .await;
     let mut subscribers = Vec::new();
     for k in 0..6u64 {
         let addr = gw.addr;
-        let pos = gw.hub.channel_position("stream").unwrap();
+        let pos = gw.hub.channel_position("stream").await.unwrap().unwrap();
         let since = pos.offset.saturating_sub(37 * k);
         subscribers.push(tokio::spawn(async move {
             let mut c = Client::connect(addr).await;

@@ -25,6 +25,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
 use crate::auth::Identity;
+use crate::handler::Deferred;
 use crate::hub::Hub;
 use crate::memory::UserData;
 use crate::queue::{Pushed, SendQueue};
@@ -517,6 +518,9 @@ pub(crate) struct Driver {
     close_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// How it ended as this task saw it, if the server did not decide it first.
     end: (DisconnectReason, u16),
+    /// A message's handling that waits (see [`Deferred`]): finished before the
+    /// next message is read.
+    deferred: Option<Deferred>,
 }
 
 /// Inbound messages handled per poll before yielding to other tasks.
@@ -538,14 +542,14 @@ impl Driver {
     /// Registers nothing; calls `on_connect` and returns the future to spawn.
     pub(crate) fn new(hub: Hub, conn: Connection, socket: Socket) -> Self {
         let handler = hub.handler();
-        if std::panic::catch_unwind(AssertUnwindSafe(|| handler.on_connect(&hub, &conn))).is_err() {
-            conn.close_as(
-                DisconnectReason::InternalError,
-                1011,
-                "internal error",
-                true,
-            );
-        }
+        let deferred =
+            match std::panic::catch_unwind(AssertUnwindSafe(|| handler.on_connect(&hub, &conn))) {
+                Ok(deferred) => deferred,
+                Err(_) => {
+                    handler_panicked(&conn);
+                    None
+                }
+            };
         Driver {
             hub,
             conn,
@@ -553,6 +557,7 @@ impl Driver {
             close_sent: false,
             close_timer: None,
             end: (DisconnectReason::ConnectionLost, 1006),
+            deferred,
         }
     }
 
@@ -695,11 +700,11 @@ impl Driver {
         match frame {
             Incoming::Text(text) => {
                 count_in(inner, text.len());
-                dispatch(&self.hub, &self.conn, Message::Text(&text));
+                self.deferred = dispatch(&self.hub, &self.conn, Message::Text(&text));
             }
             Incoming::Binary(bytes) => {
                 count_in(inner, bytes.len());
-                dispatch(&self.hub, &self.conn, Message::Binary(&bytes));
+                self.deferred = dispatch(&self.hub, &self.conn, Message::Binary(&bytes));
             }
             Incoming::Control => {}
             Incoming::Close(code) => {
@@ -731,6 +736,18 @@ impl Driver {
             if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Step::Stop);
             }
+        }
+        if let Some(deferred) = self.deferred.as_mut() {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| deferred.as_mut().poll(cx))) {
+                Ok(Poll::Pending) => return Poll::Pending,
+                Ok(Poll::Ready(())) => self.deferred = None,
+                Err(_) => {
+                    self.deferred = None;
+                    handler_panicked(&self.conn);
+                }
+            }
+            // Its answers were queued: write them before reading on.
+            return Poll::Ready(Step::Continue);
         }
         match transport::poll_read(&mut self.socket, cx) {
             Poll::Pending => Poll::Pending,
@@ -791,16 +808,24 @@ fn count_in(inner: &ConnInner, len: usize) {
 }
 
 /// Hands a message to the handler; a panic closes this connection with 1011 and
-/// touches nothing else.
-fn dispatch(hub: &Hub, conn: &Connection, msg: Message<'_>) {
+/// touches nothing else. Returns the handler's deferred work, if any.
+fn dispatch(hub: &Hub, conn: &Connection, msg: Message<'_>) -> Option<Deferred> {
     let handler = hub.handler();
-    if std::panic::catch_unwind(AssertUnwindSafe(|| handler.on_message(hub, conn, msg))).is_err() {
-        tracing::error!(client_id = %conn.client_id(), "handler panicked; closing the connection with 1011");
-        conn.close_as(
-            DisconnectReason::InternalError,
-            1011,
-            "internal error",
-            true,
-        );
+    match std::panic::catch_unwind(AssertUnwindSafe(|| handler.on_message(hub, conn, msg))) {
+        Ok(deferred) => deferred,
+        Err(_) => {
+            handler_panicked(conn);
+            None
+        }
     }
+}
+
+fn handler_panicked(conn: &Connection) {
+    tracing::error!(client_id = %conn.client_id(), "handler panicked; closing the connection with 1011");
+    conn.close_as(
+        DisconnectReason::InternalError,
+        keel_protocol::close::INTERNAL_ERROR,
+        "internal error",
+        true,
+    );
 }

@@ -38,6 +38,9 @@ pub enum ErrorKind {
     RateLimited,
     /// Over a per-connection limit (subscriptions, say).
     LimitExceeded,
+    /// The broker (or another service the request needs) cannot answer now; the
+    /// same request may succeed later.
+    Unavailable,
 }
 
 /// A Keel error: a kind and a human-readable detail.
@@ -70,7 +73,9 @@ impl Error {
     pub fn http_status(&self) -> u16 {
         match self.kind {
             ErrorKind::ConnectionNotFound => 404,
-            ErrorKind::ConnectionLimitExceeded | ErrorKind::Shutdown => 503,
+            ErrorKind::ConnectionLimitExceeded | ErrorKind::Shutdown | ErrorKind::Unavailable => {
+                503
+            }
             ErrorKind::TokenExpired | ErrorKind::InvalidToken | ErrorKind::Unauthorized => 401,
             ErrorKind::RateLimited | ErrorKind::LimitExceeded => 429,
             ErrorKind::Forbidden => 403,

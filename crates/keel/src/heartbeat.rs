@@ -95,7 +95,8 @@ pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
         }
         let now = Instant::now();
         sweep(&hub, now, &mut next_ping, interval);
-        hub.inner.channels.sweep(&hub);
+        hub.inner.fanout.sweep(&hub);
+        hub.inner.broker.expire(&|name| hub.stream_rules(name).0);
         hub.reclaim_sessions();
         if let Some(limits) = &hub.inner.ip_limits {
             limits.sweep();

@@ -22,10 +22,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Identity;
-use crate::channel::{Channels, PresenceEntry, Publication, StreamPosition};
+use crate::broker::{
+    Broker, Deliver, Delivered, History, HistoryQuery, MemoryBroker, NodeId, Publication,
+    StreamPosition, StreamPublication, StreamRules,
+};
 use crate::config::Config;
 use crate::connection::{self, AuthState, Connection, DisconnectReason};
 use crate::error::{Error, ErrorKind, Result};
+use crate::fanout::{Fanout, PresenceEntry, Subscribed};
 use crate::handler::{Handler, NoopHandler};
 use crate::memory::{self, MemoryUsage, UserData};
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -47,7 +51,12 @@ pub(crate) struct HubInner {
     handler: Arc<dyn Handler>,
     shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
-    pub(crate) channels: Channels,
+    /// This node's channel members and the last hop of delivery.
+    pub(crate) fanout: Fanout,
+    /// Channel streams: offsets, epochs, history, cross-node delivery.
+    pub(crate) broker: Arc<dyn Broker>,
+    /// This Hub's sink in the broker.
+    node: NodeId,
     /// Detached sessions and the reconnect-token key.
     pub(crate) sessions: Sessions,
     pub(crate) metrics: Metrics,
@@ -67,6 +76,28 @@ pub(crate) struct HubInner {
     /// The JSON `ping` envelope of the current heartbeat round, encoded once by the
     /// sweeper and shared by every connection that sends one.
     pub(crate) json_ping: parking_lot::Mutex<Bytes>,
+}
+
+impl Drop for HubInner {
+    fn drop(&mut self) {
+        self.broker.detach(self.node);
+    }
+}
+
+/// A Hub's delivery sink in its broker. Weak: the broker must not keep a Hub
+/// alive, and a Hub being dropped delivers nothing.
+struct NodeSink(std::sync::Weak<HubInner>);
+
+impl Deliver for NodeSink {
+    fn deliver(&self, publication: &Arc<StreamPublication>) -> Delivered {
+        match self.0.upgrade() {
+            Some(inner) => {
+                let hub = Hub { inner };
+                hub.inner.fanout.deliver(&hub, publication)
+            }
+            None => Delivered::default(),
+        }
+    }
 }
 
 /// The connection hub. See the crate documentation for a tour.
@@ -103,9 +134,18 @@ impl Hub {
 
     /// A Hub whose connections call `handler`'s hooks.
     pub fn with_handler(config: Config, handler: impl Handler) -> Self {
+        let broker = Arc::new(MemoryBroker::new(config.num_shards));
+        Self::with_broker(config, handler, broker)
+    }
+
+    /// A Hub whose channel streams live in `broker`: the default is a
+    /// [`MemoryBroker`] of its own; Hubs that share one broker share channels
+    /// (offsets, history, delivery), as the nodes of a cluster do.
+    pub fn with_broker(config: Config, handler: impl Handler, broker: Arc<dyn Broker>) -> Self {
         let shards = config.num_shards.max(1);
-        Hub {
-            inner: Arc::new(HubInner {
+        let inner = Arc::new_cyclic(|weak: &std::sync::Weak<HubInner>| {
+            let node = broker.attach(Arc::new(NodeSink(weak.clone())));
+            HubInner {
                 limits: Limits {
                     max_messages: config.send_queue_max_messages,
                     max_bytes: config.send_queue_max_bytes,
@@ -116,7 +156,9 @@ impl Hub {
                 handler: Arc::new(handler),
                 shards: (0..shards).map(|_| RwLock::default()).collect(),
                 hasher: Default::default(),
-                channels: Channels::new(&config),
+                fanout: Fanout::new(shards),
+                broker,
+                node,
                 sessions: Sessions::new(
                     config.reconnect_secret.as_deref(),
                     config.reconnect_token_ttl,
@@ -132,8 +174,9 @@ impl Hub {
                 stop: CancellationToken::new(),
                 json_ping: parking_lot::Mutex::new(keel_protocol::encode::ping()),
                 config,
-            }),
-        }
+            }
+        });
+        Hub { inner }
     }
 
     /// Starts the background sweeper (heartbeats, timeouts, slow consumers, memory,
@@ -168,6 +211,84 @@ impl Hub {
     /// The application's hooks (borrowed: no reference count touched per message).
     pub(crate) fn handler(&self) -> &dyn Handler {
         &*self.inner.handler
+    }
+
+    /// The broker that holds this Hub's channel streams.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.inner.broker
+    }
+
+    /// This Hub's node in its broker.
+    pub(crate) fn node(&self) -> NodeId {
+        self.inner.node
+    }
+
+    /// The stream rules (history size and TTL) and whether presence events are on,
+    /// for channel `name`: its namespace's where it sets them, else the top-level
+    /// options.
+    pub(crate) fn stream_rules(&self, name: &str) -> (StreamRules, bool) {
+        let c = &self.inner.config;
+        let ns = crate::permissions::namespace(&c.namespaces, name);
+        let rules = StreamRules {
+            history_size: ns.and_then(|n| n.history_size).unwrap_or(c.history_size),
+            history_ttl: ns.and_then(|n| n.history_ttl).unwrap_or(c.history_ttl),
+        };
+        let events = ns
+            .and_then(|n| n.presence_events)
+            .unwrap_or(c.presence_events);
+        (rules, events)
+    }
+
+    /// Publishes a presence `join` or `leave` into `channel`'s stream.
+    pub(crate) async fn publish_presence_event(
+        &self,
+        channel: &str,
+        event: &str,
+        client_id: &str,
+        info: &Value,
+    ) {
+        let data = serde_json::json!({ "presence": event, "client_id": client_id, "info": info });
+        let Ok(raw) = serde_json::value::to_raw_value(&data) else {
+            return;
+        };
+        let (rules, _) = self.stream_rules(channel);
+        if let Err(e) = self.inner.broker.publish(channel, &raw, None, rules).await {
+            tracing::warn!(channel, event, error = %e, "presence event not published");
+        }
+    }
+
+    /// [`publish_presence_event`](Self::publish_presence_event) from code that
+    /// cannot wait: done at once where the broker answers at once, else on a task.
+    pub(crate) fn presence_event_detached(
+        &self,
+        channel: &str,
+        event: &'static str,
+        client_id: &str,
+        info: Value,
+    ) {
+        let hub = self.clone();
+        let (channel, client_id) = (channel.to_string(), client_id.to_string());
+        run_detached(Box::pin(async move {
+            hub.publish_presence_event(&channel, event, &client_id, &info)
+                .await
+        }));
+    }
+
+    /// Runs a broker call about `channel` from code that cannot wait (done at once
+    /// where the broker answers at once, else on a task); failures are logged.
+    pub(crate) fn detached_broker_call(
+        &self,
+        channel: Arc<str>,
+        call: impl FnOnce(Arc<dyn Broker>, NodeId, Arc<str>) -> crate::broker::BrokerFuture<'static, ()>
+            + Send
+            + 'static,
+    ) {
+        let fut = call(self.inner.broker.clone(), self.inner.node, channel.clone());
+        run_detached(Box::pin(async move {
+            if let Err(e) = fut.await {
+                tracing::warn!(channel = %channel, error = %e, "broker call failed");
+            }
+        }));
     }
 
     /// Milliseconds since the Hub was created (the clock of `last_seen`).
@@ -415,7 +536,7 @@ impl Hub {
         let mine = conn.ident();
         let joined: Vec<Arc<str>> = std::mem::take(&mut *conn.inner.channels.lock());
         for ch in &joined {
-            self.inner.channels.leave(self, ch, conn, None);
+            self.inner.fanout.leave(self, ch, conn, None);
         }
         {
             let mut shard = self.shard(&mine.client_id).write();
@@ -508,7 +629,7 @@ impl Hub {
         });
         let channels: Vec<Arc<str>> = std::mem::take(&mut *conn.inner.channels.lock());
         for ch in &channels {
-            self.inner.channels.leave(self, ch, conn, linger);
+            self.inner.fanout.leave(self, ch, conn, linger);
         }
         if keep {
             let ident = conn.ident();
@@ -684,45 +805,49 @@ impl Hub {
     }
 
     /// Adds `client_id` to room (channel) `room`; returns the channel's position,
-    /// after which every publication reaches it. Rooms and channels are one thing.
-    pub fn join_room(&self, client_id: &str, room: &str) -> Result<StreamPosition> {
-        self.check_channel_name(room)?;
+    /// after which every publication reaches it. Rooms and channels are one thing:
+    /// this is [`subscribe`](Self::subscribe) without `since`, by client_id.
+    pub async fn join_room(&self, client_id: &str, room: &str) -> Result<StreamPosition> {
         let c = self.require(client_id)?;
-        Ok(self.inner.channels.join(self, room, &c))
+        Ok(self.subscribe(&c, room, None).await?.position)
     }
 
-    /// Subscribes `client_id` to `channel`, first replaying what it missed after
-    /// `since` when the channel's history still holds all of it (same epoch).
-    /// Returns the position, whether it recovered, and how many messages it replayed;
-    /// on `recovered == false` nothing was replayed (never a partial replay).
-    pub fn subscribe(
+    /// Subscribes `conn` to `channel`, first replaying what it missed after `since`
+    /// when the channel's history still holds all of it (same epoch); on
+    /// `recovered == false` nothing was replayed (never a partial replay).
+    /// Publications that arrive while the replay is read follow it, none twice.
+    pub async fn subscribe(
         &self,
-        client_id: &str,
+        conn: &Connection,
         channel: &str,
-        since: Option<&keel_protocol::StreamPosition>,
-    ) -> Result<(StreamPosition, bool, usize)> {
+        since: Option<&StreamPosition>,
+    ) -> Result<Subscribed> {
         self.check_channel_name(channel)?;
-        let c = self.require(client_id)?;
-        Ok(self.inner.channels.join_since(self, channel, &c, since))
+        self.inner.fanout.join(self, channel, conn, since).await
+    }
+
+    /// Removes `conn` from `channel`; false if it was not in it.
+    pub fn unsubscribe(&self, conn: &Connection, channel: &str) -> bool {
+        self.inner.fanout.leave(self, channel, conn, None)
     }
 
     /// Removes `client_id` from `room`. Ok(false) if it was not in it.
     pub fn leave_room(&self, client_id: &str, room: &str) -> Result<bool> {
         let c = self.require(client_id)?;
-        Ok(self.inner.channels.leave(self, room, &c, None))
+        Ok(self.unsubscribe(&c, room))
     }
 
     /// Who is present in `channel`: connected members with a sign of life within
     /// `presence_ttl`, and clients that vanished without a clean close less than
     /// `presence_ttl` after their last frame.
     pub fn presence(&self, channel: &str) -> Vec<PresenceEntry> {
-        self.inner.channels.presence(self, channel)
+        self.inner.fanout.presence(self, channel)
     }
 
-    /// Client ids in `room`.
+    /// Client ids in `room` on this node.
     pub fn get_room_members(&self, room: &str) -> Vec<String> {
         self.inner
-            .channels
+            .fanout
             .members(room)
             .iter()
             .map(|c| c.client_id().to_string())
@@ -751,21 +876,18 @@ impl Hub {
         text: impl Into<Bytes>,
         exclude: Option<&str>,
     ) -> BroadcastResult {
-        let frame = Arc::new(text.into());
-        let mut result = BroadcastResult::default();
-        for c in self.inner.channels.members(room) {
-            if exclude.is_some_and(|x| x == &*c.client_id()) {
-                continue;
-            }
-            result.add(c.push_shared_counted(self, &frame));
-        }
-        result
+        self.inner
+            .fanout
+            .broadcast(self, room, text.into(), exclude)
     }
 
-    /// Publishes `data` to `channel`'s stream: assigns the next offset, encodes one
-    /// `message` envelope and queues it to every member. `publisher` is the client_id
-    /// shown to subscribers (None for server-side publications).
-    pub fn publish(
+    /// Publishes `data` to `channel`'s stream: the broker assigns the next offset
+    /// and keeps it in history, and every subscriber of every node gets it (this
+    /// node encodes one `message` envelope and queues it to its members).
+    /// `publisher` is the client_id shown to subscribers (None for server-side
+    /// publications). Fails with [`ErrorKind::InvalidArgument`] for a bad channel
+    /// name, or with the broker's error.
+    pub async fn publish(
         &self,
         channel: &str,
         data: &RawValue,
@@ -776,24 +898,30 @@ impl Hub {
             .metrics
             .publications
             .fetch_add(1, Ordering::Relaxed);
-        Ok(self.inner.channels.publish(self, channel, data, publisher))
+        let (rules, _) = self.stream_rules(channel);
+        self.inner
+            .broker
+            .publish(channel, data, publisher, rules)
+            .await
     }
 
-    /// The channel's current position (offset 0 in a fresh epoch if it has none yet).
-    pub fn channel_position(&self, channel: &str) -> Option<StreamPosition> {
-        self.inner.channels.position(channel)
+    /// The channel's current position; `None` if it has no stream (nobody
+    /// subscribed and nothing kept).
+    pub async fn channel_position(&self, channel: &str) -> Result<Option<StreamPosition>> {
+        let query = HistoryQuery {
+            after: 0,
+            epoch: None,
+            limit: 0,
+        };
+        Ok(self.history(channel, query).await?.position)
     }
 
-    /// The encoded `message` envelopes still in `channel`'s history after offset
-    /// `after` (oldest first, at most `limit`), and the channel's position. `None`
-    /// if the channel does not exist.
-    pub fn history(
-        &self,
-        channel: &str,
-        after: u64,
-        limit: usize,
-    ) -> Option<(StreamPosition, Vec<Bytes>)> {
-        self.inner.channels.history(channel, after, limit)
+    /// `channel`'s history: see [`HistoryQuery`] (a recovery after a position
+    /// answers all that followed it or nothing; a browse answers what is kept).
+    pub async fn history(&self, channel: &str, query: HistoryQuery<'_>) -> Result<History> {
+        self.check_channel_name(channel)?;
+        let (rules, _) = self.stream_rules(channel);
+        self.inner.broker.history(channel, query, rules).await
     }
 
     /// A reconnect token for `client_id`'s current session and generation, valid
@@ -852,7 +980,7 @@ impl Hub {
     /// that does not hold the session (another node of a cluster, or after a
     /// restart), a valid unexpired token still restores the identity and the
     /// subscriptions, without user data (`restored_state: false`).
-    pub fn resume(
+    pub async fn resume(
         &self,
         conn: &Connection,
         token: &str,
@@ -860,7 +988,9 @@ impl Hub {
         authenticated_as: Option<&str>,
     ) -> Result<Resumed> {
         let m = &self.inner.metrics;
-        let result = self.resume_inner(conn, token, positions, authenticated_as);
+        let result = self
+            .resume_inner(conn, token, positions, authenticated_as)
+            .await;
         let outcome = match &result {
             Ok(_) => 0,
             Err(e) if e.kind() == &ErrorKind::TokenExpired => 2,
@@ -885,7 +1015,7 @@ impl Hub {
         result
     }
 
-    fn resume_inner(
+    async fn resume_inner(
         &self,
         conn: &Connection,
         token: &str,
@@ -993,20 +1123,19 @@ impl Hub {
             restored_state,
         };
         for (channel, since) in positions {
-            let (pos, recovered, replayed) =
-                self.inner
-                    .channels
-                    .join_since(self, channel, conn, since.as_ref());
-            resumed.recovered.insert(channel.clone(), recovered);
-            resumed.positions.insert(channel.clone(), pos);
-            resumed.replayed += replayed;
+            let s = self
+                .inner
+                .fanout
+                .join(self, channel, conn, since.as_ref())
+                .await?;
+            resumed.recovered.insert(channel.clone(), s.recovered);
+            resumed.positions.insert(channel.clone(), s.position);
+            resumed.replayed += s.replayed;
         }
         // Channels the session was in but did not ask back: its presence ends now.
         for ch in lingering {
             if !resumed.recovered.contains_key(&*ch) {
-                self.inner
-                    .channels
-                    .end_presence(self, &ch, &claims.client_id);
+                self.inner.fanout.end_presence(self, &ch, &claims.client_id);
             }
         }
         Ok(resumed)
@@ -1046,7 +1175,7 @@ impl Hub {
         // Read before the registry's locks: while those are held, only each
         // connection's queue lock is taken, and nothing holding a queue lock ever
         // waits on the registry.
-        let channels = self.inner.channels.count();
+        let channels = self.inner.broker.channel_count();
         let user_data_bytes = self.inner.user_data_bytes.load(Ordering::Relaxed);
         let sessions = self.inner.sessions.count();
         let shards: Vec<_> = self.inner.shards.iter().map(|s| s.read()).collect();
@@ -1101,5 +1230,18 @@ impl Hub {
             ));
         }
         Ok(())
+    }
+}
+
+/// Runs `fut` to completion now if it is ready on its first poll (the memory
+/// broker's always are), else on a task of the current runtime; without a
+/// runtime (one shutting down) it is dropped.
+fn run_detached(mut fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+    use futures::FutureExt;
+    if fut.as_mut().now_or_never().is_some() {
+        return;
+    }
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(fut);
     }
 }

@@ -74,10 +74,11 @@
 //!   that knows the WebSocket crate.
 
 pub mod auth;
-pub mod channel;
+pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod error;
+mod fanout;
 pub mod handler;
 mod heartbeat;
 pub mod hub;
@@ -94,11 +95,14 @@ pub mod token;
 mod transport;
 
 pub use auth::{Authenticator, Identity, Tickets};
-pub use channel::{PresenceEntry, Publication, StreamPosition};
+pub use broker::{
+    Broker, History, HistoryQuery, MemoryBroker, Publication, StreamPosition, StreamPublication,
+};
 pub use config::Config;
 pub use connection::{Connection, DisconnectReason, Message};
 pub use error::{Error, ErrorKind, Result};
-pub use handler::{Handler, NoopHandler};
+pub use fanout::{PresenceEntry, Subscribed};
+pub use handler::{Deferred, Handler, NoopHandler};
 pub use hub::{BroadcastResult, Hub};
 pub use listener::{Listener, Peer};
 pub use memory::MemoryUsage;

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::channel::StreamPosition;
+use crate::broker::StreamPosition;
 use crate::memory::UserData;
 use crate::token::TokenSigner;
 

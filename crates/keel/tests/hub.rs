@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use keel::{Config, Connection, DisconnectReason, ErrorKind, Handler, Hub, Message};
+use keel::{Config, Connection, Deferred, DisconnectReason, ErrorKind, Handler, Hub, Message};
 
 /// Echoes text, panics on "boom", counts disconnects.
 #[derive(Default, Clone)]
@@ -20,11 +20,12 @@ struct Echo {
 }
 
 impl Handler for Echo {
-    fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) {
+    fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) -> Option<Deferred> {
         if let Message::Text(t) = msg {
             assert!(t != "boom", "handler panics on purpose");
             conn.send_text(hub, bytes::Bytes::copy_from_slice(t.as_bytes()));
         }
+        None
     }
 
     fn on_disconnect(&self, _hub: &Hub, _conn: &Connection, reason: DisconnectReason, code: u16) {
@@ -44,7 +45,7 @@ async fn same_client_id_replaces_the_old_connection() {
     let addr = serve(&hub).await;
     let mut old = connect(addr, "alice").await;
     eventually("old registered", || hub.get_connection_count() == 1).await;
-    hub.join_room("alice", "r1").unwrap();
+    hub.join_room("alice", "r1").await.unwrap();
     let first = hub.get_connection("alice").unwrap();
 
     let mut new = connect(addr, "alice").await;
@@ -62,7 +63,7 @@ async fn same_client_id_replaces_the_old_connection() {
     assert!(!hub.get_connection("alice").unwrap().same(&first));
     // The old connection's rooms went with it; the new one starts clean.
     assert!(hub.get_room_members("r1").is_empty());
-    hub.join_room("alice", "r1").unwrap();
+    hub.join_room("alice", "r1").await.unwrap();
     send(&mut new, "hello").await;
     assert_eq!(recv(&mut new).await, "hello");
     assert_eq!(hub.get_room_members("r1"), vec!["alice"]);
@@ -106,9 +107,9 @@ async fn rooms_and_broadcasts() {
     let mut ids = hub.get_active_connections();
     ids.sort();
     assert_eq!(ids, vec!["a", "b", "c"]);
-    hub.join_room("a", "red").unwrap();
-    hub.join_room("b", "red").unwrap();
-    hub.join_room("b", "blue").unwrap();
+    hub.join_room("a", "red").await.unwrap();
+    hub.join_room("b", "red").await.unwrap();
+    hub.join_room("b", "blue").await.unwrap();
     let mut rooms = hub.get_client_rooms("b");
     rooms.sort();
     assert_eq!(rooms, vec!["blue", "red"]);
@@ -134,11 +135,11 @@ async fn rooms_and_broadcasts() {
     assert_eq!(hub.get_room_members("red"), vec!["a"]);
 
     assert_eq!(
-        hub.join_room("nobody", "red").unwrap_err().kind(),
+        hub.join_room("nobody", "red").await.unwrap_err().kind(),
         &ErrorKind::ConnectionNotFound
     );
     assert_eq!(
-        hub.join_room("a", "").unwrap_err().kind(),
+        hub.join_room("a", "").await.unwrap_err().kind(),
         &ErrorKind::InvalidArgument
     );
     assert_eq!(
@@ -234,8 +235,8 @@ async fn queued_output_over_total_memory_evicts_by_policy() {
     let _slow = connect(addr, "slow").await;
     let mut fast = connect(addr, "fast").await;
     eventually("registered", || hub.get_connection_count() == 2).await;
-    hub.join_room("slow", "feed").unwrap();
-    hub.join_room("fast", "feed").unwrap();
+    hub.join_room("slow", "feed").await.unwrap();
+    hub.join_room("fast", "feed").await.unwrap();
     // Random letters: permessage-deflate (on by default) shrinks a run of one
     // letter to a few hundred bytes, and the kernel's socket buffers then hold
     // thousands of them before anything queues in the hub.
@@ -248,7 +249,7 @@ async fn queued_output_over_total_memory_evicts_by_policy() {
     let deadline = tokio::time::Instant::now() + WAIT;
     while hub.get_connection("slow").is_some() {
         assert!(tokio::time::Instant::now() < deadline, "slow never evicted");
-        hub.publish("feed", &data, None).unwrap();
+        hub.publish("feed", &data, None).await.unwrap();
         let got = recv(&mut fast).await;
         assert!(got.len() > 50_000, "fast gets each publication whole");
     }
@@ -337,7 +338,7 @@ async fn publications_arrive_whole_and_in_order_however_fast_subscribers_read() 
     let mut fast = connect(addr, "fast").await;
     eventually("registered", || hub.get_connection_count() == 3).await;
     for id in ["stalled", "fitful", "fast"] {
-        hub.join_room(id, "feed").unwrap();
+        hub.join_room(id, "feed").await.unwrap();
     }
 
     const N: u64 = 1_000;
@@ -369,7 +370,7 @@ async fn publications_arrive_whole_and_in_order_however_fast_subscribers_read() 
     for i in 1..=N {
         let pad = "p".repeat(SIZES[i as usize % SIZES.len()]);
         let data = keel::RawValue::from_string(format!("[{i},\"{pad}\"]")).unwrap();
-        let p = hub.publish("feed", &data, None).unwrap();
+        let p = hub.publish("feed", &data, None).await.unwrap();
         assert_eq!((p.offset, p.delivered, p.dropped), (i, 3, 0));
         if i % 64 == 0 {
             tokio::task::yield_now().await;

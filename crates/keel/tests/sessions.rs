@@ -22,7 +22,7 @@ async fn tokens_name_their_session_and_resume_checks_the_authenticated_client() 
     let addr = serve(&hub).await;
     let alice = connect(addr, "alice").await;
     eventually("alice registered", || hub.get_connection("alice").is_some()).await;
-    hub.join_room("alice", "lobby").unwrap();
+    hub.join_room("alice", "lobby").await.unwrap();
     hub.set_user_data("alice", "theme", serde_json::json!("dark"))
         .unwrap();
     let conn = hub.get_connection("alice").unwrap();
@@ -53,7 +53,10 @@ async fn tokens_name_their_session_and_resume_checks_the_authenticated_client() 
     let _bob = connect(addr, "bob").await;
     eventually("bob registered", || hub.get_connection("bob").is_some()).await;
     let bob = hub.get_connection("bob").unwrap();
-    let err = hub.resume(&bob, &token, &[], Some("bob")).unwrap_err();
+    let err = hub
+        .resume(&bob, &token, &[], Some("bob"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), &ErrorKind::Forbidden);
     assert_eq!(&*bob.client_id(), "bob");
     assert_eq!(hub.get_detached_session_count(), 1);
@@ -67,7 +70,10 @@ async fn tokens_name_their_session_and_resume_checks_the_authenticated_client() 
     .await;
     let again = hub.get_connection("alice-new-tab").unwrap();
     let lobby = vec![("lobby".to_string(), None)];
-    let resumed = hub.resume(&again, &token, &lobby, Some("alice")).unwrap();
+    let resumed = hub
+        .resume(&again, &token, &lobby, Some("alice"))
+        .await
+        .unwrap();
     assert_eq!(resumed.client_id, "alice");
     assert_eq!(resumed.session_id, claims.session_id);
     assert!(resumed.restored_state);
@@ -82,7 +88,10 @@ async fn tokens_name_their_session_and_resume_checks_the_authenticated_client() 
     assert_eq!(hub.get_detached_session_count(), 0);
     // The used token is spent; its successor names the next generation.
     assert_eq!(
-        hub.resume(&bob, &token, &[], None).unwrap_err().kind(),
+        hub.resume(&bob, &token, &[], None)
+            .await
+            .unwrap_err()
+            .kind(),
         &ErrorKind::InvalidToken
     );
     let next = hub

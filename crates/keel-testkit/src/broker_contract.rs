@@ -1,0 +1,389 @@
+//! The broker contract: what every [`Broker`] must do, whatever it stores
+//! streams in. Each function takes a factory (`make`) that returns a fresh broker
+//! with no channels, and panics on the first broken promise.
+//!
+//! A broker under test may deliver asynchronously (over the network): the
+//! functions wait for deliveries with deadlines, never sleep and hope. Where the
+//! subject is time (history TTL), the caller runs the function on tokio's paused
+//! clock; a broker that keeps its own clock elsewhere (Redis) passes a TTL long
+//! enough to observe and skips [`history_expires_after_its_ttl`].
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel::broker::{Broker, HistoryQuery, StreamRules};
+use serde_json::value::RawValue;
+
+use crate::Recorder;
+
+/// A factory of fresh brokers.
+pub type Make<'a> = &'a (dyn Fn() -> Arc<dyn Broker> + Sync);
+
+fn raw(json: &str) -> Box<RawValue> {
+    RawValue::from_string(json.to_string()).unwrap()
+}
+
+fn keep(n: usize) -> StreamRules {
+    StreamRules {
+        history_size: n,
+        history_ttl: Duration::from_secs(300),
+    }
+}
+
+fn all_after(after: u64, epoch: Option<&str>) -> HistoryQuery<'_> {
+    HistoryQuery {
+        after,
+        epoch,
+        limit: usize::MAX,
+    }
+}
+
+/// Concurrent publishers on one channel get distinct offsets 1..=N with none
+/// skipped, and an interested node sees them all once, in offset order.
+pub async fn concurrent_publishers_get_contiguous_offsets(make: Make<'_>) {
+    let broker = make();
+    let rec = Recorder::new();
+    let node = broker.attach(rec.clone());
+    broker.subscribe(node, "race").await.unwrap();
+    const TASKS: u64 = 8;
+    const EACH: u64 = 250;
+    let mut handles = Vec::new();
+    for t in 0..TASKS {
+        let broker = broker.clone();
+        handles.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for i in 0..EACH {
+                let data = raw(&format!(r#"{{"t":{t},"i":{i}}}"#));
+                let p = broker.publish("race", &data, None, keep(10)).await.unwrap();
+                got.push(p.offset);
+            }
+            got
+        }));
+    }
+    let mut assigned = HashSet::new();
+    for h in handles {
+        let got = h.await.unwrap();
+        // One publisher's own publications come back in increasing order.
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+        for o in got {
+            assert!(assigned.insert(o), "offset {o} assigned twice");
+        }
+    }
+    let n = TASKS * EACH;
+    assert_eq!(assigned, (1..=n).collect::<HashSet<_>>());
+    let seen = rec.wait_for("race", n as usize).await;
+    assert_eq!(seen, (1..=n).collect::<Vec<_>>(), "delivered out of order");
+}
+
+/// A recovery read after a position answers every publication after it, or
+/// none: never a partial replay. The head comes back either way.
+pub async fn history_is_complete_or_nothing(make: Make<'_>) {
+    let broker = make();
+    for n in 1..=10 {
+        broker
+            .publish("h", &raw(&format!("{n}")), None, keep(5))
+            .await
+            .unwrap();
+    }
+    let head = broker
+        .history("h", all_after(0, None), keep(5))
+        .await
+        .unwrap();
+    let pos = head.position.clone().expect("the stream exists");
+    assert_eq!(pos.offset, 10);
+    // A browse returns what is kept (6..=10) and says it is not all.
+    assert!(!head.complete);
+    let kept: Vec<u64> = head.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(kept, vec![6, 7, 8, 9, 10]);
+
+    let epoch = Some(pos.epoch.as_str());
+    // 6..=10 kept: after 5 is complete, after 4 is not (5 is gone).
+    let r = broker
+        .history("h", all_after(5, epoch), keep(5))
+        .await
+        .unwrap();
+    assert!(r.complete);
+    let got: Vec<u64> = r.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(got, vec![6, 7, 8, 9, 10]);
+    let r = broker
+        .history("h", all_after(4, epoch), keep(5))
+        .await
+        .unwrap();
+    assert!(!r.complete);
+    assert!(r.publications.is_empty(), "a partial replay");
+    assert_eq!(r.position, Some(pos.clone()));
+    // At the head: complete and empty.
+    let r = broker
+        .history("h", all_after(10, epoch), keep(5))
+        .await
+        .unwrap();
+    assert!(r.complete && r.publications.is_empty());
+    // Another epoch, or a position past the head: not recoverable.
+    let r = broker
+        .history("h", all_after(8, Some("not-the-epoch")), keep(5))
+        .await
+        .unwrap();
+    assert!(!r.complete && r.publications.is_empty());
+    let r = broker
+        .history("h", all_after(11, epoch), keep(5))
+        .await
+        .unwrap();
+    assert!(!r.complete && r.publications.is_empty());
+    // `limit` takes the oldest first.
+    let r = broker
+        .history(
+            "h",
+            HistoryQuery {
+                after: 6,
+                epoch,
+                limit: 2,
+            },
+            keep(5),
+        )
+        .await
+        .unwrap();
+    assert!(r.complete);
+    let got: Vec<u64> = r.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(got, vec![7, 8]);
+    // A channel nobody published to or subscribed has no stream, and reading
+    // does not make one.
+    let none = broker
+        .history("never", all_after(0, None), keep(5))
+        .await
+        .unwrap();
+    assert_eq!(none.position, None);
+    assert_eq!(broker.channel_count(), 1);
+}
+
+/// Publications keep their data byte for byte, and their publisher.
+pub async fn data_is_kept_byte_for_byte(make: Make<'_>) {
+    let broker = make();
+    let data =
+        r#"{"n": 1.00000000000000000001, "big": 123456789012345678901234567890, "s":"\u00e9"}"#;
+    broker
+        .publish("bytes", &raw(data), Some("alice"), keep(5))
+        .await
+        .unwrap();
+    let r = broker
+        .history("bytes", all_after(0, None), keep(5))
+        .await
+        .unwrap();
+    assert_eq!(r.publications.len(), 1);
+    assert_eq!(r.publications[0].data.get(), data);
+    assert_eq!(r.publications[0].publisher.as_deref(), Some("alice"));
+    assert!(r.publications[0].time_ms > 0);
+}
+
+/// A subscriber that reads history after `since` while a publisher keeps going
+/// can rebuild the stream without a gap: what history returned, followed by what
+/// reached its sink after it subscribed, covers every offset after `since`.
+pub async fn since_while_publishing_leaves_no_gap(make: Make<'_>) {
+    let broker = make();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Publishes until told to stop (at most 100,000); returns the last offset.
+    let publisher = {
+        let (broker, stop) = (broker.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut last = 0;
+            for n in 1..=100_000u64 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let p = broker
+                    .publish("live", &raw(&n.to_string()), None, keep(100_000))
+                    .await
+                    .unwrap();
+                last = p.offset;
+                if n % 20 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            last
+        })
+    };
+    // Join somewhere in the middle of it.
+    let since = loop {
+        let h = broker
+            .history("live", all_after(0, None), keep(100_000))
+            .await
+            .unwrap();
+        if let Some(p) = h.position.filter(|p| p.offset >= 100) {
+            break p;
+        }
+        tokio::task::yield_now().await;
+    };
+    let rec = Recorder::new();
+    let node = broker.attach(rec.clone());
+    broker.subscribe(node, "live").await.unwrap();
+    let h = broker
+        .history(
+            "live",
+            all_after(since.offset, Some(&since.epoch)),
+            keep(100_000),
+        )
+        .await
+        .unwrap();
+    assert!(h.complete);
+    // Let the live stream run a while past the subscribe, then stop it.
+    rec.wait_for("live", 200).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let last = publisher.await.unwrap();
+    let first_live = rec.offsets("live")[0];
+    let live = rec
+        .wait_for("live", (last - first_live + 1) as usize)
+        .await;
+    assert_eq!(live, (first_live..=last).collect::<Vec<_>>());
+    let mut stream: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
+    let upto = stream.last().copied().unwrap_or(since.offset);
+    assert!(
+        first_live <= upto + 1,
+        "a gap between history and live: {upto} then {first_live}"
+    );
+    stream.extend(live.iter().copied().filter(|o| *o > upto));
+    assert_eq!(stream, ((since.offset + 1)..=last).collect::<Vec<_>>());
+}
+
+/// A stream that nobody holds and whose history is gone is forgotten; when the
+/// channel comes back its epoch differs and a recovery against the old one says
+/// so. While a node holds interest, the epoch stays.
+pub async fn epoch_changes_when_the_stream_is_lost(make: Make<'_>) {
+    let broker = make();
+    let rec = Recorder::new();
+    let node = broker.attach(rec.clone());
+    broker.subscribe(node, "e").await.unwrap();
+    let no_history = StreamRules {
+        history_size: 0,
+        history_ttl: Duration::from_secs(300),
+    };
+    let first = broker
+        .publish("e", &raw("1"), None, no_history)
+        .await
+        .unwrap();
+    broker.expire(&|_| no_history);
+    let second = broker
+        .publish("e", &raw("2"), None, no_history)
+        .await
+        .unwrap();
+    assert_eq!(second.epoch, first.epoch, "interest keeps the epoch");
+    assert_eq!(second.offset, 2);
+
+    broker.unsubscribe(node, "e").await.unwrap();
+    broker.expire(&|_| no_history);
+    let again = broker
+        .publish("e", &raw("3"), None, no_history)
+        .await
+        .unwrap();
+    assert_ne!(again.epoch, first.epoch, "a lost stream must change epoch");
+    assert_eq!(again.offset, 1);
+    let r = broker
+        .history("e", all_after(2, Some(&first.epoch)), no_history)
+        .await
+        .unwrap();
+    assert!(!r.complete && r.publications.is_empty());
+    assert_eq!(r.position.map(|p| p.epoch), Some(again.epoch));
+}
+
+/// Interest is counted: a node gets a channel's publications until it withdraws
+/// as often as it subscribed, and no longer after that, nor after it detaches.
+pub async fn interest_is_counted_per_node(make: Make<'_>) {
+    let broker = make();
+    let (a, b) = (Recorder::new(), Recorder::new());
+    let na = broker.attach(a.clone());
+    let nb = broker.attach(b.clone());
+    broker.subscribe(na, "c").await.unwrap();
+    broker.subscribe(na, "c").await.unwrap();
+    broker.subscribe(nb, "c").await.unwrap();
+    broker
+        .publish("c", &raw("1"), None, keep(10))
+        .await
+        .unwrap();
+    assert_eq!(a.wait_for("c", 1).await, vec![1]);
+    assert_eq!(b.wait_for("c", 1).await, vec![1]);
+
+    broker.unsubscribe(na, "c").await.unwrap();
+    broker
+        .publish("c", &raw("2"), None, keep(10))
+        .await
+        .unwrap();
+    assert_eq!(a.wait_for("c", 2).await, vec![1, 2], "one interest is left");
+
+    broker.unsubscribe(na, "c").await.unwrap();
+    broker.detach(nb);
+    // A third node, to know when publication 3 has been delivered everywhere.
+    let c = Recorder::new();
+    let nc = broker.attach(c.clone());
+    broker.subscribe(nc, "c").await.unwrap();
+    broker
+        .publish("c", &raw("3"), None, keep(10))
+        .await
+        .unwrap();
+    assert_eq!(c.wait_for("c", 1).await, vec![3]);
+    assert_eq!(a.offsets("c"), vec![1, 2], "withdrawn, still delivered");
+    assert_eq!(b.offsets("c"), vec![1, 2], "detached, still delivered");
+}
+
+/// Two nodes interested in one channel see the same publications in the same
+/// order, whichever of them the publishers call.
+pub async fn every_node_sees_one_order(make: Make<'_>) {
+    let broker = make();
+    let (a, b) = (Recorder::new(), Recorder::new());
+    let na = broker.attach(a.clone());
+    let nb = broker.attach(b.clone());
+    broker.subscribe(na, "o").await.unwrap();
+    broker.subscribe(nb, "o").await.unwrap();
+    let mut handles = Vec::new();
+    for t in 0..4 {
+        let broker = broker.clone();
+        handles.push(tokio::spawn(async move {
+            for i in 0..100 {
+                let data = raw(&format!("[{t},{i}]"));
+                broker.publish("o", &data, None, keep(0)).await.unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let seen_a = a.wait_for("o", 400).await;
+    let seen_b = b.wait_for("o", 400).await;
+    assert_eq!(seen_a, (1..=400).collect::<Vec<_>>());
+    assert_eq!(seen_a, seen_b);
+    let data_a: Vec<String> = a.seen().iter().map(|p| p.data.get().to_string()).collect();
+    let data_b: Vec<String> = b.seen().iter().map(|p| p.data.get().to_string()).collect();
+    assert_eq!(data_a, data_b);
+}
+
+/// Publications past their `history_ttl` are not returned, and a recovery that
+/// needed them answers "not complete". Run on tokio's paused clock.
+pub async fn history_expires_after_its_ttl(make: Make<'_>) {
+    let broker = make();
+    let rules = StreamRules {
+        history_size: 100,
+        history_ttl: Duration::from_secs(60),
+    };
+    let first = broker.publish("t", &raw("1"), None, rules).await.unwrap();
+    tokio::time::advance(Duration::from_secs(45)).await;
+    broker.publish("t", &raw("2"), None, rules).await.unwrap();
+    tokio::time::advance(Duration::from_secs(30)).await;
+    // 1 is 75 s old (gone), 2 is 30 s old (kept).
+    let r = broker
+        .history("t", all_after(0, Some(&first.epoch)), rules)
+        .await
+        .unwrap();
+    assert!(!r.complete && r.publications.is_empty());
+    let r = broker
+        .history("t", all_after(1, Some(&first.epoch)), rules)
+        .await
+        .unwrap();
+    assert!(r.complete);
+    assert_eq!(r.publications.len(), 1);
+    assert_eq!(r.publications[0].offset, 2);
+    tokio::time::advance(Duration::from_secs(31)).await;
+    broker.expire(&|_| rules);
+    let r = broker
+        .history("t", all_after(0, None), rules)
+        .await
+        .unwrap();
+    assert!(r.publications.is_empty());
+}

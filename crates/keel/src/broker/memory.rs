@@ -1,0 +1,363 @@
+//! [`MemoryBroker`]: the embedded broker, for one process (one node, or several
+//! Hubs in one process sharing it, as tests do to stand in for a cluster).
+//!
+//! Streams are sharded by channel name; each has its own mutex, under which a
+//! publication gets its offset, is appended to history and is handed to every
+//! interested node's sink. Doing all three under one per-channel lock is what
+//! makes every sink see a channel's offsets strictly increasing with no
+//! duplicates, even with concurrent publishers; sinks only queue, so the lock is
+//! held for microseconds per thousand subscribers. There is no global lock on
+//! this path.
+//!
+//! A stream is forgotten when no node holds an interest in it and its history is
+//! gone (expired, or never kept); if the channel comes back it gets a new epoch,
+//! since its old offsets can no longer be served. Nothing here knows about
+//! connections or frames.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use super::{
+    Broker, BrokerFuture, Deliver, History, HistoryQuery, NodeId, Publication, StreamPosition,
+    StreamPublication, StreamRules,
+};
+
+/// One node's interest in a stream: how many times it was counted, and its sink.
+struct Interest {
+    node: NodeId,
+    count: usize,
+    sink: Arc<dyn Deliver>,
+}
+
+struct StreamState {
+    offset: u64,
+    epoch: Arc<str>,
+    /// With the instant each was kept, for `history_ttl`.
+    history: VecDeque<(Instant, Arc<StreamPublication>)>,
+    interest: Vec<Interest>,
+    /// Set when the stream was dropped from the registry; a holder of a stale
+    /// `Arc` must look it up again.
+    dead: bool,
+}
+
+struct Stream {
+    name: Arc<str>,
+    state: Mutex<StreamState>,
+}
+
+type Shard = RwLock<HashMap<Arc<str>, Arc<Stream>>>;
+
+/// The embedded, in-process [`Broker`] (the default).
+pub struct MemoryBroker {
+    shards: Box<[Shard]>,
+    hasher: std::collections::hash_map::RandomState,
+    /// Prefix of every epoch this broker hands out: changes with every broker.
+    epoch_base: String,
+    epoch_seq: AtomicU64,
+    nodes: RwLock<HashMap<NodeId, Arc<dyn Deliver>>>,
+    next_node: AtomicU64,
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .field("channels", &self.channel_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::new(16)
+    }
+}
+
+/// A future that is ready at once, for a broker with no I/O.
+fn ready<'a, T: Send + 'a>(value: T) -> BrokerFuture<'a, T> {
+    Box::pin(std::future::ready(Ok(value)))
+}
+
+impl MemoryBroker {
+    /// A broker whose streams are spread over `shards` locks.
+    pub fn new(shards: usize) -> Self {
+        MemoryBroker {
+            shards: (0..shards.max(1)).map(|_| RwLock::default()).collect(),
+            hasher: Default::default(),
+            epoch_base: format!("{:08x}", rand::random::<u32>()),
+            epoch_seq: AtomicU64::new(0),
+            nodes: RwLock::default(),
+            next_node: AtomicU64::new(1),
+        }
+    }
+
+    fn shard(&self, name: &str) -> &Shard {
+        let i = (self.hasher.hash_one(name) as usize) % self.shards.len();
+        &self.shards[i]
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<Stream>> {
+        self.shard(name).read().get(name).cloned()
+    }
+
+    fn get_or_create(&self, name: &str) -> Arc<Stream> {
+        if let Some(s) = self.get(name) {
+            return s;
+        }
+        let mut shard = self.shard(name).write();
+        shard
+            .entry(Arc::from(name))
+            .or_insert_with_key(|key| {
+                Arc::new(Stream {
+                    name: key.clone(),
+                    state: Mutex::new(StreamState {
+                        offset: 0,
+                        epoch: self.new_epoch().into(),
+                        history: VecDeque::new(),
+                        interest: Vec::new(),
+                        dead: false,
+                    }),
+                })
+            })
+            .clone()
+    }
+
+    fn new_epoch(&self) -> String {
+        format!(
+            "{}{}",
+            self.epoch_base,
+            self.epoch_seq.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Runs `f` on the live state of stream `name`, creating it if needed.
+    fn with_live<R>(&self, name: &str, f: impl FnOnce(&Stream, &mut StreamState) -> R) -> R {
+        loop {
+            let s = self.get_or_create(name);
+            let mut st = s.state.lock();
+            // Forgotten between lookup and lock: look it up again.
+            if st.dead {
+                continue;
+            }
+            return f(&s, &mut st);
+        }
+    }
+
+    /// Drops the stream from the registry if nobody holds it and its history is
+    /// gone.
+    fn forget_if_idle(&self, s: &Arc<Stream>) {
+        let mut shard = self.shard(&s.name).write();
+        let mut st = s.state.lock();
+        if st.interest.is_empty() && st.history.is_empty() && !st.dead {
+            if let Some(cur) = shard.get(&s.name) {
+                if Arc::ptr_eq(cur, s) {
+                    shard.remove(&s.name);
+                    st.dead = true;
+                }
+            }
+        }
+    }
+
+    fn trim(st: &mut StreamState, now: Instant, ttl: std::time::Duration) {
+        while st
+            .history
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > ttl)
+        {
+            st.history.pop_front();
+        }
+    }
+
+    fn subscribe_now(&self, node: NodeId, channel: &str) {
+        let Some(sink) = self.nodes.read().get(&node).cloned() else {
+            return;
+        };
+        self.with_live(channel, |_, st| {
+            match st.interest.iter_mut().find(|i| i.node == node) {
+                Some(i) => i.count += 1,
+                None => st.interest.push(Interest {
+                    node,
+                    count: 1,
+                    sink,
+                }),
+            }
+        });
+    }
+
+    fn unsubscribe_now(&self, node: NodeId, channel: &str) {
+        let Some(s) = self.get(channel) else {
+            return;
+        };
+        let idle = {
+            let mut st = s.state.lock();
+            if let Some(k) = st.interest.iter().position(|i| i.node == node) {
+                st.interest[k].count -= 1;
+                if st.interest[k].count == 0 {
+                    st.interest.swap_remove(k);
+                }
+            }
+            st.interest.is_empty() && st.history.is_empty()
+        };
+        if idle {
+            self.forget_if_idle(&s);
+        }
+    }
+
+    fn publish_now(
+        &self,
+        channel: &str,
+        data: &RawValue,
+        publisher: Option<&str>,
+        rules: StreamRules,
+    ) -> Publication {
+        self.with_live(channel, |s, st| {
+            st.offset += 1;
+            let publication = Arc::new(StreamPublication {
+                channel: s.name.clone(),
+                offset: st.offset,
+                epoch: st.epoch.clone(),
+                publisher: publisher.map(Arc::from),
+                time_ms: crate::token::unix_ms(),
+                data: data.to_owned(),
+            });
+            if rules.history_size > 0 {
+                st.history.push_back((Instant::now(), publication.clone()));
+                while st.history.len() > rules.history_size {
+                    st.history.pop_front();
+                }
+            }
+            let (mut delivered, mut dropped) = (0, 0);
+            for i in &st.interest {
+                let d = i.sink.deliver(&publication);
+                delivered += d.queued;
+                dropped += d.dropped;
+            }
+            Publication {
+                offset: st.offset,
+                epoch: st.epoch.to_string(),
+                delivered,
+                dropped,
+            }
+        })
+    }
+
+    fn history_now(&self, channel: &str, q: HistoryQuery<'_>, rules: StreamRules) -> History {
+        let Some(s) = self.get(channel) else {
+            // No stream: nothing kept, so a recovery answers "gone".
+            return History {
+                position: None,
+                complete: q.epoch.is_none() && q.after == 0,
+                publications: Vec::new(),
+            };
+        };
+        let mut st = s.state.lock();
+        Self::trim(&mut st, Instant::now(), rules.history_ttl);
+        let position = StreamPosition {
+            offset: st.offset,
+            epoch: st.epoch.to_string(),
+        };
+        let same_epoch = q.epoch.is_none_or(|e| e == &*st.epoch);
+        let wanted = st.offset.saturating_sub(q.after);
+        let first_kept = st.history.front().map(|(_, p)| p.offset);
+        let complete = same_epoch
+            && q.after <= st.offset
+            && (wanted == 0 || first_kept.is_some_and(|f| f <= q.after + 1));
+        let publications = if complete || (q.epoch.is_none() && same_epoch) {
+            st.history
+                .iter()
+                .filter(|(_, p)| p.offset > q.after)
+                .take(q.limit)
+                .map(|(_, p)| p.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        History {
+            position: Some(position),
+            complete,
+            publications,
+        }
+    }
+}
+
+impl Broker for MemoryBroker {
+    fn attach(&self, sink: Arc<dyn Deliver>) -> NodeId {
+        let node = NodeId(self.next_node.fetch_add(1, Ordering::Relaxed));
+        self.nodes.write().insert(node, sink);
+        node
+    }
+
+    fn detach(&self, node: NodeId) {
+        self.nodes.write().remove(&node);
+        for shard in self.shards.iter() {
+            let streams: Vec<Arc<Stream>> = shard.read().values().cloned().collect();
+            for s in streams {
+                let idle = {
+                    let mut st = s.state.lock();
+                    st.interest.retain(|i| i.node != node);
+                    st.interest.is_empty() && st.history.is_empty()
+                };
+                if idle {
+                    self.forget_if_idle(&s);
+                }
+            }
+        }
+    }
+
+    fn subscribe(&self, node: NodeId, channel: &str) -> BrokerFuture<'_, ()> {
+        self.subscribe_now(node, channel);
+        ready(())
+    }
+
+    fn unsubscribe(&self, node: NodeId, channel: &str) -> BrokerFuture<'_, ()> {
+        self.unsubscribe_now(node, channel);
+        ready(())
+    }
+
+    fn publish(
+        &self,
+        channel: &str,
+        data: &RawValue,
+        publisher: Option<&str>,
+        rules: StreamRules,
+    ) -> BrokerFuture<'_, Publication> {
+        ready(self.publish_now(channel, data, publisher, rules))
+    }
+
+    fn history(
+        &self,
+        channel: &str,
+        query: HistoryQuery<'_>,
+        rules: StreamRules,
+    ) -> BrokerFuture<'_, History> {
+        ready(self.history_now(channel, query, rules))
+    }
+
+    fn channel_count(&self) -> usize {
+        self.shards.iter().map(|s| s.read().len()).sum()
+    }
+
+    fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) {
+        let now = Instant::now();
+        for shard in self.shards.iter() {
+            let idle: Vec<Arc<Stream>> = shard
+                .read()
+                .values()
+                .filter(|s| {
+                    let mut st = s.state.lock();
+                    Self::trim(&mut st, now, rules(&s.name).history_ttl);
+                    st.interest.is_empty() && st.history.is_empty()
+                })
+                .cloned()
+                .collect();
+            for s in idle {
+                self.forget_if_idle(&s);
+            }
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The [`Broker`]: what the nodes of a cluster share about channel streams, behind
+//! one trait, so the in-process [`MemoryBroker`] and a Redis broker are
+//! interchangeable.
+//!
+//! A broker owns each channel's stream: the offset counter and the epoch it
+//! belongs to, the history (publications kept as data, not as frames), and which
+//! nodes want the channel's publications. Publishing assigns the next offset
+//! atomically with the history append; then the broker hands the publication to
+//! the [`Deliver`] sink of every interested node, in offset order per channel. A
+//! history read answers either a complete replay after a position or "gone, here
+//! is the head": never a partial replay.
+//!
+//! What it must not do: know about connections, queues, frames or the wire format
+//! (delivery to sockets is the node's business, see `fanout`), await inside a
+//! sink, or promise exactly-once delivery by itself: a sink may see a publication
+//! twice or, after an epoch change, offsets that start again, and the node's last
+//! hop filters by each subscriber's watermark (`fanout`'s module docs).
+//!
+//! Every method that may need a round trip to another process returns a
+//! [`BrokerFuture`]; the memory broker's are ready on their first poll.
+
+mod memory;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+
+pub use keel_protocol::StreamPosition;
+pub use memory::MemoryBroker;
+
+use crate::error::Result;
+
+/// What a broker call returns: a boxed future, so the trait is object safe
+/// (`Arc<dyn Broker>`) and a broker can do I/O.
+pub type BrokerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// A publication as a broker keeps and delivers it: data, not an encoded frame.
+/// Each node encodes it once for its own subscribers.
+#[derive(Debug)]
+pub struct StreamPublication {
+    /// The channel.
+    pub channel: Arc<str>,
+    /// Its offset within `epoch` (from 1).
+    pub offset: u64,
+    /// The epoch of the stream it belongs to.
+    pub epoch: Arc<str>,
+    /// The publishing client (None for server-side publications).
+    pub publisher: Option<Arc<str>>,
+    /// When it was published, in milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// The data, byte for byte as published.
+    pub data: Box<RawValue>,
+}
+
+impl StreamPublication {
+    /// Its position in the stream.
+    pub fn position(&self) -> StreamPosition {
+        StreamPosition {
+            offset: self.offset,
+            epoch: self.epoch.to_string(),
+        }
+    }
+
+    /// The `message` envelope of PROTOCOL.md, encoded.
+    pub fn encode(&self) -> bytes::Bytes {
+        keel_protocol::encode::message(
+            &self.channel,
+            &self.data,
+            self.offset,
+            &self.epoch,
+            self.publisher.as_deref(),
+        )
+    }
+}
+
+/// How long and how much of a channel's stream is kept: the channel's namespace
+/// settings or the top-level ones, passed with every call that writes, so a
+/// broker needs no copy of the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamRules {
+    /// Publications kept (0: none).
+    pub history_size: usize,
+    /// How long a publication is kept.
+    pub history_ttl: Duration,
+}
+
+/// What [`Broker::publish`] did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Publication {
+    /// The offset it got.
+    pub offset: u64,
+    /// The channel's epoch.
+    pub epoch: String,
+    /// Subscribers it was queued to by sinks that delivered it within the call
+    /// (with the memory broker, every node's; with a broker that delivers later,
+    /// 0).
+    pub delivered: usize,
+    /// Of those, subscribers whose queue dropped it or an older message for it.
+    pub dropped: usize,
+}
+
+/// A history read: where to start and how much.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryQuery<'a> {
+    /// Publications after this offset.
+    pub after: u64,
+    /// The epoch `after` belongs to. `Some`: a recovery, answered with every
+    /// publication after `after` or with none (`complete: false`) when the epoch
+    /// changed or history no longer holds all of them. `None`: a browse of what is
+    /// kept after `after` in the current epoch.
+    pub epoch: Option<&'a str>,
+    /// At most this many publications (the oldest first).
+    pub limit: usize,
+}
+
+/// The answer to [`Broker::history`].
+#[derive(Debug, Clone)]
+pub struct History {
+    /// The stream's head when it was read; `None` if the channel has no stream
+    /// (reading does not create one).
+    pub position: Option<StreamPosition>,
+    /// Whether `publications` starts right after the query's `after` in its epoch
+    /// (nothing missing before the first one).
+    pub complete: bool,
+    /// Oldest first, at most `limit`; empty for a recovery that is not complete.
+    pub publications: Vec<Arc<StreamPublication>>,
+}
+
+/// Identifies one node's sink within a broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NodeId(pub u64);
+
+/// What a delivery did on one node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivered {
+    /// Subscribers it was queued to.
+    pub queued: usize,
+    /// Of those, subscribers whose queue dropped it or an older message for it.
+    pub dropped: usize,
+}
+
+/// Where a broker hands a node its publications. Called in offset order per
+/// channel, possibly with a broker lock held: it must never await or block.
+pub trait Deliver: Send + Sync + 'static {
+    /// One publication of a channel this node is interested in.
+    fn deliver(&self, publication: &Arc<StreamPublication>) -> Delivered;
+}
+
+/// The shared state of channel streams. See the module docs for the contract;
+/// `tests/broker_contract.rs` holds it as tests that every broker must pass.
+pub trait Broker: Send + Sync + 'static {
+    /// Registers a node's delivery sink; publications of channels the node
+    /// [subscribes](Self::subscribe) to reach it.
+    fn attach(&self, sink: Arc<dyn Deliver>) -> NodeId;
+
+    /// Forgets a node and its interests.
+    fn detach(&self, node: NodeId);
+
+    /// Counts one interest of `node` in `channel` (a local subscriber, or a
+    /// presence that lingers). When the future resolves, the channel's stream
+    /// exists, and every publication from then on reaches the node's sink until
+    /// the interest is [withdrawn](Self::unsubscribe) as often as it was counted.
+    /// A stream with interest keeps its epoch.
+    fn subscribe(&self, node: NodeId, channel: &str) -> BrokerFuture<'_, ()>;
+
+    /// Withdraws one interest counted by [`subscribe`](Self::subscribe).
+    fn unsubscribe(&self, node: NodeId, channel: &str) -> BrokerFuture<'_, ()>;
+
+    /// Assigns the next offset, appends to history as `rules` say, and hands the
+    /// publication to every interested node, all as one step: concurrent
+    /// publishers on one channel, on any node, never get the same offset or skip
+    /// one, and every sink sees a channel's publications in offset order.
+    fn publish(
+        &self,
+        channel: &str,
+        data: &RawValue,
+        publisher: Option<&str>,
+        rules: StreamRules,
+    ) -> BrokerFuture<'_, Publication>;
+
+    /// Reads history; see [`HistoryQuery`] and [`History`]. Publications past
+    /// their channel's `history_ttl` are never returned.
+    fn history(
+        &self,
+        channel: &str,
+        query: HistoryQuery<'_>,
+        rules: StreamRules,
+    ) -> BrokerFuture<'_, History>;
+
+    /// Channels with a stream (interest or history).
+    fn channel_count(&self) -> usize;
+
+    /// Drops expired history and forgets streams nobody holds. Called by each
+    /// node's sweeper; a broker that expires by itself does nothing.
+    fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) {
+        let _ = rules;
+    }
+}

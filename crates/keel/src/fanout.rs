@@ -1,0 +1,561 @@
+//! Local fan-out: which connections of this node are in each channel, and the
+//! last hop from a broker's publication to their send queues.
+//!
+//! The node keeps, per channel, its local members and the presence of those that
+//! vanished without a clean close (until `presence_ttl`). It holds one broker
+//! interest per local channel (taken by the first member, given back when the
+//! channel has neither members nor lingering presence), and it is the node's
+//! [`Deliver`] sink: a publication is encoded once per node and the same buffer is
+//! queued to every member.
+//!
+//! **The last hop enforces the stream guarantee, whatever the broker does.** Each
+//! member has a watermark, the last offset queued to it: a publication at or below
+//! it is dropped, so a broker that delivers twice (a Redis reconnect, a replay
+//! racing the live stream) never makes a client see an offset twice. A joining
+//! member is first *pending*: live publications are buffered for it while the
+//! broker's history is read, then it gets the replay, then what was buffered above
+//! the replay's end, then goes live: nothing lost, nothing twice, in order.
+//!
+//! What it must not do: await anything while holding a channel's lock, call the
+//! broker while holding one (the broker calls in here with its own lock held), or
+//! know how a broker stores streams.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+
+use crate::broker::{Delivered, HistoryQuery, StreamPosition, StreamPublication};
+use crate::connection::Connection;
+use crate::error::{Error, ErrorKind, Result};
+use crate::hub::{BroadcastResult, Hub};
+use crate::transport::Outgoing;
+
+/// One client present in a channel.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PresenceEntry {
+    /// The client.
+    pub client_id: String,
+    /// What the application attached at connect time (null if nothing).
+    pub info: serde_json::Value,
+}
+
+/// What [`Hub::subscribe`](crate::Hub::subscribe) did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Subscribed {
+    /// Where the subscriber stands: the last offset queued to it (the channel's
+    /// head when it joined, or later if live publications followed the replay),
+    /// in the channel's epoch.
+    pub position: StreamPosition,
+    /// Whether everything after `since` was replayed (false without `since`).
+    pub recovered: bool,
+    /// Publications replayed.
+    pub replayed: usize,
+}
+
+/// A member that vanished without a clean close: still present until `until`.
+struct Absent {
+    info: serde_json::Value,
+    until: Instant,
+}
+
+/// A local member and its watermark.
+struct Member {
+    conn: Connection,
+    /// The last offset queued to it, in the channel's `epoch`.
+    after: u64,
+    /// While it joins: live publications that arrived meanwhile. Boxed so a
+    /// member that is not joining costs 8 bytes here, not 24.
+    #[allow(clippy::box_collection)]
+    pending: Option<Box<Vec<Arc<StreamPublication>>>>,
+}
+
+/// The state of this node's broker interest in a channel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Interest {
+    /// Not asked for.
+    None,
+    /// A joiner is asking for it.
+    Asking,
+    /// Held: publications reach the sink.
+    Held,
+}
+
+struct LocalState {
+    members: HashMap<Arc<str>, Member>,
+    absent: HashMap<Arc<str>, Absent>,
+    /// The epoch of the publications delivered so far (watermarks refer to it).
+    epoch: Option<Arc<str>>,
+    interest: Interest,
+    /// Set when the channel left the registry; a holder of a stale `Arc` must
+    /// look it up again.
+    dead: bool,
+}
+
+struct LocalChannel {
+    name: Arc<str>,
+    state: Mutex<LocalState>,
+    /// Joiners wait here until the broker interest is held.
+    ready: tokio::sync::Notify,
+}
+
+type Shard = RwLock<HashMap<Arc<str>, Arc<LocalChannel>>>;
+
+/// This node's channels (see the module docs).
+pub(crate) struct Fanout {
+    shards: Box<[Shard]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Fanout {
+    pub(crate) fn new(num_shards: usize) -> Self {
+        Fanout {
+            shards: (0..num_shards.max(1)).map(|_| RwLock::default()).collect(),
+            hasher: Default::default(),
+        }
+    }
+
+    fn shard(&self, name: &str) -> &Shard {
+        let i = (self.hasher.hash_one(name) as usize) % self.shards.len();
+        &self.shards[i]
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<LocalChannel>> {
+        self.shard(name).read().get(name).cloned()
+    }
+
+    fn get_or_create(&self, name: &str) -> Arc<LocalChannel> {
+        if let Some(c) = self.get(name) {
+            return c;
+        }
+        self.shard(name)
+            .write()
+            .entry(Arc::from(name))
+            .or_insert_with_key(|key| {
+                Arc::new(LocalChannel {
+                    name: key.clone(),
+                    state: Mutex::new(LocalState {
+                        members: HashMap::new(),
+                        absent: HashMap::new(),
+                        epoch: None,
+                        interest: Interest::None,
+                        dead: false,
+                    }),
+                    ready: tokio::sync::Notify::new(),
+                })
+            })
+            .clone()
+    }
+
+    /// Runs `f` on the live state of channel `name`, creating it if needed.
+    fn with_live<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Arc<LocalChannel>, &mut LocalState) -> R,
+    ) -> R {
+        loop {
+            let ch = self.get_or_create(name);
+            let mut st = ch.state.lock();
+            if st.dead {
+                continue;
+            }
+            return f(&ch, &mut st);
+        }
+    }
+
+    /// The last hop: queues `p` to every live member above its watermark, and
+    /// buffers it for members still joining.
+    pub(crate) fn deliver(&self, hub: &Hub, p: &Arc<StreamPublication>) -> Delivered {
+        let Some(ch) = self.get(&p.channel) else {
+            return Delivered::default();
+        };
+        // Encoded once per node, outside the channel's lock.
+        let frame = Arc::new(p.encode());
+        let mut result = BroadcastResult::default();
+        let mut st = ch.state.lock();
+        let st = &mut *st;
+        if st.epoch.as_deref() != Some(&*p.epoch) {
+            // A new epoch (the stream was lost and started again): offsets start
+            // again, and so do the watermarks.
+            if st.epoch.is_some() {
+                for m in st.members.values_mut() {
+                    m.after = 0;
+                }
+            }
+            st.epoch = Some(p.epoch.clone());
+        }
+        for m in st.members.values_mut() {
+            if let Some(buffer) = m.pending.as_mut() {
+                buffer.push(p.clone());
+                continue;
+            }
+            if p.offset <= m.after {
+                continue;
+            }
+            m.after = p.offset;
+            result.add(m.conn.push_shared_counted(hub, &frame));
+        }
+        Delivered {
+            queued: result.sent,
+            dropped: result.dropped,
+        }
+    }
+
+    /// Adds `conn` to `name`: takes the broker interest if this node has none,
+    /// reads history (a replay after `since`, or just the head), queues the replay
+    /// and what arrived meanwhile, then lets live publications through. Publishes a
+    /// presence `join` first where the channel has presence events, so the joiner
+    /// does not get its own.
+    pub(crate) async fn join(
+        &self,
+        hub: &Hub,
+        name: &str,
+        conn: &Connection,
+        since: Option<&StreamPosition>,
+    ) -> Result<Subscribed> {
+        let id = conn.client_id();
+        let (rules, presence_events) = hub.stream_rules(name);
+        // Whether the client is already present here (a re-subscribe, or a
+        // resumed session whose presence lingered): then no new `join`.
+        let was_present = {
+            let ch = self.get(name);
+            ch.is_some_and(|ch| {
+                let st = ch.state.lock();
+                st.members.contains_key(&id) || st.absent.contains_key(&id)
+            })
+        };
+        if presence_events && !was_present {
+            hub.publish_presence_event(name, "join", &id, &conn.info())
+                .await;
+        }
+        let ch = self.with_live(name, |ch, st| {
+            st.absent.remove(&id);
+            st.members.insert(
+                id.clone(),
+                Member {
+                    conn: conn.clone(),
+                    after: 0,
+                    pending: Some(Box::default()),
+                },
+            );
+            ch.clone()
+        });
+        {
+            let mut mine = conn.inner.channels.lock();
+            if !mine.iter().any(|c| **c == *ch.name) {
+                mine.push(ch.name.clone());
+            }
+        }
+        if conn.inner.gone.load(Ordering::Acquire) {
+            // The connection is unregistering and may have missed this join.
+            self.leave(hub, name, conn, None);
+            return Err(Error::new(
+                ErrorKind::ConnectionNotFound,
+                "the connection is closing",
+            ));
+        }
+        if let Err(e) = self.ensure_interest(hub, &ch).await {
+            self.leave(hub, name, conn, None);
+            return Err(e);
+        }
+        // With `since`, a recovery (all after it, or nothing); without, only the
+        // head.
+        let query = HistoryQuery {
+            after: since.map_or(0, |s| s.offset),
+            epoch: since.map(|s| s.epoch.as_str()),
+            limit: if since.is_some() { usize::MAX } else { 0 },
+        };
+        let history = match hub.broker().history(name, query, rules).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.leave(hub, name, conn, None);
+                return Err(e);
+            }
+        };
+        let head = history.position.unwrap_or_else(|| StreamPosition {
+            offset: 0,
+            epoch: String::new(),
+        });
+        let recovered = since.is_some() && history.complete;
+        let mut st = ch.state.lock();
+        let st = &mut *st;
+        let Some(member) = st.members.get_mut(&id).filter(|m| m.conn.same(conn)) else {
+            // Left (or was replaced) while it joined.
+            return Err(Error::new(
+                ErrorKind::ConnectionNotFound,
+                "the connection left",
+            ));
+        };
+        let mut after = head.offset;
+        let mut replayed = 0;
+        if recovered {
+            for p in &history.publications {
+                member.conn.push(hub, Outgoing::Text(p.encode()));
+                replayed += 1;
+            }
+            after = history
+                .publications
+                .last()
+                .map_or(since.map_or(0, |s| s.offset), |p| p.offset)
+                .max(after);
+        }
+        let epoch: Arc<str> = match &st.epoch {
+            Some(e) if **e == *head.epoch || head.epoch.is_empty() => e.clone(),
+            _ => Arc::from(head.epoch.as_str()),
+        };
+        if let Some(buffer) = member.pending.take() {
+            for p in buffer.iter() {
+                if *p.epoch == *epoch && p.offset > after {
+                    member.conn.push_shared_counted(hub, &Arc::new(p.encode()));
+                    after = p.offset;
+                }
+            }
+        }
+        member.after = after;
+        if st.epoch.is_none() && !epoch.is_empty() {
+            st.epoch = Some(epoch.clone());
+        }
+        Ok(Subscribed {
+            position: StreamPosition {
+                offset: after,
+                epoch: epoch.to_string(),
+            },
+            recovered,
+            replayed,
+        })
+    }
+
+    /// Makes sure this node holds the broker interest in `ch`: the first joiner
+    /// asks for it, later ones wait until it is held (or ask again if asking
+    /// failed). If the channel died while the interest was asked for, it is given
+    /// back at once.
+    async fn ensure_interest(&self, hub: &Hub, ch: &Arc<LocalChannel>) -> Result<()> {
+        loop {
+            let notified = ch.ready.notified();
+            let ask = {
+                let mut st = ch.state.lock();
+                match st.interest {
+                    Interest::Held => return Ok(()),
+                    _ if st.dead => return Ok(()),
+                    Interest::Asking => false,
+                    Interest::None => {
+                        st.interest = Interest::Asking;
+                        true
+                    }
+                }
+            };
+            if ask {
+                return self.take_interest(hub, ch).await;
+            }
+            notified.await;
+        }
+    }
+
+    async fn take_interest(&self, hub: &Hub, ch: &Arc<LocalChannel>) -> Result<()> {
+        let asked = hub.broker().subscribe(hub.node(), &ch.name).await;
+        let give_back = {
+            let mut st = ch.state.lock();
+            match &asked {
+                Ok(()) => {
+                    st.interest = Interest::Held;
+                    st.dead
+                }
+                Err(_) => {
+                    st.interest = Interest::None;
+                    false
+                }
+            }
+        };
+        ch.ready.notify_waiters();
+        if give_back {
+            hub.detached_broker_call(ch.name.clone(), |b, node, name| {
+                Box::pin(async move { b.unsubscribe(node, &name).await })
+            });
+        }
+        asked
+    }
+
+    /// Removes `conn` from `name` (only this connection, not a newer one with the
+    /// same client_id). With `linger`, it stays present until that instant (it
+    /// vanished; its session may resume); without, it leaves at once. Returns
+    /// whether it was a member.
+    pub(crate) fn leave(
+        &self,
+        hub: &Hub,
+        name: &str,
+        conn: &Connection,
+        linger: Option<Instant>,
+    ) -> bool {
+        conn.inner.channels.lock().retain(|c| &**c != name);
+        let Some(ch) = self.get(name) else {
+            return false;
+        };
+        let id = conn.client_id();
+        let (removed, event) = {
+            let mut st = ch.state.lock();
+            let removed = match st.members.get(&id) {
+                Some(m) if m.conn.same(conn) => st.members.remove(&id).is_some(),
+                _ => false,
+            };
+            let mut event = false;
+            if removed {
+                match linger {
+                    Some(until) => {
+                        let info = conn.info();
+                        st.absent.insert(id.clone(), Absent { info, until });
+                    }
+                    None => event = true,
+                }
+            }
+            (removed, event)
+        };
+        if event && hub.stream_rules(name).1 {
+            hub.presence_event_detached(name, "leave", &id, conn.info());
+        }
+        self.forget_if_idle(hub, &ch);
+        removed
+    }
+
+    /// Drops the channel from the registry if nobody is in it or lingers, and
+    /// gives the broker interest back.
+    fn forget_if_idle(&self, hub: &Hub, ch: &Arc<LocalChannel>) {
+        let give_back = {
+            let mut shard = self.shard(&ch.name).write();
+            let mut st = ch.state.lock();
+            if st.members.is_empty() && st.absent.is_empty() && !st.dead {
+                if shard.get(&ch.name).is_some_and(|cur| Arc::ptr_eq(cur, ch)) {
+                    shard.remove(&ch.name);
+                    st.dead = true;
+                    st.interest == Interest::Held
+                } else {
+                    false
+                }
+            } else {
+                false
+            }
+        };
+        if give_back {
+            ch.ready.notify_waiters();
+            hub.detached_broker_call(ch.name.clone(), |b, node, name| {
+                Box::pin(async move { b.unsubscribe(node, &name).await })
+            });
+        }
+    }
+
+    /// Who is present in `name`: members that showed a sign of life within
+    /// `presence_ttl`, and vanished ones whose presence has not expired.
+    pub(crate) fn presence(&self, hub: &Hub, name: &str) -> Vec<PresenceEntry> {
+        let Some(ch) = self.get(name) else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let now_ms = hub.now_ms();
+        let ttl_ms = hub.config().presence_ttl.as_millis() as u64;
+        let st = ch.state.lock();
+        let mut out: Vec<PresenceEntry> = st
+            .members
+            .iter()
+            .filter(|(_, m)| {
+                now_ms.saturating_sub(m.conn.inner.last_seen.load(Ordering::Relaxed)) <= ttl_ms
+            })
+            .map(|(id, m)| PresenceEntry {
+                client_id: id.to_string(),
+                info: m.conn.info(),
+            })
+            .collect();
+        out.extend(
+            st.absent
+                .iter()
+                .filter(|(_, a)| a.until > now)
+                .map(|(id, a)| PresenceEntry {
+                    client_id: id.to_string(),
+                    info: a.info.clone(),
+                }),
+        );
+        out
+    }
+
+    /// Ends the lingering presence of `client_id` in `name` now (a resumed session
+    /// that did not take this channel back).
+    pub(crate) fn end_presence(&self, hub: &Hub, name: &str, client_id: &str) {
+        let Some(ch) = self.get(name) else {
+            return;
+        };
+        let ended = ch.state.lock().absent.remove(client_id);
+        if let Some(a) = ended {
+            if hub.stream_rules(name).1 {
+                hub.presence_event_detached(name, "leave", client_id, a.info);
+            }
+        }
+        self.forget_if_idle(hub, &ch);
+    }
+
+    /// The members of `name`.
+    pub(crate) fn members(&self, name: &str) -> Vec<Connection> {
+        self.get(name)
+            .map(|ch| {
+                ch.state
+                    .lock()
+                    .members
+                    .values()
+                    .map(|m| m.conn.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Queues `frame` (not part of the stream) to every member of `name` but
+    /// `exclude`.
+    pub(crate) fn broadcast(
+        &self,
+        hub: &Hub,
+        name: &str,
+        frame: Bytes,
+        exclude: Option<&str>,
+    ) -> BroadcastResult {
+        let frame = Arc::new(frame);
+        let mut result = BroadcastResult::default();
+        for c in self.members(name) {
+            if exclude.is_some_and(|x| x == &*c.client_id()) {
+                continue;
+            }
+            result.add(c.push_shared_counted(hub, &frame));
+        }
+        result
+    }
+
+    /// Ends expired lingering presence (publishing `leave` events) and forgets
+    /// idle channels. Called by the sweeper.
+    pub(crate) fn sweep(&self, hub: &Hub) {
+        let now = Instant::now();
+        for shard in self.shards.iter() {
+            let channels: Vec<Arc<LocalChannel>> = shard.read().values().cloned().collect();
+            for ch in channels {
+                let expired: Vec<(Arc<str>, serde_json::Value)> = {
+                    let mut st = ch.state.lock();
+                    let gone: Vec<Arc<str>> = st
+                        .absent
+                        .iter()
+                        .filter(|(_, a)| a.until <= now)
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    gone.into_iter()
+                        .filter_map(|id| st.absent.remove(&id).map(|a| (id, a.info)))
+                        .collect()
+                };
+                if !expired.is_empty() && hub.stream_rules(&ch.name).1 {
+                    for (id, info) in expired {
+                        hub.presence_event_detached(&ch.name, "leave", &id, info);
+                    }
+                }
+                self.forget_if_idle(hub, &ch);
+            }
+        }
+    }
+}
