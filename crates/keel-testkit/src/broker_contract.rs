@@ -230,9 +230,7 @@ pub async fn since_while_publishing_leaves_no_gap(make: Make<'_>) {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let last = publisher.await.unwrap();
     let first_live = rec.offsets("live")[0];
-    let live = rec
-        .wait_for("live", (last - first_live + 1) as usize)
-        .await;
+    let live = rec.wait_for("live", (last - first_live + 1) as usize).await;
     assert_eq!(live, (first_live..=last).collect::<Vec<_>>());
     let mut stream: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
     let upto = stream.last().copied().unwrap_or(since.offset);
