@@ -14,10 +14,10 @@ use keel::{Config, Connection, Deferred, Handler, Hub, Message, Upgrade};
 struct Echo;
 
 impl Handler for Echo {
-    fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) -> Option<Deferred> {
+    fn on_message(&self, _hub: &Hub, conn: &Connection, msg: Message<'_>) -> Option<Deferred> {
         match msg {
-            Message::Text(t) => conn.send_text(hub, bytes::Bytes::copy_from_slice(t.as_bytes())),
-            Message::Binary(b) => conn.send_binary(hub, bytes::Bytes::copy_from_slice(b)),
+            Message::Text(t) => conn.send_text(bytes::Bytes::copy_from_slice(t.as_bytes())),
+            Message::Binary(b) => conn.send_binary(bytes::Bytes::copy_from_slice(b)),
         };
         None
     }

@@ -81,7 +81,7 @@ impl Gateway {
             resume_ttl_ms: cfg.reconnect_token_ttl.as_millis() as u64,
             node: &self.node_id,
         };
-        conn.send_text(hub, encode::envelope("welcome", welcome, None));
+        conn.send_text(encode::envelope("welcome", welcome, None));
     }
 
     /// A first-message client's first frame: `auth` with a JWT, or the end.
@@ -117,7 +117,7 @@ impl Gateway {
                 let reply = AuthReply {
                     client_id: &client_id,
                 };
-                conn.send_text(hub, encode::reply(&env.kind, reply, rid));
+                conn.send_text(encode::reply(&env.kind, reply, rid));
                 self.welcome(hub, conn);
             }
             Err(e) => refuse(error_code(&e), e.detail(), rid),
@@ -191,12 +191,12 @@ impl Pending {
 
     fn reply<P: Serialize>(&self, request_kind: &str, payload: P) {
         let frame = encode::reply(request_kind, payload, self.request_id.as_deref());
-        self.conn.send_text(&self.hub, frame);
+        self.conn.send_text(frame);
     }
 
     fn error(&self, e: &keel::Error) {
         let frame = encode::error(error_code(e), e.detail(), self.request_id.as_deref());
-        self.conn.send_text(&self.hub, frame);
+        self.conn.send_text(frame);
     }
 }
 
@@ -208,17 +208,17 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) -> Option
     let env = match ClientEnvelope::parse(text) {
         Ok(env) => env,
         Err(e) => {
-            conn.send_text(hub, encode::error(e.code(), e.detail(), None));
+            conn.send_text(encode::error(e.code(), e.detail(), None));
             return None;
         }
     };
     let rid = env.request_id;
     let reply = |payload: &serde_json::Value| {
-        conn.send_text(hub, encode::reply(&env.kind, payload, rid));
+        conn.send_text(encode::reply(&env.kind, payload, rid));
         None
     };
     let fail = |code: ErrorCode, detail: &str| {
-        conn.send_text(hub, encode::error(code, detail, rid));
+        conn.send_text(encode::error(code, detail, rid));
         None
     };
     let bad_payload = |e: serde_json::Error| {
@@ -301,7 +301,7 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) -> Option
             match p.method.as_str() {
                 "echo" => {
                     let data = p.data.unwrap_or(RawValue::NULL);
-                    conn.send_text(hub, encode::reply(&env.kind, EchoPayload { data }, rid));
+                    conn.send_text(encode::reply(&env.kind, EchoPayload { data }, rid));
                     None
                 }
                 other => fail(ErrorCode::NotFound, &format!("no rpc method `{other}`")),
@@ -334,7 +334,7 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) -> Option
             }))
         }
         kind::PING => {
-            conn.send_text(hub, encode::pong(rid));
+            conn.send_text(encode::pong(rid));
             None
         }
         kind::PONG => None,
@@ -396,10 +396,7 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) -> Option
                 hub.refresh_identity(conn, id).map(|()| exp)
             }) {
                 Ok(expires_at) => {
-                    conn.send_text(
-                        hub,
-                        encode::reply(&env.kind, RefreshReply { expires_at }, rid),
-                    );
+                    conn.send_text(encode::reply(&env.kind, RefreshReply { expires_at }, rid));
                     None
                 }
                 Err(e) => hub_error(e),

@@ -90,7 +90,7 @@ pub struct Namespace {
     /// The prefix before `:`.
     pub name: String,
     /// Who may subscribe (and read presence and history).
-    pub subscribe: crate::permissions::SubscribeRule,
+    pub subscribe: SubscribeRule,
     /// Whether clients may publish.
     pub publish: bool,
     /// Whether clients may ask for presence.
@@ -109,7 +109,7 @@ impl Namespace {
     pub fn new(name: &str) -> Self {
         Namespace {
             name: name.to_string(),
-            subscribe: crate::permissions::SubscribeRule::Authenticated,
+            subscribe: SubscribeRule::Authenticated,
             publish: false,
             presence: true,
             presence_events: None,
@@ -223,7 +223,7 @@ pub struct Config {
     /// How many connections an address may open at once above that rate.
     pub connection_burst_per_ip: u32,
     /// Proxies whose `X-Forwarded-For` is believed (addresses or CIDR blocks).
-    pub trusted_proxies: Vec<crate::ip_limits::Cidr>,
+    pub trusted_proxies: Vec<Cidr>,
     /// Messages per second one connection may send (0: no limit).
     pub rate_limit_messages: u32,
     /// How many messages above the rate a connection may send in a burst.
@@ -595,7 +595,7 @@ impl Config {
                     .split(',')
                     .map(str::trim)
                     .filter(|s| !s.is_empty())
-                    .map(crate::ip_limits::Cidr::parse)
+                    .map(Cidr::parse)
                     .collect::<Result<_, _>>()
                     .map_err(err)?
             }
@@ -666,7 +666,7 @@ impl Config {
             }
         };
         let n = &mut self.namespaces[i];
-        use crate::permissions::SubscribeRule as S;
+        use SubscribeRule as S;
         match key {
             None | Some("name") => {}
             Some("subscribe") => {
@@ -780,6 +780,60 @@ fn boolean(v: &str) -> Result<bool, String> {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),
         _ => Err(format!("`{v}` is not true or false")),
+    }
+}
+
+/// Who may subscribe to a namespace's channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeRule {
+    /// Any connection, anonymous ones included.
+    Anyone,
+    /// Connections that authenticated with a credential.
+    Authenticated,
+    /// Only channels listed in the connection's JWT `channels` claim.
+    Claim,
+}
+
+/// An address or a CIDR block, from `trusted_proxies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8`, `192.168.1.7` or `::1`.
+    pub fn parse(s: &str) -> std::result::Result<Cidr, String> {
+        let bad = || format!("`{s}` is not an address or CIDR block");
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a.trim().parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.trim().parse::<u8>().map_err(|_| bad())?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is inside the block.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        match (self.addr, ip) {
+            (std::net::IpAddr::V4(net), std::net::IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (std::net::IpAddr::V6(net), std::net::IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
     }
 }
 

@@ -45,72 +45,62 @@
 //!
 //! # Layout
 //!
-//! - [`hub`]: the [`Hub`] and its registry: connect, disconnect, send, broadcast,
-//!   rooms, user data, metrics.
-//! - [`connection`]: a [`Connection`] handle and the one task that owns each socket.
-//! - `queue` (internal): the bounded per-connection send queue and the
-//!   slow-consumer policies.
-//! - [`ip_limits`]: per-address connection caps and rates, trusted proxies.
-//! - [`listener`]: a TCP [`Listener`] for `axum::serve` that sends an upgrade's
-//!   101 with the connection's first message and can answer plain upgrades
-//!   without hyper, and its connect info [`Peer`].
-//! - `rate` (internal): the per-connection message rate limit (token bucket).
-//! - `heartbeat` (internal): the sweeper: pings, timeouts, slow consumers, memory
-//!   checks.
-//! - [`channel`]: channels, offsets, epochs, history and presence (the in-memory
-//!   broker).
-//! - [`session`]: sessions kept after a disconnect, for `resume`.
-//! - [`token`]: reconnect tokens (HMAC-SHA256).
-//! - [`auth`]: JWT verification, one-time tickets, [`Identity`].
-//! - [`permissions`]: namespaces, private channels, [`Hub::authorize`].
-//! - [`memory`]: user data accounting and eviction.
-//! - [`shutdown`]: graceful shutdown and its [`ShutdownReport`].
+//! The modules form layers; each uses only those above it in this list (and
+//! `error`), never one below. `docs/architecture.md` draws them and follows one
+//! publication from `publish` to the socket and one inbound frame to its handler.
+//!
+//! - [`error`], [`config`], `clock`: the [`Error`] type, [`Config`] (every
+//!   option the library reads) and the library's clock (tokio's, so tests can
+//!   pause it). Leaves: they import nothing else of the crate.
+//! - [`listener`] and `transport` (internal): the I/O edge. A TCP [`Listener`]
+//!   for `axum::serve` that sends an upgrade's 101 with the connection's first
+//!   message and can answer plain upgrades without hyper; WebSocket framing (our
+//!   own for connections without an extension, yawc for permessage-deflate).
+//! - [`policy`]: who may connect and do what, as functions of their inputs:
+//!   JWTs and tickets ([`Identity`]), reconnect tokens, namespaces and channel
+//!   permissions, per-address limits.
+//! - `conn` (internal; [`Connection`] and friends re-exported): one connection's
+//!   shared state, its bounded send queue with the slow-consumer policies, and its
+//!   message rate limit. Knows nothing of the Hub: pushing needs only the
+//!   connection's delivery context (queue limits and drop counters).
+//! - [`broker`]: the [`Broker`] trait (offsets, epochs, history as data, node
+//!   interest) and the embedded [`MemoryBroker`]; knows nothing of connections.
 //! - [`metrics`]: counters and the Prometheus rendering.
-//! - [`config`]: [`Config`], every option with its default.
-//! - [`handler`]: the [`Handler`] hooks.
-//! - [`error`]: [`Error`] and [`ErrorKind`].
-//! - `transport` (internal): WebSocket framing: our own (`transport::plain`) for
-//!   connections without an extension, yawc for permessage-deflate; the only module
-//!   that knows the WebSocket crate.
+//! - `hub` (internal; [`Hub`] and friends re-exported): the façade. Its parts:
+//!   the registry and connect path (`hub/mod.rs`), the connection task
+//!   (`driver`), local fan-out and the last hop (`fanout`), sessions and resume
+//!   (`sessions`), the sweeper (`sweeper`: heartbeats, timeouts, slow consumers,
+//!   expiry), user data and memory eviction (`user_data`), graceful shutdown
+//!   (`shutdown`), and the application's [`Handler`] hooks (`handler`).
 
-pub mod auth;
 pub mod broker;
+mod clock;
 pub mod config;
-pub mod connection;
+mod conn;
 pub mod error;
-mod fanout;
-pub mod handler;
-mod heartbeat;
-pub mod hub;
-pub mod ip_limits;
+mod hub;
 pub mod listener;
-pub mod memory;
 pub mod metrics;
-pub mod permissions;
-mod queue;
-mod rate;
-pub mod session;
-pub mod shutdown;
-pub mod token;
+pub mod policy;
 mod transport;
 
-pub use auth::{Authenticator, Identity, Tickets};
 pub use broker::{
     Broker, History, HistoryQuery, MemoryBroker, Publication, StreamPosition, StreamPublication,
 };
 pub use config::Config;
-pub use connection::{Connection, DisconnectReason, Message};
+pub use conn::{Connection, DisconnectReason, Message};
 pub use error::{Error, ErrorKind, Result};
-pub use fanout::{PresenceEntry, Subscribed};
-pub use handler::{Deferred, Handler, NoopHandler};
+pub use hub::fanout::{PresenceEntry, Subscribed};
+pub use hub::handler::{Deferred, Handler, NoopHandler};
+pub use hub::sessions::Resumed;
+pub use hub::shutdown::ShutdownReport;
+pub use hub::user_data::MemoryUsage;
 pub use hub::{BroadcastResult, Hub};
 pub use listener::{Listener, Peer};
-pub use memory::MemoryUsage;
 pub use metrics::MetricsSnapshot;
-pub use permissions::Action;
-pub use session::Resumed;
-pub use shutdown::ShutdownReport;
-pub use token::ReconnectClaims;
+pub use policy::auth::{Authenticator, Identity, Tickets};
+pub use policy::permissions::Action;
+pub use policy::token::ReconnectClaims;
 pub use transport::{Upgrade, UpgradeRejection};
 
 /// Re-exported so applications can build raw JSON for [`Hub::publish`].

@@ -9,8 +9,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::config::SlowConsumerPolicy;
-use crate::connection::{ConnStats, DisconnectReason};
+use crate::conn::{ConnStats, DisconnectReason};
 
 /// Hub-wide counters.
 #[derive(Default)]
@@ -31,21 +30,11 @@ pub(crate) struct Metrics {
     pub(crate) resumes: [AtomicU64; 4],
     /// Detached sessions freed at the end of their TTL.
     pub(crate) sessions_expired: AtomicU64,
-    dropped_oldest: AtomicU64,
-    dropped_newest: AtomicU64,
     /// Counters of connections that have ended.
     pub(crate) closed: ConnStats,
 }
 
 impl Metrics {
-    pub(crate) fn dropped(&self, policy: SlowConsumerPolicy, n: u64) {
-        match policy {
-            SlowConsumerPolicy::DropOldest => &self.dropped_oldest,
-            _ => &self.dropped_newest,
-        }
-        .fetch_add(n, Ordering::Relaxed);
-    }
-
     pub(crate) fn fold(&self, s: &ConnStats) {
         for (to, from) in [
             (&self.closed.messages_in, &s.messages_in),
@@ -56,10 +45,6 @@ impl Metrics {
         ] {
             to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-    }
-
-    pub(crate) fn dropped_total(&self) -> u64 {
-        self.dropped_oldest.load(Ordering::Relaxed) + self.dropped_newest.load(Ordering::Relaxed)
     }
 }
 
@@ -113,6 +98,7 @@ impl MetricsSnapshot {
         channels: usize,
         user_data_bytes: usize,
         sessions_detached: usize,
+        (dropped_oldest, dropped_newest): (u64, u64),
     ) -> Self {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut s = MetricsSnapshot {
@@ -127,8 +113,8 @@ impl MetricsSnapshot {
             messages_out_total: r(&m.closed.messages_out),
             bytes_out_total: r(&m.closed.bytes_out),
             dropped_total: vec![
-                ("drop_oldest", r(&m.dropped_oldest)),
-                ("drop_newest", r(&m.dropped_newest)),
+                ("drop_oldest", dropped_oldest),
+                ("drop_newest", dropped_newest),
             ],
             heartbeat_timeouts_total: r(&m.heartbeat_timeouts),
             rate_limited_total: r(&m.rate_limited),

@@ -196,8 +196,8 @@ async fn handshakes_without_a_key_or_with_another_version_are_400() {
 struct Hello;
 
 impl keel::Handler for Hello {
-    fn on_connect(&self, hub: &Hub, conn: &keel::Connection) -> Option<keel::Deferred> {
-        conn.send_text(hub, bytes::Bytes::from_static(b"hello"));
+    fn on_connect(&self, _hub: &Hub, conn: &keel::Connection) -> Option<keel::Deferred> {
+        conn.send_text(bytes::Bytes::from_static(b"hello"));
         None
     }
 }

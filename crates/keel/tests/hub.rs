@@ -20,10 +20,10 @@ struct Echo {
 }
 
 impl Handler for Echo {
-    fn on_message(&self, hub: &Hub, conn: &Connection, msg: Message<'_>) -> Option<Deferred> {
+    fn on_message(&self, _hub: &Hub, conn: &Connection, msg: Message<'_>) -> Option<Deferred> {
         if let Message::Text(t) = msg {
             assert!(t != "boom", "handler panics on purpose");
-            conn.send_text(hub, bytes::Bytes::copy_from_slice(t.as_bytes()));
+            conn.send_text(bytes::Bytes::copy_from_slice(t.as_bytes()));
         }
         None
     }

@@ -222,7 +222,7 @@ impl MemoryBroker {
                 offset: st.offset,
                 epoch: st.epoch.clone(),
                 publisher: publisher.map(Arc::from),
-                time_ms: crate::token::unix_ms(),
+                time_ms: crate::clock::unix_ms(),
                 data: data.to_owned(),
             });
             if rules.history_size > 0 {

@@ -13,34 +13,20 @@
 //! named in the config.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
 use jsonwebtoken::{AlgorithmFamily, DecodingKey, Validation};
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::config::{Config, ConfigError};
 use crate::error::{Error, ErrorKind, Result};
 
-/// Who a client is, once its credential checked out.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Identity {
-    /// The client id (a JWT's `sub`).
-    pub client_id: String,
-    /// What presence shows about the client (a JWT's `info` claim).
-    #[serde(default)]
-    pub info: serde_json::Value,
-    /// Channels the client may subscribe to (a JWT's `channels` claim); `None`:
-    /// whatever the namespace rules allow.
-    #[serde(default)]
-    pub channels: Option<Vec<String>>,
-    /// When the credential expires, seconds since the Unix epoch (`exp`); `None`
-    /// for a ticket, which is spent at the upgrade.
-    #[serde(default)]
-    pub expires_at: Option<u64>,
-}
+pub use crate::conn::Identity;
 
 #[derive(Deserialize)]
 struct JwtClaims {

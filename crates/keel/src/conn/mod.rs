@@ -1,36 +1,121 @@
-//! One connection: its shared state ([`Connection`], a cheap handle anyone may hold)
-//! and the task that owns its socket (`Driver`).
+//! One connection's shared state: [`Connection`], a cheap handle anyone may hold,
+//! with its bounded send queue (`queue`), its message rate limit (`rate`), its
+//! identity, session and user data.
 //!
-//! Each socket has exactly one task, a hand-written future (`Driver`), which both
-//! reads and writes it in one `poll`: it drains the send queue into the socket's
-//! write buffer, flushes, and reads the next message, all on one waker. There is no
-//! second task, no channel between a reader and a writer, and no timer while the
-//! connection is healthy (heartbeats come from the per-Hub sweeper in `heartbeat`).
-//! A timer exists only while a close handshake is in flight.
+//! Sending is queuing: [`Connection::send_text`] pushes onto the queue under the
+//! slow-consumer policy of the connection's [`Delivery`] context and returns at
+//! once; the connection's task (`hub::driver`) writes the socket.
 //!
-//! The task is the only owner of the socket and of the registry entry's lifetime:
-//! it unregisters on every exit path (clean close, error, kill, panic) in its
-//! `Drop`. It never waits on anything but its own socket; handler hooks run
-//! synchronously inside its `poll`.
+//! What it must not do: know the Hub, the registry or channels beyond the list of
+//! names the connection is in, or wait on anything. The Hub hands each connection
+//! its delivery context when it makes it; that is all a push needs.
 
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
+pub(crate) mod queue;
+pub(crate) mod rate;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
-use crate::auth::Identity;
-use crate::handler::Deferred;
-use crate::hub::Hub;
-use crate::memory::UserData;
-use crate::queue::{Pushed, SendQueue};
-use crate::rate::{Bucket, Verdict};
-use crate::transport::{self, Batch, Incoming, Outgoing, ReadError, Slot, Socket};
+use crate::config::SlowConsumerPolicy;
+use crate::transport::Outgoing;
+use queue::{Limits, Pushed, SendQueue};
+use rate::Bucket;
+
+/// What pushing onto a connection's queue needs: the queue limits and the
+/// counters of what the slow-consumer policy dropped. One per Hub, shared by its
+/// connections.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    pub(crate) limits: Limits,
+    dropped_oldest: AtomicU64,
+    dropped_newest: AtomicU64,
+}
+
+impl Delivery {
+    pub(crate) fn new(limits: Limits) -> Self {
+        Delivery {
+            limits,
+            dropped_oldest: AtomicU64::new(0),
+            dropped_newest: AtomicU64::new(0),
+        }
+    }
+
+    fn dropped(&self, n: u64) {
+        match self.limits.policy {
+            SlowConsumerPolicy::DropOldest => &self.dropped_oldest,
+            _ => &self.dropped_newest,
+        }
+        .fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Messages dropped by `drop_oldest` and by `drop_newest` (or `disconnect`).
+    pub(crate) fn dropped_counts(&self) -> (u64, u64) {
+        (
+            self.dropped_oldest.load(Ordering::Relaxed),
+            self.dropped_newest.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Who a client is, once its credential checked out.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    /// The client id (a JWT's `sub`).
+    pub client_id: String,
+    /// What presence shows about the client (a JWT's `info` claim).
+    #[serde(default)]
+    pub info: serde_json::Value,
+    /// Channels the client may subscribe to (a JWT's `channels` claim); `None`:
+    /// whatever the namespace rules allow.
+    #[serde(default)]
+    pub channels: Option<Vec<String>>,
+    /// When the credential expires, seconds since the Unix epoch (`exp`); `None`
+    /// for a ticket, which is spent at the upgrade.
+    #[serde(default)]
+    pub expires_at: Option<u64>,
+}
+
+/// One connection's user data.
+#[derive(Debug)]
+pub(crate) struct UserData {
+    pub(crate) map: HashMap<String, serde_json::Value>,
+    /// Estimated bytes held (keys plus JSON sizes of values).
+    pub(crate) bytes: usize,
+    /// When data was first written, for the `oldest` eviction policy.
+    pub(crate) first_write: Instant,
+}
+
+impl UserData {
+    pub(crate) fn new() -> Self {
+        UserData {
+            map: HashMap::new(),
+            bytes: 0,
+            first_write: Instant::now(),
+        }
+    }
+}
+
+/// The estimated size of one user-data entry: the key plus the value's JSON.
+pub(crate) fn entry_size(key: &str, value: &serde_json::Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Counter(0);
+    let _ = serde_json::to_writer(&mut c, value);
+    key.len() + c.0
+}
 
 /// Why a connection ended. Carried in logs, metrics and `on_disconnect`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -201,6 +286,8 @@ pub(crate) struct ConnInner {
     /// Who the client is and which session it is in. Changes at most on a resume,
     /// while the connection is briefly out of the registry and of every channel.
     pub(crate) ident: RwLock<Ident>,
+    /// Queue limits and drop counters, the Hub's.
+    pub(crate) delivery: Arc<Delivery>,
 }
 
 /// A handle to one live connection. Cheap to clone; holding one does not keep the
@@ -226,6 +313,7 @@ impl Connection {
         auth: Option<Box<AuthState>>,
         peer: Option<std::net::IpAddr>,
         now_ms: u64,
+        delivery: Arc<Delivery>,
     ) -> Self {
         Connection {
             inner: Arc::new(ConnInner {
@@ -248,6 +336,7 @@ impl Connection {
                 peer: peer.map(Box::new),
                 bucket: Mutex::new(None),
                 stats: ConnStats::default(),
+                delivery,
             }),
         }
     }
@@ -321,7 +410,6 @@ impl Connection {
     /// authenticated within `auth_timeout` is closed with 1008 too.
     pub(crate) fn check_auth(
         &self,
-        hub: &Hub,
         now: Instant,
         unix_s: u64,
         grace: std::time::Duration,
@@ -354,14 +442,11 @@ impl Connection {
             None => {
                 st.refresh_deadline = Some(now + grace);
                 drop(guard);
-                self.send_text(
-                    hub,
-                    keel_protocol::encode::error(
-                        keel_protocol::ErrorCode::TokenExpired,
-                        "token expired: send refresh with a new token",
-                        None,
-                    ),
-                );
+                self.send_text(keel_protocol::encode::error(
+                    keel_protocol::ErrorCode::TokenExpired,
+                    "token expired: send refresh with a new token",
+                    None,
+                ));
             }
             Some(deadline) if now >= deadline => {
                 drop(guard);
@@ -377,8 +462,8 @@ impl Connection {
     }
 
     /// When it connected.
-    pub fn connected_at(&self) -> Instant {
-        self.inner.connected_at
+    pub fn connected_at(&self) -> std::time::Instant {
+        self.inner.connected_at.into_std()
     }
 
     /// Messages dropped for this connection by the slow-consumer policy.
@@ -393,47 +478,46 @@ impl Connection {
 
     /// Queues a text message (already-encoded JSON, usually). Never waits on the
     /// socket; returns false if it was dropped or the connection is closing.
-    pub fn send_text(&self, hub: &Hub, text: Bytes) -> bool {
-        self.push(hub, Outgoing::Text(text))
+    pub fn send_text(&self, text: Bytes) -> bool {
+        self.push(Outgoing::Text(text))
     }
 
     /// Queues a binary message; see [`send_text`](Self::send_text).
-    pub fn send_binary(&self, hub: &Hub, data: Bytes) -> bool {
-        self.push(hub, Outgoing::Binary(data))
+    pub fn send_binary(&self, data: Bytes) -> bool {
+        self.push(Outgoing::Binary(data))
     }
 
-    pub(crate) fn push(&self, hub: &Hub, item: Outgoing) -> bool {
+    pub(crate) fn push(&self, item: Outgoing) -> bool {
         matches!(
-            self.push_counted(hub, item),
+            self.push_counted(item),
             Pushed::Queued | Pushed::DroppedOldest(_)
         )
     }
 
     /// Queues `item`, counting what the slow-consumer policy dropped.
-    pub(crate) fn push_counted(&self, hub: &Hub, item: Outgoing) -> Pushed {
-        self.counted(hub, self.inner.queue.push(item, hub.limits()))
+    pub(crate) fn push_counted(&self, item: Outgoing) -> Pushed {
+        let limits = &self.inner.delivery.limits;
+        self.counted(self.inner.queue.push(item, limits))
     }
 
     /// Queues a publication's shared frame (a text message), counting drops.
-    pub(crate) fn push_shared_counted(&self, hub: &Hub, frame: &Arc<Bytes>) -> Pushed {
-        self.counted(hub, self.inner.queue.push_shared(frame, hub.limits()))
+    pub(crate) fn push_shared_counted(&self, frame: &Arc<Bytes>) -> Pushed {
+        let limits = &self.inner.delivery.limits;
+        self.counted(self.inner.queue.push_shared(frame, limits))
     }
 
     /// Counts what a push's slow-consumer policy dropped, and hands the result on.
-    fn counted(&self, hub: &Hub, pushed: Pushed) -> Pushed {
-        match pushed {
-            Pushed::DroppedOldest(n) => self.count_drops(hub, n as u64),
-            Pushed::DroppedNewest => self.count_drops(hub, 1),
-            Pushed::Queued | Pushed::Closed => {}
-        }
-        pushed
-    }
-
-    fn count_drops(&self, hub: &Hub, n: u64) {
+    fn counted(&self, pushed: Pushed) -> Pushed {
+        let n = match pushed {
+            Pushed::DroppedOldest(n) => n as u64,
+            Pushed::DroppedNewest => 1,
+            Pushed::Queued | Pushed::Closed => 0,
+        };
         if n > 0 {
             self.inner.stats.dropped.fetch_add(n, Ordering::Relaxed);
-            hub.metrics().dropped(hub.limits().policy, n);
+            self.inner.delivery.dropped(n);
         }
+        pushed
     }
 
     /// Starts a close handshake with `code`: what is queued goes out first, then
@@ -501,331 +585,4 @@ impl Connection {
         let user = self.inner.user_data.lock().as_ref().map_or(0, |u| u.bytes);
         queued + user
     }
-}
-
-/// Drives one connection until it ends: a hand-written future, so the task holds
-/// exactly these fields (176 bytes with the plain socket, most of it the socket) and no
-/// compiler-generated state machine around them. Registration already happened;
-/// dropping the driver, however it ends (completion, panic, runtime shutdown),
-/// unregisters.
-pub(crate) struct Driver {
-    hub: Hub,
-    conn: Connection,
-    socket: Socket,
-    /// Our Close frame has been handed to the socket: send nothing more.
-    close_sent: bool,
-    /// Runs only while a close handshake is in flight.
-    close_timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// How it ended as this task saw it, if the server did not decide it first.
-    end: (DisconnectReason, u16),
-    /// A message's handling that waits (see [`Deferred`]): finished before the
-    /// next message is read.
-    deferred: Option<Deferred>,
-}
-
-/// Inbound messages handled per poll before yielding to other tasks.
-const BUDGET: usize = 64;
-
-/// Frames taken from the send queue per queue lock (and per readiness check):
-/// what one vectored write carries under load.
-const WRITE_BATCH: usize = transport::BATCH_MAX;
-
-/// Bytes moved per queue lock, about; bounds the write buffer's overshoot.
-const WRITE_BATCH_BYTES: usize = 32 * 1024;
-
-enum Step {
-    Continue,
-    Stop,
-}
-
-impl Driver {
-    /// Registers nothing; calls `on_connect` and returns the future to spawn.
-    pub(crate) fn new(hub: Hub, conn: Connection, socket: Socket) -> Self {
-        let handler = hub.handler();
-        let deferred =
-            match std::panic::catch_unwind(AssertUnwindSafe(|| handler.on_connect(&hub, &conn))) {
-                Ok(deferred) => deferred,
-                Err(_) => {
-                    handler_panicked(&conn);
-                    None
-                }
-            };
-        Driver {
-            hub,
-            conn,
-            socket,
-            close_sent: false,
-            close_timer: None,
-            end: (DisconnectReason::ConnectionLost, 1006),
-            deferred,
-        }
-    }
-
-    fn start_close_timer(&mut self) {
-        if self.close_timer.is_none() {
-            let t = self.hub.config().close_timeout;
-            self.close_timer = Some(Box::pin(tokio::time::sleep(t)));
-        }
-    }
-
-    /// Takes queued frames in batches (up to `WRITE_BATCH` frames or about
-    /// `WRITE_BATCH_BYTES` per queue lock) and hands each batch to the socket,
-    /// which writes it at once if it can and buffers what it cannot; then flushes
-    /// what is buffered. Stops when the queue is empty, the socket is full, or our
-    /// Close is out. Returns whether the connection is closing (a Close queued).
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<bool, ()> {
-        let inner = &self.conn.inner;
-        let hub = &self.hub;
-        let mut closing = None;
-        while !self.close_sent {
-            match transport::poll_ready(&mut self.socket, cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(())) => return Err(()),
-                Poll::Pending => break,
-            }
-            let mut batch = Batch::new();
-            let drained = inner.queue.drain_into(
-                || hub.json_ping(),
-                WRITE_BATCH,
-                WRITE_BATCH_BYTES,
-                // Never full: the drain takes at most WRITE_BATCH (= BATCH_MAX)
-                // frames. Were it full, the frame would be lost, so end the
-                // connection rather than carry on without it.
-                |item| if batch.push(item) { Ok(()) } else { Err(()) },
-            )?;
-            closing = Some(drained.closing);
-            if batch.len() == 0 {
-                break;
-            }
-            let (mut messages, mut bytes) = (0, 0);
-            for item in batch.iter() {
-                match item {
-                    Slot::Shared(b) => {
-                        messages += 1;
-                        bytes += b.len() as u64;
-                    }
-                    Slot::Own(o) => match &**o {
-                        Outgoing::Text(b) | Outgoing::Binary(b) => {
-                            messages += 1;
-                            bytes += b.len() as u64;
-                        }
-                        Outgoing::Close(..) => self.close_sent = true,
-                        Outgoing::Ping => {}
-                    },
-                }
-            }
-            if messages > 0 {
-                inner
-                    .stats
-                    .messages_out
-                    .fetch_add(messages, Ordering::Relaxed);
-                inner.stats.bytes_out.fetch_add(bytes, Ordering::Relaxed);
-            }
-            transport::send_batch(&mut self.socket, cx, &mut batch)?;
-            if drained.empty {
-                break;
-            }
-        }
-        if let Poll::Ready(Err(())) = transport::poll_flush(&mut self.socket, cx) {
-            return Err(());
-        }
-        Ok(self.close_sent || closing.unwrap_or_else(|| inner.queue.is_closing()))
-    }
-
-    /// One non-waiting attempt to tell the peer why it is being cut off.
-    fn send_close_now(&mut self, cx: &mut Context<'_>) {
-        if let Some(close) = self.conn.inner.queue.take_close() {
-            if let Poll::Ready(Ok(())) = transport::poll_ready(&mut self.socket, cx) {
-                if transport::start_send(&mut self.socket, close).is_ok() {
-                    let _ = transport::poll_flush(&mut self.socket, cx);
-                }
-            }
-        }
-    }
-
-    /// Whether a data message may reach the handler under the rate limit.
-    fn admit(&mut self, now_ms: u64) -> bool {
-        let Some(limit) = self.hub.inner.rate.as_ref() else {
-            return true;
-        };
-        let verdict = self
-            .conn
-            .inner
-            .bucket
-            .lock()
-            .get_or_insert_with(|| Box::new(Bucket::new(limit, now_ms)))
-            .check(limit, now_ms);
-        match verdict {
-            Verdict::Pass => true,
-            Verdict::Drop { notify } => {
-                self.hub
-                    .metrics()
-                    .rate_limited
-                    .fetch_add(1, Ordering::Relaxed);
-                if notify {
-                    self.conn.send_text(
-                        &self.hub,
-                        keel_protocol::encode::error(
-                            keel_protocol::ErrorCode::RateLimited,
-                            "too many messages: this one was dropped",
-                            None,
-                        ),
-                    );
-                }
-                false
-            }
-            Verdict::Close => {
-                self.hub
-                    .metrics()
-                    .rate_limited
-                    .fetch_add(1, Ordering::Relaxed);
-                self.conn.close_as(
-                    DisconnectReason::RateLimited,
-                    keel_protocol::close::RATE_LIMITED,
-                    "rate limited",
-                    true,
-                );
-                false
-            }
-        }
-    }
-
-    fn on_frame(&mut self, frame: Incoming) {
-        let now_ms = self.hub.now_ms();
-        self.conn.inner.last_seen.store(now_ms, Ordering::Relaxed);
-        if matches!(frame, Incoming::Text(_) | Incoming::Binary(_)) && !self.admit(now_ms) {
-            return;
-        }
-        let inner = &self.conn.inner;
-        match frame {
-            Incoming::Text(text) => {
-                count_in(inner, text.len());
-                self.deferred = dispatch(&self.hub, &self.conn, Message::Text(&text));
-            }
-            Incoming::Binary(bytes) => {
-                count_in(inner, bytes.len());
-                self.deferred = dispatch(&self.hub, &self.conn, Message::Binary(&bytes));
-            }
-            Incoming::Control => {}
-            Incoming::Close(code) => {
-                // The transport answers the Close; keep polling until the socket
-                // reports the end, so the answer is flushed.
-                let end = (DisconnectReason::ClientClosed, code.unwrap_or(1005));
-                self.end = end;
-                inner.close_reason.lock().get_or_insert(end);
-                self.start_close_timer();
-            }
-        }
-    }
-
-    fn step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
-        if self.conn.inner.kill.load(Ordering::Acquire) {
-            self.send_close_now(cx);
-            return Poll::Ready(Step::Stop);
-        }
-        self.conn.inner.queue.register(cx.waker());
-        let Ok(closing) = self.poll_write(cx) else {
-            return Poll::Ready(Step::Stop);
-        };
-        // The close deadline runs from when the close was asked for, not from when
-        // the Close frame got out: a peer that does not read may never take it.
-        if closing {
-            self.start_close_timer();
-        }
-        if let Some(timer) = self.close_timer.as_mut() {
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Step::Stop);
-            }
-        }
-        if let Some(deferred) = self.deferred.as_mut() {
-            match std::panic::catch_unwind(AssertUnwindSafe(|| deferred.as_mut().poll(cx))) {
-                Ok(Poll::Pending) => return Poll::Pending,
-                Ok(Poll::Ready(())) => self.deferred = None,
-                Err(_) => {
-                    self.deferred = None;
-                    handler_panicked(&self.conn);
-                }
-            }
-            // Its answers were queued: write them before reading on.
-            return Poll::Ready(Step::Continue);
-        }
-        match transport::poll_read(&mut self.socket, cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(frame)) => {
-                self.on_frame(frame);
-                Poll::Ready(Step::Continue)
-            }
-            Poll::Ready(Err(ReadError::Closed)) => Poll::Ready(Step::Stop),
-            Poll::Ready(Err(ReadError::Protocol(code, detail))) => {
-                tracing::debug!(client_id = %self.conn.client_id(), code, %detail, "protocol error");
-                // Some layers of the transport answer with a Close themselves, some
-                // do not: queue ours; if theirs went first, the socket refuses the
-                // second and the connection ends with theirs.
-                self.conn
-                    .close_as(DisconnectReason::ProtocolError, code, &detail, true);
-                Poll::Ready(Step::Continue)
-            }
-        }
-    }
-}
-
-impl Future for Driver {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        for _ in 0..BUDGET {
-            match this.step(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Step::Stop) => return Poll::Ready(()),
-                Poll::Ready(Step::Continue) => {}
-            }
-        }
-        // A busy client: let other connections run, then continue.
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let (reason, code) = self.conn.inner.close_reason.lock().unwrap_or(self.end);
-        let reason = if std::thread::panicking() {
-            DisconnectReason::InternalError
-        } else {
-            reason
-        };
-        self.hub.unregister(&self.conn, reason, code);
-    }
-}
-
-fn count_in(inner: &ConnInner, len: usize) {
-    inner.stats.messages_in.fetch_add(1, Ordering::Relaxed);
-    inner
-        .stats
-        .bytes_in
-        .fetch_add(len as u64, Ordering::Relaxed);
-}
-
-/// Hands a message to the handler; a panic closes this connection with 1011 and
-/// touches nothing else. Returns the handler's deferred work, if any.
-fn dispatch(hub: &Hub, conn: &Connection, msg: Message<'_>) -> Option<Deferred> {
-    let handler = hub.handler();
-    match std::panic::catch_unwind(AssertUnwindSafe(|| handler.on_message(hub, conn, msg))) {
-        Ok(deferred) => deferred,
-        Err(_) => {
-            handler_panicked(conn);
-            None
-        }
-    }
-}
-
-fn handler_panicked(conn: &Connection) {
-    tracing::error!(client_id = %conn.client_id(), "handler panicked; closing the connection with 1011");
-    conn.close_as(
-        DisconnectReason::InternalError,
-        keel_protocol::close::INTERNAL_ERROR,
-        "internal error",
-        true,
-    );
 }

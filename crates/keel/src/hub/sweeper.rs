@@ -24,12 +24,14 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Weak;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HeartbeatMode, SlowConsumerPolicy};
-use crate::connection::{Connection, DisconnectReason};
+use crate::conn::{Connection, DisconnectReason};
 use crate::hub::{Hub, HubInner};
 
 pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
@@ -90,7 +92,7 @@ pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
         let Some(inner) = hub.upgrade() else { return };
         let hub = Hub { inner };
         if memory_check {
-            crate::shutdown::enforce_total_memory(&hub);
+            crate::hub::user_data::enforce_total_memory(&hub);
             continue;
         }
         let now = Instant::now();
@@ -111,7 +113,7 @@ fn sweep(hub: &Hub, now: Instant, next_ping: &mut [Instant], interval: Duration)
     let slow_timeout = cfg.slow_consumer_timeout;
     let disconnect_slow = cfg.slow_consumer_policy == SlowConsumerPolicy::Disconnect;
     let mut json_encoded = false;
-    let unix_s = crate::token::unix_ms() / 1000;
+    let unix_s = crate::policy::token::unix_ms() / 1000;
     let (grace, auth_timeout) = (cfg.auth_refresh_grace, cfg.auth_timeout);
     for (i, shard) in hub.shards().iter().enumerate() {
         let ping = now >= next_ping[i];
@@ -139,7 +141,7 @@ fn sweep(hub: &Hub, now: Instant, next_ping: &mut [Instant], interval: Duration)
                 );
                 continue;
             }
-            c.check_auth(hub, now, unix_s, grace, auth_timeout);
+            c.check_auth(now, unix_s, grace, auth_timeout);
             if disconnect_slow {
                 if let Some(since) = c.inner.queue.full_since() {
                     if now.duration_since(since) >= slow_timeout {

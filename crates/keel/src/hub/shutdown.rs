@@ -1,6 +1,6 @@
-//! Ending connections in bulk: the graceful shutdown sequence and memory eviction.
+//! The graceful shutdown sequence.
 //!
-//! Graceful shutdown: the Hub starts refusing upgrades (the gateway's readiness
+//! The Hub starts refusing upgrades (the gateway's readiness
 //! turns 503 from the same flag), every client gets `server_shutdown` with a
 //! reconnect delay drawn uniformly from `shutdown_reconnect_window` (so a restart
 //! does not become a reconnection storm) followed by Close 1012, and the Hub waits
@@ -9,12 +9,14 @@
 //! decides that (the gateway exits 0 after SIGTERM; `/admin/drain` does not exit).
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use rand::Rng;
 use serde::Serialize;
 
-use crate::connection::{Connection, DisconnectReason};
+use crate::conn::{Connection, DisconnectReason};
 use crate::hub::Hub;
 
 /// What a graceful shutdown did.
@@ -107,45 +109,4 @@ impl Hub {
         );
         report
     }
-}
-
-/// Closes connections (1013) by the eviction policy until the total memory is under
-/// `max_total_memory`. Returns how many were closed.
-pub(crate) fn enforce_total_memory(hub: &Hub) -> usize {
-    let Some(max) = hub.config().max_total_memory else {
-        return 0;
-    };
-    // Only connections holding memory can be evicted, so only they are collected:
-    // a check walks every connection but clones few handles.
-    let mut total = 0;
-    let mut conns: Vec<(Connection, usize)> = Vec::new();
-    for shard in hub.shards() {
-        for c in shard.read().values() {
-            let mem = c.memory();
-            if mem > 0 {
-                total += mem;
-                conns.push((c.clone(), mem));
-            }
-        }
-    }
-    if total <= max {
-        return 0;
-    }
-    let mut excess = total - max;
-    let mut closed = 0;
-    for (c, mem) in crate::memory::eviction_order(conns, hub.config().memory_eviction_policy) {
-        if excess == 0 {
-            break;
-        }
-        tracing::warn!(client_id = %c.client_id(), bytes = mem, "evicting connection over max_total_memory");
-        c.close_as(
-            DisconnectReason::MemoryEvicted,
-            keel_protocol::close::TRY_AGAIN_LATER,
-            "memory limit",
-            true,
-        );
-        excess = excess.saturating_sub(mem);
-        closed += 1;
-    }
-    closed
 }

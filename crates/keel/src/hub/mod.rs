@@ -1,16 +1,31 @@
-//! [`Hub`]: the registry of connections and the public face of the library.
+//! [`Hub`]: the public face of the library, and its connection registry.
 //!
 //! A Hub is a value: cheap to clone (an `Arc` inside), many per process, no global
-//! state. It owns a sharded map of client_id to [`Connection`], the channels, the
-//! counters, and the background sweeper started by [`Hub::start`]. Every operation
-//! the gateway performs is a method here. Methods never await a socket: sending is
-//! queuing.
+//! state. This file holds the Hub itself, the connect path and the registry (a
+//! sharded map of client_id to [`Connection`]); its other parts are submodules:
+//! the connection task (`driver`), local fan-out and the last hop (`fanout`),
+//! sessions and resume (`sessions`), the sweeper (`sweeper`), user data and
+//! eviction (`user_data`), graceful shutdown (`shutdown`), and the application's
+//! hooks (`handler`). Channel streams live in the [`Broker`] the Hub was given.
+//!
+//! What it must not do: await a socket (sending is queuing), hold a lock across an
+//! await, or call a hook while holding one of its locks.
+
+pub(crate) mod driver;
+pub(crate) mod fanout;
+pub(crate) mod handler;
+pub(crate) mod sessions;
+pub(crate) mod shutdown;
+pub(crate) mod sweeper;
+pub(crate) mod user_data;
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use axum::response::Response;
 use bytes::Bytes;
@@ -21,21 +36,19 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Identity;
 use crate::broker::{
     Broker, Deliver, Delivered, History, HistoryQuery, MemoryBroker, NodeId, Publication,
     StreamPosition, StreamPublication, StreamRules,
 };
 use crate::config::Config;
-use crate::connection::{self, AuthState, Connection, DisconnectReason};
+use crate::conn::queue::Limits;
+use crate::conn::{AuthState, Connection, Delivery, DisconnectReason};
 use crate::error::{Error, ErrorKind, Result};
-use crate::fanout::{Fanout, PresenceEntry, Subscribed};
-use crate::handler::{Handler, NoopHandler};
-use crate::memory::{self, MemoryUsage, UserData};
+use crate::hub::fanout::{Fanout, PresenceEntry, Subscribed};
+use crate::hub::handler::{Handler, NoopHandler};
+use crate::hub::sessions::{Detached, Sessions};
 use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::queue::Limits;
-use crate::session::{Detached, Resumed, Sessions};
-use crate::token::{self, ReconnectClaims};
+use crate::policy::auth::Identity;
 use crate::transport::Socket;
 use crate::transport::{Outgoing, Transport, Upgrade};
 
@@ -43,11 +56,12 @@ type Shard = RwLock<HashMap<Arc<str>, Connection>>;
 
 pub(crate) struct HubInner {
     pub(crate) config: Config,
-    limits: Limits,
+    /// Queue limits and drop counters, shared with every connection.
+    pub(crate) delivery: Arc<Delivery>,
     /// The per-connection message rate limit, if one is configured.
-    pub(crate) rate: Option<crate::rate::RateLimit>,
+    pub(crate) rate: Option<crate::conn::rate::RateLimit>,
     /// Per-address connection caps and rates, if configured.
-    pub(crate) ip_limits: Option<crate::ip_limits::IpLimits>,
+    pub(crate) ip_limits: Option<crate::policy::ip_limits::IpLimits>,
     handler: Arc<dyn Handler>,
     shards: Box<[Shard]>,
     hasher: std::collections::hash_map::RandomState,
@@ -93,7 +107,7 @@ impl Deliver for NodeSink {
         match self.0.upgrade() {
             Some(inner) => {
                 let hub = Hub { inner };
-                hub.inner.fanout.deliver(&hub, publication)
+                hub.inner.fanout.deliver(publication)
             }
             None => Delivered::default(),
         }
@@ -146,13 +160,13 @@ impl Hub {
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<HubInner>| {
             let node = broker.attach(Arc::new(NodeSink(weak.clone())));
             HubInner {
-                limits: Limits {
+                delivery: Arc::new(Delivery::new(Limits {
                     max_messages: config.send_queue_max_messages,
                     max_bytes: config.send_queue_max_bytes,
                     policy: config.slow_consumer_policy,
-                },
-                rate: crate::rate::RateLimit::from_config(&config),
-                ip_limits: crate::ip_limits::IpLimits::from_config(&config),
+                })),
+                rate: crate::conn::rate::RateLimit::from_config(&config),
+                ip_limits: crate::policy::ip_limits::IpLimits::from_config(&config),
                 handler: Arc::new(handler),
                 shards: (0..shards).map(|_| RwLock::default()).collect(),
                 hasher: Default::default(),
@@ -183,7 +197,7 @@ impl Hub {
     /// history expiry). Idempotent; must be called inside a tokio runtime.
     pub fn start(&self) {
         if !self.inner.running.swap(true, Ordering::AcqRel) {
-            tokio::spawn(crate::heartbeat::sweeper(
+            tokio::spawn(crate::hub::sweeper::sweeper(
                 Arc::downgrade(&self.inner),
                 self.inner.stop.clone(),
             ));
@@ -198,10 +212,6 @@ impl Hub {
     /// The current JSON `ping` frame.
     pub(crate) fn json_ping(&self) -> Bytes {
         self.inner.json_ping.lock().clone()
-    }
-
-    pub(crate) fn limits(&self) -> &Limits {
-        &self.inner.limits
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {
@@ -228,7 +238,7 @@ impl Hub {
     /// options.
     pub(crate) fn stream_rules(&self, name: &str) -> (StreamRules, bool) {
         let c = &self.inner.config;
-        let ns = crate::permissions::namespace(&c.namespaces, name);
+        let ns = crate::policy::permissions::namespace(&c.namespaces, name);
         let rules = StreamRules {
             history_size: ns.and_then(|n| n.history_size).unwrap_or(c.history_size),
             history_ttl: ns.and_then(|n| n.history_ttl).unwrap_or(c.history_ttl),
@@ -421,7 +431,7 @@ impl Hub {
         // node's places.
         let ip = match &self.inner.ip_limits {
             Some(limits) => {
-                let ip = crate::ip_limits::client_ip(
+                let ip = crate::policy::ip_limits::client_ip(
                     &self.inner.config.trusted_proxies,
                     upgrade.peer,
                     upgrade.forwarded.as_deref(),
@@ -463,9 +473,10 @@ impl Hub {
             };
             // `ip` is set only when per-address limits are on: it is what releases
             // the address's count when the connection ends.
-            let conn = Connection::new(client_id, metadata, auth, ip, hub.now_ms());
+            let delivery = hub.inner.delivery.clone();
+            let conn = Connection::new(client_id, metadata, auth, ip, hub.now_ms(), delivery);
             hub.register(&conn);
-            tasks.spawn(connection::Driver::new(hub, conn, socket));
+            tasks.spawn(driver::Driver::new(hub, conn, socket));
         };
         let (response, later) = match self.inner.transport.accept(upgrade, start) {
             Ok(r) => r,
@@ -532,7 +543,7 @@ impl Hub {
     /// Moves `conn` to identity `ident`: out of every channel and of the registry
     /// under its current client_id, then into the registry under the new one
     /// (replacing, 4002, whoever holds it).
-    fn rebind(&self, conn: &Connection, ident: crate::connection::Ident) {
+    fn rebind(&self, conn: &Connection, ident: crate::conn::Ident) {
         let mine = conn.ident();
         let joined: Vec<Arc<str>> = std::mem::take(&mut *conn.inner.channels.lock());
         for ch in &joined {
@@ -686,7 +697,7 @@ impl Hub {
     /// message was refused by a full queue.
     pub fn send_to_client(&self, client_id: &str, text: impl Into<Bytes>) -> bool {
         match self.get_connection(client_id) {
-            Some(c) => c.push(self, Outgoing::Text(text.into())),
+            Some(c) => c.push(Outgoing::Text(text.into())),
             None => false,
         }
     }
@@ -704,7 +715,7 @@ impl Hub {
                 if exclude.contains(&&*c.client_id()) {
                     continue;
                 }
-                result.add(c.push_shared_counted(self, &frame));
+                result.add(c.push_shared_counted(&frame));
                 if (i + 1) % batch == 0 {
                     tokio::task::yield_now().await;
                 }
@@ -733,75 +744,6 @@ impl Hub {
         let c = self.require(client_id)?;
         c.inner.last_seen.store(self.now_ms(), Ordering::Relaxed);
         Ok(())
-    }
-
-    /// Memory held by connections: user data plus queued output.
-    pub fn get_memory_usage(&self) -> MemoryUsage {
-        let mut total = 0;
-        let mut count = 0;
-        for s in self.inner.shards.iter() {
-            for c in s.read().values() {
-                total += c.memory();
-                count += 1;
-            }
-        }
-        MemoryUsage {
-            total_memory: total,
-            connection_count: count,
-            per_connection_average: if count == 0 {
-                0.0
-            } else {
-                total as f64 / count as f64
-            },
-        }
-    }
-
-    /// Stores `value` under `key` for `client_id`. Fails with
-    /// [`ErrorKind::MemoryLimitExceeded`] if it would take the connection past
-    /// `max_memory_per_connection` or all connections past `max_total_memory`;
-    /// nothing is changed then.
-    pub fn set_user_data(
-        &self,
-        client_id: &str,
-        key: &str,
-        value: serde_json::Value,
-    ) -> Result<()> {
-        let c = self.require(client_id)?;
-        let cfg = &self.inner.config;
-        let add = memory::entry_size(key, &value);
-        let mut slot = c.inner.user_data.lock();
-        let ud = slot.get_or_insert_with(|| Box::new(UserData::new()));
-        let old = ud.map.get(key).map_or(0, |v| memory::entry_size(key, v));
-        let new_conn = ud.bytes - old + add;
-        if let Some(max) = cfg.max_memory_per_connection {
-            if new_conn > max {
-                return Err(Error::new(
-                    ErrorKind::MemoryLimitExceeded,
-                    format!("user data of {client_id} would be {new_conn} bytes, over max_memory_per_connection ({max})"),
-                ));
-            }
-        }
-        if let Some(max) = cfg.max_total_memory {
-            let total = self.inner.user_data_bytes.load(Ordering::Relaxed) - old + add;
-            if total > max {
-                return Err(Error::new(
-                    ErrorKind::MemoryLimitExceeded,
-                    format!("user data would total {total} bytes, over max_total_memory ({max})"),
-                ));
-            }
-        }
-        ud.map.insert(key.to_string(), value);
-        ud.bytes = new_conn;
-        self.inner.user_data_bytes.fetch_add(add, Ordering::Relaxed);
-        self.inner.user_data_bytes.fetch_sub(old, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// The value under `key` for `client_id`, if any.
-    pub fn get_user_data(&self, client_id: &str, key: &str) -> Option<serde_json::Value> {
-        let c = self.get_connection(client_id)?;
-        let slot = c.inner.user_data.lock();
-        slot.as_ref()?.map.get(key).cloned()
     }
 
     /// Adds `client_id` to room (channel) `room`; returns the channel's position,
@@ -835,6 +777,17 @@ impl Hub {
     pub fn leave_room(&self, client_id: &str, room: &str) -> Result<bool> {
         let c = self.require(client_id)?;
         Ok(self.unsubscribe(&c, room))
+    }
+
+    /// Whether `conn` may do `action` on `channel` under this Hub's configuration
+    /// ([`policy::permissions::authorize`](crate::policy::permissions::authorize)).
+    pub fn authorize(
+        &self,
+        conn: &Connection,
+        action: crate::policy::permissions::Action,
+        channel: &str,
+    ) -> Result<()> {
+        crate::policy::permissions::authorize(&self.inner.config, conn, action, channel)
     }
 
     /// Who is present in `channel`: connected members with a sign of life within
@@ -876,9 +829,7 @@ impl Hub {
         text: impl Into<Bytes>,
         exclude: Option<&str>,
     ) -> BroadcastResult {
-        self.inner
-            .fanout
-            .broadcast(self, room, text.into(), exclude)
+        self.inner.fanout.broadcast(room, text.into(), exclude)
     }
 
     /// Publishes `data` to `channel`'s stream: the broker assigns the next offset
@@ -924,246 +875,6 @@ impl Hub {
         self.inner.broker.history(channel, query, rules).await
     }
 
-    /// A reconnect token for `client_id`'s current session and generation, valid
-    /// for `reconnect_token_ttl`. The gateway puts one in `welcome` and each
-    /// `resume_response`.
-    pub fn generate_reconnect_token(&self, client_id: &str) -> Result<String> {
-        let c = self.require(client_id)?;
-        Ok(self.token_for(&c))
-    }
-
-    /// A reconnect token for `conn`'s session as it is now (what `welcome` carries).
-    pub fn reconnect_token(&self, conn: &Connection) -> String {
-        self.token_for(conn)
-    }
-
-    fn token_for(&self, conn: &Connection) -> String {
-        let ident = conn.ident();
-        self.inner.sessions.signer.sign(&ReconnectClaims {
-            client_id: ident.client_id.to_string(),
-            session_id: uuid::Uuid::from_u128(ident.session_id).to_string(),
-            generation: ident.generation,
-            expires_at_ms: token::unix_ms() + self.inner.sessions.ttl.as_millis() as u64,
-            authenticated: conn.is_authenticated(),
-        })
-    }
-
-    /// The claims of `token` if it was signed with this Hub's `reconnect_secret`
-    /// and has not expired: [`ErrorKind::InvalidToken`] for a malformed, tampered
-    /// or foreign token, [`ErrorKind::TokenExpired`] for one past its expiry. Says
-    /// nothing about whether it was already used (that is [`resume`](Self::resume)'s
-    /// business).
-    pub fn validate_reconnect_token(&self, token: &str) -> Result<ReconnectClaims> {
-        self.inner.sessions.signer.verify(token, token::unix_ms())
-    }
-
-    /// Detached sessions waiting for a resume.
-    pub fn get_detached_session_count(&self) -> usize {
-        self.inner.sessions.count()
-    }
-
-    /// Resumes the session `token` names on connection `conn`: `conn` takes the
-    /// session's client_id and session_id (a connection still holding them is
-    /// closed with 4002), gets its user data back, and is subscribed to each channel
-    /// in `positions`, with what it missed after each position replayed (or nothing,
-    /// and `recovered: false`, where history no longer has all of it).
-    ///
-    /// Refused, with `conn` left as it was (a new session): a forged, malformed or
-    /// already used token ([`ErrorKind::InvalidToken`]), an expired one or a session
-    /// already reclaimed ([`ErrorKind::TokenExpired`]), a session of another client
-    /// when `conn` authenticated as someone (`authenticated_as`), or the session
-    /// of an authenticated client when `conn` did not authenticate
-    /// ([`ErrorKind::Forbidden`] both), and resume when `enable_reconnect` is off
-    /// ([`ErrorKind::InvalidArgument`]).
-    ///
-    /// A token is good for one resume: the result carries its successor. On a node
-    /// that does not hold the session (another node of a cluster, or after a
-    /// restart), a valid unexpired token still restores the identity and the
-    /// subscriptions, without user data (`restored_state: false`).
-    pub async fn resume(
-        &self,
-        conn: &Connection,
-        token: &str,
-        positions: &[(String, Option<keel_protocol::StreamPosition>)],
-        authenticated_as: Option<&str>,
-    ) -> Result<Resumed> {
-        let m = &self.inner.metrics;
-        let result = self
-            .resume_inner(conn, token, positions, authenticated_as)
-            .await;
-        let outcome = match &result {
-            Ok(_) => 0,
-            Err(e) if e.kind() == &ErrorKind::TokenExpired => 2,
-            Err(e) if e.kind() == &ErrorKind::Forbidden => 3,
-            Err(_) => 1,
-        };
-        m.resumes[outcome].fetch_add(1, Ordering::Relaxed);
-        match &result {
-            Ok(r) => tracing::info!(
-                client_id = %r.client_id,
-                session_id = %r.session_id,
-                replayed = r.replayed,
-                restored_state = r.restored_state,
-                "resume"
-            ),
-            Err(e) => tracing::info!(
-                client_id = %conn.client_id(),
-                error = ?e.kind(),
-                "resume refused"
-            ),
-        }
-        result
-    }
-
-    async fn resume_inner(
-        &self,
-        conn: &Connection,
-        token: &str,
-        positions: &[(String, Option<keel_protocol::StreamPosition>)],
-        authenticated_as: Option<&str>,
-    ) -> Result<Resumed> {
-        if !self.inner.config.enable_reconnect {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                "session resume is disabled on this server",
-            ));
-        }
-        for (channel, _) in positions {
-            self.check_channel_name(channel)?;
-        }
-        let sessions = &self.inner.sessions;
-        let claims = sessions.signer.verify_signature(token)?;
-        let invalid = |why: &str| Error::new(ErrorKind::InvalidToken, why.to_string());
-        let session_id = uuid::Uuid::parse_str(&claims.session_id)
-            .map_err(|_| invalid("invalid reconnect token"))?
-            .as_u128();
-        if authenticated_as.is_some_and(|me| me != claims.client_id) {
-            return Err(Error::new(
-                ErrorKind::Forbidden,
-                "the session belongs to another client",
-            ));
-        }
-        // A reconnect token is not a credential: the session of an authenticated
-        // client goes only to a connection that authenticated as that client.
-        if claims.authenticated && authenticated_as.is_none() {
-            return Err(Error::new(
-                ErrorKind::Forbidden,
-                "the session belongs to an authenticated client: authenticate first",
-            ));
-        }
-        let mine = conn.ident();
-        if mine.session_id == session_id {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                "this connection already is that session",
-            ));
-        }
-        let now = Instant::now();
-        // Where is the session? Detached here, still attached to an open
-        // connection here, or nowhere on this node.
-        let same =
-            |d: &Detached| d.generation == claims.generation && *d.client_id == *claims.client_id;
-        let (user_data, lingering, restored_state) = match sessions.take_if(session_id, same) {
-            Ok(d) if d.expires <= now => {
-                self.free_user_data(d.user_data);
-                return Err(Error::new(ErrorKind::TokenExpired, "session expired"));
-            }
-            Ok(d) => (d.user_data, d.channels, true),
-            Err(true) => return Err(invalid("reconnect token already used")),
-            Err(false) => match self.get_connection(&claims.client_id) {
-                Some(old) if old.ident().session_id == session_id => {
-                    if old.ident().generation != claims.generation {
-                        return Err(invalid("reconnect token already used"));
-                    }
-                    // Still open (a zombie, or two tabs): take it over.
-                    old.inner.taken_over.store(true, Ordering::Release);
-                    let ud = old.inner.user_data.lock().take();
-                    (ud, Vec::new(), true)
-                }
-                _ => {
-                    if claims.expires_at_ms < token::unix_ms() {
-                        return Err(Error::new(
-                            ErrorKind::TokenExpired,
-                            "reconnect token expired",
-                        ));
-                    }
-                    (None, Vec::new(), false)
-                }
-            },
-        };
-
-        // Rebind to the session's identity, with its user data.
-        self.rebind(
-            conn,
-            crate::connection::Ident {
-                client_id: Arc::from(claims.client_id.as_str()),
-                session_id,
-                generation: claims.generation + 1,
-            },
-        );
-        let previous = std::mem::replace(&mut *conn.inner.user_data.lock(), user_data);
-        self.free_user_data(previous);
-        // A copy detached by a connection that ended while we took it over.
-        if let Some(stale) = sessions.take(session_id) {
-            let mut slot = conn.inner.user_data.lock();
-            if slot.is_none() {
-                *slot = stale.user_data;
-            } else {
-                self.free_user_data(stale.user_data);
-            }
-        }
-
-        let mut resumed = Resumed {
-            client_id: claims.client_id.clone(),
-            session_id: claims.session_id.clone(),
-            reconnect_token: self.token_for(conn),
-            recovered: Default::default(),
-            positions: Default::default(),
-            replayed: 0,
-            restored_state,
-        };
-        for (channel, since) in positions {
-            let s = self
-                .inner
-                .fanout
-                .join(self, channel, conn, since.as_ref())
-                .await?;
-            resumed.recovered.insert(channel.clone(), s.recovered);
-            resumed.positions.insert(channel.clone(), s.position);
-            resumed.replayed += s.replayed;
-        }
-        // Channels the session was in but did not ask back: its presence ends now.
-        for ch in lingering {
-            if !resumed.recovered.contains_key(&*ch) {
-                self.inner.fanout.end_presence(self, &ch, &claims.client_id);
-            }
-        }
-        Ok(resumed)
-    }
-
-    fn free_user_data(&self, ud: Option<Box<crate::memory::UserData>>) {
-        if let Some(ud) = ud {
-            self.inner
-                .user_data_bytes
-                .fetch_sub(ud.bytes, Ordering::Relaxed);
-        }
-    }
-
-    /// Frees detached sessions past their TTL. Called by the sweeper.
-    pub(crate) fn reclaim_sessions(&self) {
-        let (freed, bytes) = self.inner.sessions.reclaim(Instant::now());
-        if freed > 0 {
-            self.inner
-                .user_data_bytes
-                .fetch_sub(bytes, Ordering::Relaxed);
-            self.inner
-                .metrics
-                .sessions_expired
-                .fetch_add(freed as u64, Ordering::Relaxed);
-            tracing::debug!(freed, "detached sessions reclaimed");
-        }
-    }
-
     /// A snapshot of the counters and gauges.
     ///
     /// Traffic totals never go down from one snapshot to the next: every shard's
@@ -1185,6 +896,7 @@ impl Hub {
             channels,
             user_data_bytes,
             sessions,
+            self.inner.delivery.dropped_counts(),
         )
     }
 
@@ -1195,14 +907,15 @@ impl Hub {
 
     /// Messages dropped by slow-consumer policies since start.
     pub fn dropped_total(&self) -> u64 {
-        self.inner.metrics.dropped_total()
+        let (oldest, newest) = self.inner.delivery.dropped_counts();
+        oldest + newest
     }
 }
 
 impl BroadcastResult {
     /// Counts one queue's answer.
-    pub(crate) fn add(&mut self, p: crate::queue::Pushed) {
-        use crate::queue::Pushed;
+    pub(crate) fn add(&mut self, p: crate::conn::queue::Pushed) {
+        use crate::conn::queue::Pushed;
         match p {
             Pushed::Queued => self.sent += 1,
             Pushed::DroppedOldest(_) => {

@@ -12,7 +12,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::connection::{Connection, DisconnectReason, Message};
+use crate::conn::{Connection, DisconnectReason, Message};
 use crate::hub::Hub;
 
 /// Work that `on_connect` or `on_message` hands back to the connection's task: polled there

@@ -24,14 +24,14 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use crate::broker::{Delivered, HistoryQuery, StreamPosition, StreamPublication};
-use crate::connection::Connection;
+use crate::conn::Connection;
 use crate::error::{Error, ErrorKind, Result};
 use crate::hub::{BroadcastResult, Hub};
 use crate::transport::Outgoing;
@@ -171,7 +171,7 @@ impl Fanout {
 
     /// The last hop: queues `p` to every live member above its watermark, and
     /// buffers it for members still joining.
-    pub(crate) fn deliver(&self, hub: &Hub, p: &Arc<StreamPublication>) -> Delivered {
+    pub(crate) fn deliver(&self, p: &Arc<StreamPublication>) -> Delivered {
         let Some(ch) = self.get(&p.channel) else {
             return Delivered::default();
         };
@@ -199,7 +199,7 @@ impl Fanout {
                 continue;
             }
             m.after = p.offset;
-            result.add(m.conn.push_shared_counted(hub, &frame));
+            result.add(m.conn.push_shared_counted(&frame));
         }
         Delivered {
             queued: result.sent,
@@ -296,7 +296,7 @@ impl Fanout {
         let mut replayed = 0;
         if recovered {
             for p in &history.publications {
-                member.conn.push(hub, Outgoing::Text(p.encode()));
+                member.conn.push(Outgoing::Text(p.encode()));
                 replayed += 1;
             }
             after = history
@@ -312,7 +312,7 @@ impl Fanout {
         if let Some(buffer) = member.pending.take() {
             for p in buffer.iter() {
                 if *p.epoch == *epoch && p.offset > after {
-                    member.conn.push_shared_counted(hub, &Arc::new(p.encode()));
+                    member.conn.push_shared_counted(&Arc::new(p.encode()));
                     after = p.offset;
                 }
             }
@@ -514,7 +514,6 @@ impl Fanout {
     /// `exclude`.
     pub(crate) fn broadcast(
         &self,
-        hub: &Hub,
         name: &str,
         frame: Bytes,
         exclude: Option<&str>,
@@ -525,7 +524,7 @@ impl Fanout {
             if exclude.is_some_and(|x| x == &*c.client_id()) {
                 continue;
             }
-            result.add(c.push_shared_counted(hub, &frame));
+            result.add(c.push_shared_counted(&frame));
         }
         result
     }

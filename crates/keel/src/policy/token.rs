@@ -110,11 +110,7 @@ impl TokenSigner {
 }
 
 /// Milliseconds since the Unix epoch, now.
-pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub(crate) use crate::clock::unix_ms;
 
 #[cfg(test)]
 mod tests {
