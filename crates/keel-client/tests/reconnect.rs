@@ -304,11 +304,8 @@ async fn no_reconnect_after_1008_or_own_close() {
     let err = c.publish("c", json!(1)).await.unwrap_err();
     assert_eq!(err.kind(), &ErrorKind::Closed);
     // A client close (1000) leaves no session behind on the server.
-    eventually("server saw the close", || {
-        gw.hub.get_connection_count() == 0
-    })
-    .await;
-    assert_eq!(gw.hub.get_detached_session_count(), 0);
+    eventually("server saw the close", || gw.hub.connection_count() == 0).await;
+    assert_eq!(gw.hub.detached_session_count(), 0);
 }
 
 #[tokio::test]

@@ -9,7 +9,12 @@ pub const NORMAL: u16 = 1000;
 pub const UNSUPPORTED_DATA: u16 = 1003;
 /// Text frame that is not valid UTF-8.
 pub const INVALID_PAYLOAD: u16 = 1007;
-/// Auth failed or timed out, token expired without refresh, forbidden origin.
+/// No status code in the peer's Close (RFC 6455 7.4.1): never sent, only reported.
+pub const NO_STATUS: u16 = 1005;
+/// The connection ended without a Close (RFC 6455 7.4.1): never sent, only
+/// reported.
+pub const ABNORMAL: u16 = 1006;
+/// Auth failed or timed out, token expired without refresh.
 pub const POLICY_VIOLATION: u16 = 1008;
 /// Frame or message larger than `max_message_size`.
 pub const MESSAGE_TOO_BIG: u16 = 1009;

@@ -16,17 +16,20 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use keel::{Authenticator, Config, Hub, Identity, ShutdownReport, Tickets, Upgrade};
+use keel::{Authenticator, Hub, Identity, ShutdownReport, Tickets, Upgrade};
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 use tokio::sync::Notify;
 
 use crate::protocol::{self, Gateway};
+use crate::settings::{BrokerKind, Settings};
 
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]
 pub struct AppState {
     hub: Hub,
+    /// The gateway's options (the library's are the Hub's `config()`).
+    settings: Arc<Settings>,
     api_key: Arc<str>,
     node_id: Arc<str>,
     /// JWT checks; `None` when no key is configured.
@@ -72,8 +75,8 @@ impl Running {
 }
 
 /// Binds, starts the Hub and serves until [`Running::shutdown`] (or its stopper).
-pub async fn start(mut config: Config) -> anyhow::Result<Running> {
-    if config.broker == keel::config::BrokerKind::Redis {
+pub async fn start(mut config: Settings) -> anyhow::Result<Running> {
+    if config.broker == BrokerKind::Redis {
         anyhow::bail!("option `broker`: redis is not available in this build yet; use `memory`");
     }
     if config.node_id.is_empty() {
@@ -92,7 +95,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         .await
         .map_err(|e| anyhow::anyhow!("option `listen`: cannot bind {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
-    let auth = Authenticator::from_config(&config)?.map(Arc::new);
+    let auth = Authenticator::from_config(&config.keel)?.map(Arc::new);
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
         (None, None) => None,
@@ -103,8 +106,9 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let drain_timeout = config.drain_timeout;
     let ws_path = config.ws_path.clone();
     let metrics_on = config.enable_metrics;
+    let settings = Arc::new(config);
     let hub = Hub::with_handler(
-        config,
+        settings.keel.clone(),
         Gateway {
             node_id: node_id.to_string(),
             auth: auth.clone(),
@@ -113,6 +117,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     hub.start();
     let state = AppState {
         hub: hub.clone(),
+        settings: settings.clone(),
         api_key: api_key.clone().into(),
         node_id,
         auth,
@@ -120,8 +125,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     };
     let app = router(state.clone(), &ws_path, metrics_on);
     let tls_on = tls.is_some();
-    let cfg = hub.config();
-    if !cfg.auth_configured() && cfg.auth_allow_anonymous {
+    if !settings.keel.auth_configured() && settings.auth_allow_anonymous {
         tracing::warn!(
             "AUTH IS NOT CONFIGURED: any client can connect anonymously and subscribe or \
              publish to any channel. Set [auth] jwt_secret or jwt_public_key_file (and \
@@ -130,7 +134,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     }
     // After the warning: whoever waits for this line has seen the warning too.
     tracing::info!(%addr, tls = tls_on, "listening on {addr}");
-    if hub.config().allowed_origins.is_empty() {
+    if settings.allowed_origins.is_empty() {
         tracing::debug!(
             "allowed_origins is empty: only same-origin or Origin-less upgrades are accepted"
         );
@@ -295,14 +299,14 @@ async fn ws_upgrade(
     Query(creds): Query<Credentials>,
     upgrade: Upgrade,
 ) -> Response {
-    if !origin_allowed(&state.hub.config().allowed_origins, &headers) {
+    if !origin_allowed(&state.settings.allowed_origins, &headers) {
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
     // Refuse early what would be refused anyway, before spending a credential.
     if let Err(e) = state.hub.check_admission() {
         return unavailable(e.detail());
     }
-    let cfg = state.hub.config();
+    let cfg = &*state.settings;
     let jwt = creds
         .token
         .as_deref()
@@ -325,7 +329,7 @@ async fn ws_upgrade(
     };
     let result = match identity {
         Some(id) => state.hub.connect_as(id, upgrade),
-        None if cfg.auth_first_message => state.hub.connect_awaiting_auth(upgrade),
+        None if cfg.keel.auth_first_message => state.hub.connect_awaiting_auth(upgrade),
         None if cfg.auth_allow_anonymous => {
             // From the thread's generator: `Uuid::new_v4` costs a getrandom
             // syscall per connection.
@@ -401,8 +405,8 @@ async fn health(State(state): State<AppState>) -> Response {
     Json(json!({
         "status": "ok",
         "uptime": hub.uptime().as_secs_f64(),
-        "connections": hub.get_connection_count(),
-        "memory": hub.get_memory_usage(),
+        "connections": hub.connection_count(),
+        "memory": hub.memory_usage(),
         "version": env!("CARGO_PKG_VERSION"),
         "broker": "memory",
         "node": &*state.node_id,
@@ -535,7 +539,7 @@ async fn api_stats(State(state): State<AppState>) -> Response {
     Json(json!({
         "connections": m.connections,
         "channels": m.channels,
-        "memory": hub.get_memory_usage(),
+        "memory": hub.memory_usage(),
         "node": &*state.node_id,
         "dropped_messages": hub.dropped_total(),
         "send_queue_bytes": m.send_queue_bytes,
@@ -576,9 +580,7 @@ async fn admin_drain(State(state): State<AppState>) -> Response {
         // Called here, not inside the task: the call marks the Hub draining, so
         // readiness is off before the 202 goes out (inside the spawned task it
         // raced with the client's next `/health`).
-        let drain = state
-            .hub
-            .graceful_shutdown(state.hub.config().drain_timeout);
+        let drain = state.hub.graceful_shutdown(state.settings.drain_timeout);
         tokio::spawn(async move {
             let report = drain.await;
             tracing::info!(?report, "drain finished; waiting for a signal to exit");

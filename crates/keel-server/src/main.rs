@@ -2,15 +2,14 @@
 //! drains and exits 0 with a report in the log. See `keel --help`.
 
 use anyhow::Context;
-use keel::config::{LogFormat, OPTIONS};
 use keel::Config;
-use keel_server::settings::{self, Command};
+use keel_server::settings::{self, Command, LogFormat, Settings};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let settings::Loaded {
         command,
-        config,
+        settings: config,
         warnings,
     } = match settings::load(&args, std::env::vars()) {
         Ok(v) => v,
@@ -26,13 +25,13 @@ fn main() {
         Command::Help => println!("{}", settings::USAGE),
         Command::Version => println!("keel {}", env!("CARGO_PKG_VERSION")),
         Command::Options => {
-            for o in OPTIONS {
+            for o in Settings::options() {
                 println!(
                     "{:<28} {:<24} {:<36} {}",
                     o.name,
                     o.default,
                     Config::env_name(o.name),
-                    o.doc
+                    o.doc.trim()
                 );
             }
         }
@@ -45,7 +44,7 @@ fn main() {
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(config: Settings) -> anyhow::Result<()> {
     init_logging(&config)?;
     // One worker per core the process may run on; with one, tokio's current-thread
     // scheduler: no work-stealing queues to overflow when a publication wakes
@@ -105,7 +104,7 @@ async fn wait_for_signal() {
     }
 }
 
-fn init_logging(config: &Config) -> anyhow::Result<()> {
+fn init_logging(config: &Settings) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(&config.log_level)
         .map_err(|e| anyhow::anyhow!("invalid value for option `log_level`: {e}"))?;

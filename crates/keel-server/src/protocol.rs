@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use keel::{Action, Authenticator, Connection, Deferred, Handler, Hub, Message};
+use keel::{Action, Authenticator, Connection, Deferred, DisconnectReason, Handler, Hub, Message};
 use keel_protocol::encode;
 use keel_protocol::{
     kind, AuthPayload, ChannelPayload, ClientEnvelope, ErrorCode, HistoryPayload, PublishPayload,
@@ -88,6 +88,7 @@ impl Gateway {
     fn first_message(&self, hub: &Hub, conn: &Connection, text: &str) {
         let refuse = |code: ErrorCode, detail: &str, rid| {
             conn.send_and_close(
+                DisconnectReason::AuthFailed,
                 encode::error(code, detail, rid),
                 keel_protocol::close::POLICY_VIOLATION,
                 "authentication failed",

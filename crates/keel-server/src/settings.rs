@@ -1,15 +1,168 @@
-//! Where the gateway's [`Config`] comes from: a TOML file (`--config` or
-//! `KEEL_CONFIG`), then `KEEL_*` environment variables, then command-line flags,
-//! each overriding the one before.
+//! The gateway's [`Settings`]: its own options (listen address, TLS, API key,
+//! logs, broker) beside the library's [`Config`], each declared once; and where
+//! they come from: a TOML file (`--config` or `KEEL_CONFIG`), then `KEEL_*`
+//! environment variables, then command-line flags, each overriding the one
+//! before.
 //!
-//! All three go through [`Config::set`], so an option is parsed and refused the same
-//! way from any source, and the error names the option. This module only reads
-//! text; it does not start anything.
+//! All three go through [`Settings::set`], so an option is parsed and refused the
+//! same way from any source, and the error names the option. This module only
+//! reads text; it does not start anything.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use keel::config::{Config, OPTIONS};
+use keel::config::{parse, Config, ConfigError, OptionInfo};
+
+/// Log output format of the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+/// Which broker carries publications, history and presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// In-process, one node (the default).
+    Memory,
+    /// Redis, for clusters.
+    Redis,
+}
+
+fn socket_addr(v: &str) -> Result<SocketAddr, String> {
+    v.parse()
+        .map_err(|_| format!("`{v}` is not an address like 127.0.0.1:8000"))
+}
+
+fn ws_path(v: &str) -> Result<String, String> {
+    if !v.starts_with('/') {
+        return Err(format!("`{v}` must start with `/`"));
+    }
+    Ok(v.into())
+}
+
+fn log_level(v: &str) -> Result<String, String> {
+    if v.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(v.to_ascii_lowercase())
+}
+
+fn log_format(v: &str) -> Result<LogFormat, String> {
+    parse::one_of(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)])
+}
+
+fn origins(v: &str) -> Result<Vec<String>, String> {
+    Ok(parse::list(v)?
+        .iter()
+        .map(|s| s.trim_end_matches('/').to_ascii_lowercase())
+        .collect())
+}
+
+fn cookie_name(v: &str) -> Result<String, String> {
+    if v.is_empty()
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(format!("`{v}` is not a cookie name"));
+    }
+    Ok(v.into())
+}
+
+fn broker_kind(v: &str) -> Result<BrokerKind, String> {
+    parse::one_of(
+        v,
+        &[("memory", BrokerKind::Memory), ("redis", BrokerKind::Redis)],
+    )
+}
+
+fn redis_url(v: &str) -> Result<String, String> {
+    if !(v.starts_with("redis://") || v.starts_with("rediss://")) {
+        return Err(format!("`{v}` is not a redis:// URL"));
+    }
+    Ok(v.into())
+}
+
+keel::declare_options! {
+    /// Every option of the gateway: its own, and the library's in `keel`.
+    #[derive(Debug, Clone, PartialEq)]
+    #[non_exhaustive]
+    pub struct Settings {
+        options {
+            /// Address the gateway listens on; port 0 picks a free one (logged as `listening on ADDR`).
+            listen: SocketAddr = "127.0.0.1:8000", socket_addr;
+            /// Path of the WebSocket endpoint.
+            ws_path: String = "/ws", ws_path;
+            /// This node's name in `welcome` and `/api/stats`; empty means `keel-<random>`.
+            node_id: String = "", parse::text;
+            /// Bearer key for `/api/*` and `/admin/*`; empty means one is generated at start and printed once.
+            api_key: Option<String> = "", parse::optional_text;
+            /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing env-filter string.
+            log_level: String = "info", log_level;
+            /// `text` or `json`.
+            log_format: LogFormat = "text", log_format;
+            /// Whether `/metrics` is served.
+            enable_metrics: bool = "true", parse::boolean;
+            /// Comma-separated origins allowed to connect (`https://*.example.com` matches subdomains); empty allows same-origin and no Origin.
+            allowed_origins: Vec<String> = "", origins;
+            /// `[auth] allow_anonymous`: clients without credentials connect with a generated client_id; false answers them 401 (unless `first_message`).
+            auth_allow_anonymous: bool = "true", parse::boolean;
+            /// `[auth] cookie_name`: cookie whose value is checked like a `?token=` JWT.
+            auth_cookie_name: String = "keel_token", cookie_name;
+            /// `[auth] ticket_ttl`: lifetime of a one-time ticket from `POST /api/ticket`.
+            auth_ticket_ttl: Duration = "30s", parse::positive_duration;
+            /// PEM certificate chain: the gateway serves `wss://` and `https://` itself (with `tls_key`). Empty: plain TCP (TLS at a proxy).
+            tls_cert: Option<PathBuf> = "", parse::optional_path;
+            /// PEM private key of `tls_cert`.
+            tls_key: Option<PathBuf> = "", parse::optional_path;
+            /// `memory` (one node) or `redis` (cluster; arrives with the Redis broker).
+            broker: BrokerKind = "memory", broker_kind;
+            /// Redis URL for `broker = "redis"`.
+            redis_url: String = "redis://127.0.0.1:6379", redis_url;
+            /// How long a graceful shutdown waits before force-closing.
+            drain_timeout: Duration = "30s", parse::positive_duration;
+            /// Gateway runtime threads; 0 is one per core the process may use (taskset, cgroup), and one means tokio's current-thread scheduler.
+            worker_threads: usize = "0", parse::count;
+        }
+        extra {
+            /// The library's options.
+            keel: Config = Config::default();
+        }
+    }
+}
+
+impl Settings {
+    /// Sets option `name` (the gateway's or the library's) from its text form.
+    /// Unknown names and bad values are refused, naming the option.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), ConfigError> {
+        match self.set_declared(name, value) {
+            Some(done) => done,
+            None => self.keel.set(name, value),
+        }
+    }
+
+    /// Every option, the gateway's first: what `keel options` prints and the
+    /// docs table is made from.
+    pub fn options() -> impl Iterator<Item = &'static OptionInfo> {
+        Settings::OPTIONS.iter().chain(Config::OPTIONS.iter())
+    }
+
+    /// Checks relations between options that no single value can break alone.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError {
+                option: "tls_cert".into(),
+                message: "tls_cert and tls_key go together".into(),
+            });
+        }
+        self.keel.validate()
+    }
+}
 
 /// What the command line asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,8 +195,8 @@ Example: keel serve --listen 0.0.0.0:8000 --heartbeat-interval 20s";
 pub struct Loaded {
     /// What to do.
     pub command: Command,
-    /// The configuration.
-    pub config: Config,
+    /// The settings.
+    pub settings: Settings,
     /// Things worth telling the operator that did not stop start-up (unknown
     /// `KEEL_*` variables, which may be typos).
     pub warnings: Vec<String>,
@@ -91,7 +244,7 @@ pub fn load(
     }
     let command = command.unwrap_or(Command::Help);
 
-    let mut config = Config::default();
+    let mut config = Settings::default();
     if let Some(path) = config_file {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
@@ -103,7 +256,7 @@ pub fn load(
                 .with_context(|| format!("in config file {}", path.display()))?;
         }
     }
-    for o in OPTIONS {
+    for o in Settings::options() {
         if let Some((_, v)) = env.iter().find(|(k, _)| *k == Config::env_name(o.name)) {
             config
                 .set(o.name, v)
@@ -131,12 +284,12 @@ pub fn load(
                 && k.as_str() != "KEEL_HEARTBEAT_TYPE"
         })
         .filter(|k| !k.contains("_SERVICE_") && !k.starts_with("KEEL_PORT"))
-        .filter(|k| !OPTIONS.iter().any(|o| Config::env_name(o.name) == **k))
+        .filter(|k| !Settings::options().any(|o| Config::env_name(o.name) == **k))
         .map(|k| format!("ignoring unknown environment variable {k}"))
         .collect();
     Ok(Loaded {
         command,
-        config,
+        settings: config,
         warnings,
     })
 }
@@ -145,7 +298,7 @@ impl Loaded {
     fn bare(command: Command) -> Self {
         Loaded {
             command,
-            config: Config::default(),
+            settings: Settings::default(),
             warnings: Vec::new(),
         }
     }
@@ -237,7 +390,7 @@ mod tests {
         ];
         let Loaded {
             command: cmd,
-            config: c,
+            settings: c,
             warnings,
         } = load(
             &args(&[
@@ -252,9 +405,9 @@ mod tests {
         .unwrap();
         assert!(warnings.is_empty());
         assert_eq!(cmd, Command::Serve);
-        assert_eq!(c.heartbeat_interval, Duration::from_secs(10)); // file
-        assert_eq!(c.heartbeat_timeout, Duration::from_secs(12)); // env over file
-        assert_eq!(c.max_connections, Some(7)); // flag over env
+        assert_eq!(c.keel.heartbeat_interval, Duration::from_secs(10)); // file
+        assert_eq!(c.keel.heartbeat_timeout, Duration::from_secs(12)); // env over file
+        assert_eq!(c.keel.max_connections, Some(7)); // flag over env
         assert_eq!(c.allowed_origins, vec!["https://a.example"]);
     }
 
@@ -314,6 +467,45 @@ mod tests {
         let mut c = Config::default();
         assert!(c.set("namespaces.chat.subscribe", "everyone").is_err());
         assert!(c.set("namespaces.chat.colour", "red").is_err());
+    }
+
+    #[test]
+    fn documented_defaults_are_the_real_defaults() {
+        let mut s = Settings::default();
+        for o in Settings::options() {
+            s.set(o.name, o.default)
+                .unwrap_or_else(|e| panic!("default of {} does not parse: {e}", o.name));
+        }
+        assert_eq!(s, Settings::default());
+        assert!(Settings::default().validate().is_ok());
+        // Each option is declared once: no name in both tables.
+        let mut names: Vec<&str> = Settings::options().map(|o| o.name).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(names.len(), before, "an option declared twice");
+    }
+
+    #[test]
+    fn gateway_options_parse_and_refuse() {
+        let mut s = Settings::default();
+        s.set("allowed_origins", "https://A.example.com/, https://*.x.org")
+            .expect("list");
+        assert_eq!(
+            s.allowed_origins,
+            vec!["https://a.example.com", "https://*.x.org"]
+        );
+        let e = s.set("ws_path", "ws").unwrap_err();
+        assert_eq!(e.option, "ws_path");
+        assert!(s.set("broker", "etcd").is_err());
+        assert!(s.set("redis_url", "http://x").is_err());
+        assert!(s.set("auth_cookie_name", "a b").is_err());
+        s.set("tls_cert", "/tmp/cert.pem").unwrap();
+        assert_eq!(s.validate().unwrap_err().option, "tls_cert");
+        // A library option goes to `keel`.
+        s.set("history_size", "7").unwrap();
+        assert_eq!(s.keel.history_size, 7);
+        assert_eq!(s.set("nope", "1").unwrap_err().message, "unknown option");
     }
 
     #[test]

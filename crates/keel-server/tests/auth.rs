@@ -40,7 +40,7 @@ fn user(sub: &str) -> Value {
     json!({"sub": sub, "exp": now() + 600, "info": {"name": sub.to_uppercase()}})
 }
 
-fn hs_config() -> keel::Config {
+fn hs_config() -> keel_server::settings::Settings {
     let mut c = config();
     c.set("auth_jwt_secret", SECRET).unwrap();
     c.set("auth_allow_anonymous", "false").unwrap();
@@ -178,10 +178,7 @@ async fn the_session_cookie_is_checked_like_a_token() {
     .expect("101 with the cookie");
     let status = refused(gw.addr, "/ws", "Cookie: sid=forged.token.value\r\n").await;
     assert!(status.contains(" 401 "), "{status}");
-    eventually("carol connected", || {
-        gw.hub.get_connection("carol").is_some()
-    })
-    .await;
+    eventually("carol connected", || gw.hub.connection("carol").is_some()).await;
 }
 
 #[tokio::test]
@@ -249,7 +246,7 @@ async fn an_expired_ticket_is_refused() {
     assert!(answer.contains("ticket expired"), "{answer}");
 }
 
-fn first_message_config() -> keel::Config {
+fn first_message_config() -> keel_server::settings::Settings {
     let mut c = hs_config();
     c.set("auth_first_message", "true").unwrap();
     c
@@ -274,7 +271,7 @@ async fn first_message_auth_then_welcome() {
     let w = recv_json(&mut ws).await;
     assert_eq!(w["type"], "welcome");
     assert_eq!(w["payload"]["client_id"], "frank");
-    assert!(gw.hub.get_connection("frank").is_some());
+    assert!(gw.hub.connection("frank").is_some());
     // A second auth is a bad message; the connection stays.
     ws.send(yawc::Frame::text(
         json!({"type": "auth", "payload": {"token": token}}).to_string(),
@@ -372,7 +369,7 @@ async fn an_expiring_token_must_be_refreshed_or_the_connection_closes_1008() {
     // Both were warned in the same sweep (one expiry, one clock reading), so both
     // deadlines have passed now: the refreshed one is still served.
     assert_eq!(keeps.request("ping", json!({})).await["type"], "pong");
-    assert!(gw.hub.get_connection("judy").is_none());
+    assert!(gw.hub.connection("judy").is_none());
 }
 
 #[tokio::test]
@@ -400,7 +397,7 @@ async fn resume_is_only_for_the_same_authenticated_client() {
         .to_string();
     drop(alice);
     eventually("alice's session detached", || {
-        gw.hub.get_detached_session_count() == 1
+        gw.hub.detached_session_count() == 1
     })
     .await;
     let mut bob = Client::connect_url(&url("bob")).await;

@@ -146,7 +146,7 @@ async fn http_publish_broadcast_presence_history_and_disconnect() {
     .await;
     assert_eq!(s, 200);
     assert_eq!(a.expect_close().await, 1000);
-    eventually("both gone", || gw.hub.get_connection_count() == 0).await;
+    eventually("both gone", || gw.hub.connection_count() == 0).await;
     gw.shutdown().await;
 }
 
@@ -201,7 +201,7 @@ async fn max_connections_answers_503_with_retry_after() {
     assert!(err.to_ascii_lowercase().contains("retry-after: "), "{err}");
     // A place frees up when one leaves.
     drop(a);
-    eventually("a left", || gw.hub.get_connection_count() == 1).await;
+    eventually("a left", || gw.hub.connection_count() == 1).await;
     let _c = Client::connect(gw.addr).await;
     let refused = gw.hub.metrics_snapshot().rejected_total;
     assert_eq!(

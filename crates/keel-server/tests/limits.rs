@@ -139,10 +139,7 @@ async fn connections_per_address_are_capped_and_freed_on_disconnect() {
     assert_eq!(status(&b), 101);
     // A place frees up when one of them leaves.
     drop(a1);
-    eventually("the first to be gone", || {
-        gw.hub.get_connection_count() == 2
-    })
-    .await;
+    eventually("the first to be gone", || gw.hub.connection_count() == 2).await;
     let a4 = Raw::connect_from(from(2), gw.addr, "/ws", "").await;
     assert_eq!(status(&a4), 101);
     let rejected = gw.hub.metrics_snapshot().rejected_total;

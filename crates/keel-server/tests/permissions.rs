@@ -22,7 +22,7 @@ fn token(claims: Value) -> String {
     .unwrap()
 }
 
-fn cfg() -> keel::Config {
+fn cfg() -> keel_server::settings::Settings {
     let mut c = config();
     c.set("auth_jwt_secret", SECRET).unwrap();
     for (k, v) in [

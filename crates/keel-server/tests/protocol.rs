@@ -194,7 +194,7 @@ async fn bad_messages_get_errors_and_the_connection_stays_open() {
     let r = c.request("ping", json!({})).await;
     assert_eq!(r["type"], "pong");
     assert_eq!(r["request_id"], "r");
-    assert_eq!(gw.hub.get_connection_count(), 1);
+    assert_eq!(gw.hub.connection_count(), 1);
     gw.shutdown().await;
 }
 
@@ -254,13 +254,13 @@ async fn silent_client_is_evicted_after_interval_plus_timeout() {
     let mut live = Client::connect(gw.addr).await;
     let start = Instant::now();
     eventually("two connections registered", || {
-        gw.hub.get_connection_count() == 2
+        gw.hub.connection_count() == 2
     })
     .await;
     // While waiting, keep the live client reading so it answers Ping frames and
     // sees JSON pings.
     let mut pings = 0;
-    while gw.hub.get_connection_count() == 2 {
+    while gw.hub.connection_count() == 2 {
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "zombie not evicted"
@@ -295,7 +295,7 @@ async fn silent_client_is_evicted_after_interval_plus_timeout() {
             }
         }
     }
-    assert_eq!(gw.hub.get_connection_count(), 1);
+    assert_eq!(gw.hub.connection_count(), 1);
     let m = gw.hub.metrics_snapshot();
     assert_eq!(m.heartbeat_timeouts_total, 1);
     gw.shutdown().await;
@@ -397,14 +397,11 @@ async fn disconnect_policy_closes_slow_consumer_with_4000() {
         br#"{"type":"subscribe","payload":{"channel":"s"}}"#,
     )
     .await;
-    eventually("slow subscribed", || {
-        gw.hub.get_room_members("s").len() == 1
-    })
-    .await;
+    eventually("slow subscribed", || gw.hub.channel_members("s").len() == 1).await;
     let data =
         serde_json::value::RawValue::from_string(format!("\"{}\"", "z".repeat(60_000))).unwrap();
     let deadline = Instant::now() + WAIT;
-    while gw.hub.get_connection_count() > 0 {
+    while gw.hub.connection_count() > 0 {
         assert!(
             Instant::now() < deadline,
             "slow consumer never disconnected"

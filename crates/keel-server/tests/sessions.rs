@@ -27,10 +27,10 @@ async fn publish(gw: &keel_server::Running, channel: &str, n: u64) -> u64 {
 
 /// Drops a client without a close handshake (the server sees the socket end).
 async fn vanish(gw: &keel_server::Running, c: Client) {
-    let before = gw.hub.get_detached_session_count();
+    let before = gw.hub.detached_session_count();
     drop(c);
     eventually("the server to detach the session", || {
-        gw.hub.get_detached_session_count() > before
+        gw.hub.detached_session_count() > before
     })
     .await;
 }
@@ -97,9 +97,9 @@ async fn resume_restores_identity_subscriptions_user_data_and_replays() {
     assert!(gw.hub.validate_reconnect_token(next).is_ok());
 
     // The identity, user data and subscription are this connection's now.
-    assert_eq!(gw.hub.get_user_data(&id, "cart"), Some(json!([1, 2, 3])));
-    assert_eq!(gw.hub.get_connection_count(), 1);
-    assert_eq!(gw.hub.get_detached_session_count(), 0);
+    assert_eq!(gw.hub.user_data(&id, "cart"), Some(json!([1, 2, 3])));
+    assert_eq!(gw.hub.connection_count(), 1);
+    assert_eq!(gw.hub.detached_session_count(), 0);
     publish(&gw, "news", 5).await;
     let m = b.recv().await;
     assert_eq!(
@@ -143,7 +143,7 @@ async fn a_token_is_good_for_one_resume_and_refusals_leave_the_connection_open()
     assert_eq!(pong["type"], "pong");
     let sub = c.subscribe("still-here").await;
     assert_eq!(sub["payload"]["channel"], "still-here");
-    assert!(gw.hub.get_connection(&own_id).is_some());
+    assert!(gw.hub.connection(&own_id).is_some());
 
     // The successor works (and replaces b, which still holds the session: 4002).
     let mut d = Client::connect(gw.addr).await;
@@ -249,10 +249,10 @@ async fn resume_disabled_gives_no_token_and_refuses() {
     assert_eq!(a.welcome["payload"]["reconnect_token"], Value::Null);
     drop(a);
     eventually("the server to see the drop", || {
-        gw.hub.get_connection_count() == 0
+        gw.hub.connection_count() == 0
     })
     .await;
-    assert_eq!(gw.hub.get_detached_session_count(), 0, "nothing kept");
+    assert_eq!(gw.hub.detached_session_count(), 0, "nothing kept");
     let mut b = Client::connect(gw.addr).await;
     let r = b
         .request(
@@ -279,10 +279,10 @@ async fn resuming_while_the_old_connection_is_open_replaces_it() {
     assert_eq!(r["type"], "resume_response", "{r}");
     assert_eq!(r["payload"]["client_id"], id.as_str());
     assert_eq!(a.expect_close().await, 4002);
-    eventually("one connection left", || gw.hub.get_connection_count() == 1).await;
+    eventually("one connection left", || gw.hub.connection_count() == 1).await;
     // A replaced connection leaves no detached session behind.
-    assert_eq!(gw.hub.get_detached_session_count(), 0);
-    assert_eq!(gw.hub.get_room_members("room"), vec![id.clone()]);
+    assert_eq!(gw.hub.detached_session_count(), 0);
+    assert_eq!(gw.hub.channel_members("room"), vec![id.clone()]);
     publish(&gw, "room", 1).await;
     assert_eq!(b.recv().await["payload"]["offset"], 1);
 }
@@ -309,25 +309,19 @@ async fn ten_thousand_abandoned_sessions_are_reclaimed() {
             raws.push(t.await.unwrap());
         }
         let hub = gw.hub.clone();
-        eventually("the batch to register", || {
-            hub.get_connection_count() >= BATCH
-        })
-        .await;
-        for conn in hub.get_active_connections() {
+        eventually("the batch to register", || hub.connection_count() >= BATCH).await;
+        for conn in hub.client_ids() {
             let _ = hub.set_user_data(&conn, "blob", json!("x".repeat(200)));
         }
         for r in raws {
             r.tcp.set_zero_linger().unwrap();
         }
         made += BATCH;
-        eventually("the batch to be detached", || {
-            hub.get_connection_count() == 0
-        })
-        .await;
+        eventually("the batch to be detached", || hub.connection_count() == 0).await;
     }
     let hub = gw.hub.clone();
     eventually("every abandoned session to be reclaimed", || {
-        hub.get_detached_session_count() == 0
+        hub.detached_session_count() == 0
     })
     .await;
     let snap = gw.hub.metrics_snapshot();
@@ -337,7 +331,7 @@ async fn ten_thousand_abandoned_sessions_are_reclaimed() {
         "each one was kept, then freed"
     );
     assert_eq!(snap.user_data_bytes, 0, "their user data is freed too");
-    assert_eq!(gw.hub.get_memory_usage().total_memory, 0);
+    assert_eq!(gw.hub.memory_usage().total_memory, 0);
 }
 
 #[tokio::test]

@@ -31,7 +31,7 @@ fn pki(tag: &str) -> Pki {
     }
 }
 
-fn tls_config(p: &Pki) -> keel::Config {
+fn tls_config(p: &Pki) -> keel_server::settings::Settings {
     let mut c = config();
     c.set("tls_cert", p.dir.0.join("cert.pem").to_str().unwrap())
         .unwrap();
@@ -112,7 +112,7 @@ async fn websocket_and_https_over_tls_with_a_self_signed_certificate() {
     }
     let welcome: serde_json::Value = serde_json::from_slice(&rest[off..off + len]).unwrap();
     assert_eq!(welcome["type"], "welcome", "{welcome}");
-    eventually("registered", || gw.hub.get_connection_count() == 1).await;
+    eventually("registered", || gw.hub.connection_count() == 1).await;
 
     let mut h = tls_connect(gw.addr, &p).await;
     h.write_all(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")

@@ -106,7 +106,7 @@ fn hub_with_clients(
             })
         })
         .collect();
-    while hub.get_connection_count() < n {
+    while hub.connection_count() < n {
         std::thread::sleep(Duration::from_millis(5));
     }
     (hub, readers)
@@ -148,10 +148,10 @@ fn registry_lookup(c: &mut Criterion) {
     let (hub, readers) = hub_with_clients(&rt, 1000);
     let mut group = c.benchmark_group("registry lookup among 1000 connections");
     group.bench_function("hit", |b| {
-        b.iter(|| hub.get_connection(black_box("c517")).is_some())
+        b.iter(|| hub.connection(black_box("c517")).is_some())
     });
     group.bench_function("miss", |b| {
-        b.iter(|| hub.get_connection(black_box("nobody")).is_none())
+        b.iter(|| hub.connection(black_box("nobody")).is_none())
     });
     group.finish();
     for r in readers {

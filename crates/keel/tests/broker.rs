@@ -47,7 +47,7 @@ async fn concurrent_publishers_on_one_channel_reach_every_subscriber_once_in_ord
     for id in ["s1", "s2", "s3"] {
         subs.push(connect(addr, id).await);
     }
-    eventually("registered", || hub.get_connection_count() == 3).await;
+    eventually("registered", || hub.connection_count() == 3).await;
     for id in ["s1", "s2", "s3"] {
         hub.join_room(id, "chat").await.unwrap();
     }
@@ -109,7 +109,7 @@ async fn hubs_sharing_a_broker_share_channels_like_nodes_of_a_cluster() {
     let b = Hub::with_broker(Config::default(), NoopHandler, broker.clone());
     let (addr_a, addr_b) = (serve(&a).await, serve(&b).await);
     let mut on_a = connect(addr_a, "alice").await;
-    eventually("alice on a", || a.get_connection("alice").is_some()).await;
+    eventually("alice on a", || a.connection("alice").is_some()).await;
     let joined = a.join_room("alice", "news").await.unwrap();
 
     // Published on b, delivered on a, offsets from the one stream.
@@ -123,8 +123,8 @@ async fn hubs_sharing_a_broker_share_channels_like_nodes_of_a_cluster() {
     }
     // A client on b recovers from a position it got on a: history is the broker's.
     let mut on_b = connect(addr_b, "bob").await;
-    eventually("bob on b", || b.get_connection("bob").is_some()).await;
-    let bob = b.get_connection("bob").unwrap();
+    eventually("bob on b", || b.connection("bob").is_some()).await;
+    let bob = b.connection("bob").unwrap();
     let since = StreamPosition {
         offset: 1,
         epoch: joined.epoch.clone(),
@@ -217,7 +217,7 @@ async fn the_last_hop_drops_what_a_broker_delivers_twice() {
     );
     let addr = serve(&hub).await;
     let mut ws = connect(addr, "c").await;
-    eventually("registered", || hub.get_connection("c").is_some()).await;
+    eventually("registered", || hub.connection("c").is_some()).await;
     hub.join_room("c", "x").await.unwrap();
     for n in 1..=5 {
         hub.publish("x", &raw(format!("{n}")), None).await.unwrap();
@@ -301,14 +301,14 @@ async fn a_joiner_gets_the_replay_then_what_was_published_while_it_was_read() {
     let addr = serve(&hub).await;
     // Someone else keeps the stream (and its epoch) alive.
     let _other = connect(addr, "other").await;
-    eventually("other", || hub.get_connection("other").is_some()).await;
+    eventually("other", || hub.connection("other").is_some()).await;
     let start = hub.join_room("other", "s").await.unwrap();
     for n in 1..=6 {
         hub.publish("s", &raw(format!("{n}")), None).await.unwrap();
     }
     let mut ws = connect(addr, "late").await;
-    eventually("late", || hub.get_connection("late").is_some()).await;
-    let late = hub.get_connection("late").unwrap();
+    eventually("late", || hub.connection("late").is_some()).await;
+    let late = hub.connection("late").unwrap();
     broker.armed.store(true, Ordering::Release);
     let since = StreamPosition {
         offset: 2,

@@ -93,7 +93,7 @@ async fn plain_framing_end_to_end(hub: &Hub, addr: SocketAddr) {
         ACCEPT.to_ascii_lowercase()
     )));
     assert!(!head.contains("sec-websocket-extensions"), "{head}");
-    common::eventually("registered", || hub.get_connection("plain").is_some()).await;
+    common::eventually("registered", || hub.connection("plain").is_some()).await;
 
     // Server to client: small and 70 kB messages arrive whole, unmasked.
     assert!(hub.send_to_client("plain", "hello"));
@@ -129,7 +129,7 @@ async fn plain_framing_end_to_end(hub: &Hub, addr: SocketAddr) {
         .expect("the server ends the TCP connection")
         .unwrap_or(0);
     assert_eq!(n, 0, "nothing after the Close");
-    common::eventually("unregistered", || hub.get_connection_count() == 0).await;
+    common::eventually("unregistered", || hub.connection_count() == 0).await;
 }
 
 #[tokio::test]
@@ -165,7 +165,7 @@ async fn a_compressed_connection_delivers_through_the_hub() {
         .with_options(yawc::Options::default().with_low_latency_compression())
         .await
         .expect("connects with compression offered");
-    common::eventually("registered", || hub.get_connection("z").is_some()).await;
+    common::eventually("registered", || hub.connection("z").is_some()).await;
     // Well above the compression threshold: this one is sent compressed.
     let big = "compressible ".repeat(1000);
     assert!(hub.send_to_client("z", big.clone()));
@@ -189,7 +189,7 @@ async fn handshakes_without_a_key_or_with_another_version_are_400() {
     let extra = format!("Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 12\r\n");
     let (_s, head) = handshake(addr, "n2", &extra).await;
     assert!(head.starts_with("http/1.1 400"), "{head}");
-    assert_eq!(hub.get_connection_count(), 0);
+    assert_eq!(hub.connection_count(), 0);
 }
 
 /// Sends a message as each connection registers, the way the gateway's `welcome` goes.
@@ -226,7 +226,7 @@ async fn first_message_and_peer(hub: &Hub, addr: SocketAddr) {
     // connection from 127.0.0.1 is refused, with an ordinary HTTP response.
     let (_s2, head) = handshake(addr, "second", &standard(KEY)).await;
     assert!(head.starts_with("http/1.1 503"), "{head}");
-    assert!(hub.get_connection("second").is_none());
+    assert!(hub.connection("second").is_none());
 }
 
 /// A masked client frame.
@@ -325,7 +325,7 @@ async fn requests_that_are_not_plain_upgrades_reach_hyper_with_every_byte() {
     s.write_all(req.as_bytes()).await.unwrap();
     let all = until_closed(&mut s).await;
     assert!(!all.starts_with("HTTP/1.1 101"), "{all}");
-    assert_eq!(hub.get_connection_count(), 0);
+    assert_eq!(hub.connection_count(), 0);
 
     // A client that connects and goes away without a byte costs nothing.
     drop(TcpStream::connect(addr).await.unwrap());
@@ -368,7 +368,7 @@ async fn an_upgrade_that_a_middleware_turns_down_gets_its_answer_and_frees_its_p
         assert!(all.contains("content-length: 9\r\n"), "{all}");
         assert!(all.ends_with("\r\n\r\nnot today"), "{all}");
     }
-    assert_eq!(hub.get_connection_count(), 0);
+    assert_eq!(hub.connection_count(), 0);
 }
 
 #[tokio::test]
@@ -402,5 +402,5 @@ async fn plain_upgrades_are_answered_without_hyper_and_deflate_offers_through_it
         "{head}"
     );
     assert_eq!(*through_hyper.lock(), [false, true]);
-    common::eventually("both registered", || hub.get_connection_count() == 2).await;
+    common::eventually("both registered", || hub.connection_count() == 2).await;
 }

@@ -44,9 +44,9 @@ async fn same_client_id_replaces_the_old_connection() {
     let hub = Hub::with_handler(cfg(), handler.clone());
     let addr = serve(&hub).await;
     let mut old = connect(addr, "alice").await;
-    eventually("old registered", || hub.get_connection_count() == 1).await;
+    eventually("old registered", || hub.connection_count() == 1).await;
     hub.join_room("alice", "r1").await.unwrap();
-    let first = hub.get_connection("alice").unwrap();
+    let first = hub.connection("alice").unwrap();
 
     let mut new = connect(addr, "alice").await;
     assert_eq!(expect_close(&mut old).await, 4002);
@@ -59,14 +59,14 @@ async fn same_client_id_replaces_the_old_connection() {
         Some((DisconnectReason::Replaced, 4002))
     );
     // Exactly one registered connection, and it is the new one.
-    assert_eq!(hub.get_connection_count(), 1);
-    assert!(!hub.get_connection("alice").unwrap().same(&first));
+    assert_eq!(hub.connection_count(), 1);
+    assert!(!hub.connection("alice").unwrap().same(&first));
     // The old connection's rooms went with it; the new one starts clean.
-    assert!(hub.get_room_members("r1").is_empty());
+    assert!(hub.channel_members("r1").is_empty());
     hub.join_room("alice", "r1").await.unwrap();
     send(&mut new, "hello").await;
     assert_eq!(recv(&mut new).await, "hello");
-    assert_eq!(hub.get_room_members("r1"), vec!["alice"]);
+    assert_eq!(hub.channel_members("r1"), vec!["alice"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,7 +80,7 @@ async fn a_panicking_handler_closes_only_its_own_connection() {
     assert_eq!(expect_close(&mut a).await, 1011);
     send(&mut b, "still here").await;
     assert_eq!(recv(&mut b).await, "still here");
-    eventually("a unregistered", || hub.get_connection_count() == 1).await;
+    eventually("a unregistered", || hub.connection_count() == 1).await;
     let m = hub.metrics_snapshot();
     let internal = m
         .disconnects_total
@@ -103,21 +103,21 @@ async fn rooms_and_broadcasts() {
     for id in ["a", "b", "c"] {
         socks.push(connect(addr, id).await);
     }
-    eventually("3 registered", || hub.get_connection_count() == 3).await;
-    let mut ids = hub.get_active_connections();
+    eventually("3 registered", || hub.connection_count() == 3).await;
+    let mut ids = hub.client_ids();
     ids.sort();
     assert_eq!(ids, vec!["a", "b", "c"]);
     hub.join_room("a", "red").await.unwrap();
     hub.join_room("b", "red").await.unwrap();
     hub.join_room("b", "blue").await.unwrap();
-    let mut rooms = hub.get_client_rooms("b");
+    let mut rooms = hub.channels_of("b");
     rooms.sort();
     assert_eq!(rooms, vec!["blue", "red"]);
-    let mut members = hub.get_room_members("red");
+    let mut members = hub.channel_members("red");
     members.sort();
     assert_eq!(members, vec!["a", "b"]);
 
-    let r = hub.broadcast_to_room("red", "to red", Some("a"));
+    let r = hub.broadcast_to_channel("red", "to red", Some("a"));
     assert_eq!((r.sent, r.dropped, r.failed), (1, 0, 0));
     assert_eq!(recv(&mut socks[1]).await, "to red");
 
@@ -132,7 +132,7 @@ async fn rooms_and_broadcasts() {
 
     assert!(hub.leave_room("b", "red").unwrap());
     assert!(!hub.leave_room("b", "red").unwrap());
-    assert_eq!(hub.get_room_members("red"), vec!["a"]);
+    assert_eq!(hub.channel_members("red"), vec!["a"]);
 
     assert_eq!(
         hub.join_room("nobody", "red").await.unwrap_err().kind(),
@@ -154,9 +154,9 @@ async fn rooms_and_broadcasts() {
 
     hub.disconnect("a").unwrap();
     assert_eq!(expect_close(&mut socks[0]).await, 1000);
-    eventually("a gone", || hub.get_connection_count() == 2).await;
+    eventually("a gone", || hub.connection_count() == 2).await;
     assert!(
-        hub.get_room_members("red").is_empty(),
+        hub.channel_members("red").is_empty(),
         "a left its rooms on disconnect"
     );
 }
@@ -170,17 +170,14 @@ async fn user_data_is_accounted_and_limited() {
     let addr = serve(&hub).await;
     let mut a = connect(addr, "a").await;
     let _b = connect(addr, "b").await;
-    eventually("registered", || hub.get_connection_count() == 2).await;
+    eventually("registered", || hub.connection_count() == 2).await;
 
     hub.set_user_data("a", "name", serde_json::json!("alice"))
         .unwrap();
-    assert_eq!(
-        hub.get_user_data("a", "name"),
-        Some(serde_json::json!("alice"))
-    );
-    assert_eq!(hub.get_user_data("a", "missing"), None);
-    assert_eq!(hub.get_user_data("nobody", "name"), None);
-    let used = hub.get_memory_usage();
+    assert_eq!(hub.user_data("a", "name"), Some(serde_json::json!("alice")));
+    assert_eq!(hub.user_data("a", "missing"), None);
+    assert_eq!(hub.user_data("nobody", "name"), None);
+    let used = hub.memory_usage();
     assert_eq!(used.total_memory, 4 + 7);
     assert_eq!(used.connection_count, 2);
 
@@ -189,8 +186,8 @@ async fn user_data_is_accounted_and_limited() {
         .set_user_data("a", "big", serde_json::json!("x".repeat(100)))
         .unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::MemoryLimitExceeded);
-    assert_eq!(hub.get_user_data("a", "big"), None);
-    assert_eq!(hub.get_memory_usage().total_memory, 11);
+    assert_eq!(hub.user_data("a", "big"), None);
+    assert_eq!(hub.memory_usage().total_memory, 11);
 
     // Within per-connection, but over the total across connections.
     hub.set_user_data("a", "k", serde_json::json!("y".repeat(80)))
@@ -202,13 +199,13 @@ async fn user_data_is_accounted_and_limited() {
 
     // Replacing a value counts the difference, not the sum.
     hub.set_user_data("a", "k", serde_json::json!("y")).unwrap();
-    assert_eq!(hub.get_memory_usage().total_memory, 11 + 1 + 3);
+    assert_eq!(hub.memory_usage().total_memory, 11 + 1 + 3);
 
     // Freed on disconnect.
     hub.disconnect("a").unwrap();
     expect_close(&mut a).await;
-    eventually("a gone", || hub.get_connection_count() == 1).await;
-    assert_eq!(hub.get_memory_usage().total_memory, 0);
+    eventually("a gone", || hub.connection_count() == 1).await;
+    assert_eq!(hub.memory_usage().total_memory, 0);
     // Uncounted before it left the registry.
     assert_eq!(hub.metrics_snapshot().user_data_bytes, 0);
 }
@@ -234,7 +231,7 @@ async fn queued_output_over_total_memory_evicts_by_policy() {
     // total is over 200 kB: only "slow" can be the one filling memory.
     let _slow = connect(addr, "slow").await;
     let mut fast = connect(addr, "fast").await;
-    eventually("registered", || hub.get_connection_count() == 2).await;
+    eventually("registered", || hub.connection_count() == 2).await;
     hub.join_room("slow", "feed").await.unwrap();
     hub.join_room("fast", "feed").await.unwrap();
     // Random letters: permessage-deflate (on by default) shrinks a run of one
@@ -247,14 +244,14 @@ async fn queued_output_over_total_memory_evicts_by_policy() {
             .collect();
     let data = keel::RawValue::from_string(format!("\"{text}\"")).unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while hub.get_connection("slow").is_some() {
+    while hub.connection("slow").is_some() {
         assert!(tokio::time::Instant::now() < deadline, "slow never evicted");
         hub.publish("feed", &data, None).await.unwrap();
         let got = recv(&mut fast).await;
         assert!(got.len() > 50_000, "fast gets each publication whole");
     }
     assert!(
-        hub.get_connection("fast").is_some(),
+        hub.connection("fast").is_some(),
         "only the one holding memory went"
     );
     // Counted before it left the registry (a clean-clone CI run on 2f02e73 caught
@@ -277,7 +274,7 @@ async fn hubs_are_values_not_globals() {
     let mut x = connect(a1, "same-id").await;
     let mut y = connect(a2, "same-id").await;
     eventually("both registered", || {
-        h1.get_connection_count() == 1 && h2.get_connection_count() == 1
+        h1.connection_count() == 1 && h2.connection_count() == 1
     })
     .await;
     h1.broadcast("only h1", &[]).await;
@@ -296,7 +293,7 @@ async fn graceful_shutdown_reports_and_refuses_new_connections() {
     for i in 0..10 {
         socks.push(connect(addr, &format!("c{i}")).await);
     }
-    eventually("10 registered", || hub.get_connection_count() == 10).await;
+    eventually("10 registered", || hub.connection_count() == 10).await;
     let closer = tokio::spawn(async move {
         let mut codes = Vec::new();
         for s in socks.iter_mut() {
@@ -317,7 +314,7 @@ async fn graceful_shutdown_reports_and_refuses_new_connections() {
         hub.check_admission().unwrap_err().kind(),
         &ErrorKind::Shutdown
     );
-    assert_eq!(hub.get_connection_count(), 0);
+    assert_eq!(hub.connection_count(), 0);
 }
 
 /// Publications reach each subscriber whole, once and in order, whether its
@@ -336,7 +333,7 @@ async fn publications_arrive_whole_and_in_order_however_fast_subscribers_read() 
     let mut stalled = connect(addr, "stalled").await;
     let mut fitful = connect(addr, "fitful").await;
     let mut fast = connect(addr, "fast").await;
-    eventually("registered", || hub.get_connection_count() == 3).await;
+    eventually("registered", || hub.connection_count() == 3).await;
     for id in ["stalled", "fitful", "fast"] {
         hub.join_room(id, "feed").await.unwrap();
     }
@@ -379,7 +376,7 @@ async fn publications_arrive_whole_and_in_order_however_fast_subscribers_read() 
     // About 20 MB went to "stalled", more than loopback's buffers hold: the rest
     // waits in its queue.
     assert!(
-        hub.get_memory_usage().total_memory > 1_000_000,
+        hub.memory_usage().total_memory > 1_000_000,
         "the stalled subscriber's socket filled"
     );
     for i in 1..=N {
@@ -442,7 +439,7 @@ async fn traffic_totals_never_go_down_while_connections_come_and_go() {
         "the check ran alongside the churn ({scrapes})"
     );
     eventually("every churned connection gone", || {
-        hub.get_connection_count() == 0
+        hub.connection_count() == 0
     })
     .await;
     let end = hub.metrics_snapshot();

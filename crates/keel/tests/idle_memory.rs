@@ -80,7 +80,7 @@ async fn measure(deflate: bool, guard: f64) {
     let warm = tokio::task::spawn_blocking(move || handshake(addr, usize::MAX, deflate))
         .await
         .unwrap();
-    common::eventually("warm-up registered", || hub.get_connection_count() == 1).await;
+    common::eventually("warm-up registered", || hub.connection_count() == 1).await;
     // Its JSON pings count as messages written: wait for two heartbeat rounds.
     common::eventually("warm-up heartbeats", || {
         hub.metrics_snapshot().messages_out_total >= 2
@@ -97,7 +97,7 @@ async fn measure(deflate: bool, guard: f64) {
     })
     .await
     .unwrap();
-    common::eventually("all registered", || hub.get_connection_count() == CONNS + 1).await;
+    common::eventually("all registered", || hub.connection_count() == CONNS + 1).await;
     // Hold them through heartbeat rounds: wait until every connection has been sent
     // at least two JSON pings (counted as messages written) since the warm-up.
     let sent_before = hub.metrics_snapshot().messages_out_total;
@@ -127,10 +127,10 @@ async fn measure(deflate: bool, guard: f64) {
     // resume. What stays on the heap is what a retained session costs.
     drop(clients);
     common::eventually("all sessions detached", || {
-        hub.get_detached_session_count() == CONNS
+        hub.detached_session_count() == CONNS
     })
     .await;
-    common::eventually("connections gone", || hub.get_connection_count() == 1).await;
+    common::eventually("connections gone", || hub.connection_count() == 1).await;
     let stats = region.change();
     let net = stats.bytes_allocated as i64 - stats.bytes_deallocated as i64;
     let per_session = net as f64 / CONNS as f64;

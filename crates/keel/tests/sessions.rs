@@ -21,11 +21,11 @@ async fn tokens_name_their_session_and_resume_checks_the_authenticated_client() 
     let hub = hub();
     let addr = serve(&hub).await;
     let alice = connect(addr, "alice").await;
-    eventually("alice registered", || hub.get_connection("alice").is_some()).await;
+    eventually("alice registered", || hub.connection("alice").is_some()).await;
     hub.join_room("alice", "lobby").await.unwrap();
     hub.set_user_data("alice", "theme", serde_json::json!("dark"))
         .unwrap();
-    let conn = hub.get_connection("alice").unwrap();
+    let conn = hub.connection("alice").unwrap();
     let token = hub.generate_reconnect_token("alice").unwrap();
     let claims = hub.validate_reconnect_token(&token).unwrap();
     assert_eq!(claims.client_id, "alice");
@@ -45,30 +45,27 @@ async fn tokens_name_their_session_and_resume_checks_the_authenticated_client() 
 
     drop(alice);
     eventually("alice's session detached", || {
-        hub.get_detached_session_count() == 1
+        hub.detached_session_count() == 1
     })
     .await;
 
     // Bob, authenticated as bob, presents alice's token: refused, nothing moves.
     let _bob = connect(addr, "bob").await;
-    eventually("bob registered", || hub.get_connection("bob").is_some()).await;
-    let bob = hub.get_connection("bob").unwrap();
+    eventually("bob registered", || hub.connection("bob").is_some()).await;
+    let bob = hub.connection("bob").unwrap();
     let err = hub
         .resume(&bob, &token, &[], Some("bob"))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), &ErrorKind::Forbidden);
     assert_eq!(&*bob.client_id(), "bob");
-    assert_eq!(hub.get_detached_session_count(), 1);
-    assert_eq!(hub.get_user_data("bob", "theme"), None);
+    assert_eq!(hub.detached_session_count(), 1);
+    assert_eq!(hub.user_data("bob", "theme"), None);
 
     // A connection authenticated as alice gets her session back.
     let _again = connect(addr, "alice-new-tab").await;
-    eventually("registered", || {
-        hub.get_connection("alice-new-tab").is_some()
-    })
-    .await;
-    let again = hub.get_connection("alice-new-tab").unwrap();
+    eventually("registered", || hub.connection("alice-new-tab").is_some()).await;
+    let again = hub.connection("alice-new-tab").unwrap();
     let lobby = vec![("lobby".to_string(), None)];
     let resumed = hub
         .resume(&again, &token, &lobby, Some("alice"))
@@ -80,12 +77,12 @@ async fn tokens_name_their_session_and_resume_checks_the_authenticated_client() 
     assert_ne!(resumed.reconnect_token, token);
     assert_eq!(&*again.client_id(), "alice");
     assert_eq!(
-        hub.get_user_data("alice", "theme"),
+        hub.user_data("alice", "theme"),
         Some(serde_json::json!("dark"))
     );
-    assert_eq!(hub.get_room_members("lobby"), vec!["alice".to_string()]);
-    assert!(hub.get_connection("alice-new-tab").is_none());
-    assert_eq!(hub.get_detached_session_count(), 0);
+    assert_eq!(hub.channel_members("lobby"), vec!["alice".to_string()]);
+    assert!(hub.connection("alice-new-tab").is_none());
+    assert_eq!(hub.detached_session_count(), 0);
     // The used token is spent; its successor names the next generation.
     assert_eq!(
         hub.resume(&bob, &token, &[], None)

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel::Config;
 use keel_client::{Event, Events};
+use keel_server::settings::Settings as Config;
 use keel_server::Running;
 use std::sync::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

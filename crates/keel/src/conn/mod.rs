@@ -32,6 +32,8 @@ use rate::Bucket;
 #[derive(Debug)]
 pub(crate) struct Delivery {
     pub(crate) limits: Limits,
+    /// When the Hub started: the zero of `last_seen` and `connected_ms`.
+    pub(crate) started: Instant,
     dropped_oldest: AtomicU64,
     dropped_newest: AtomicU64,
 }
@@ -40,6 +42,7 @@ impl Delivery {
     pub(crate) fn new(limits: Limits) -> Self {
         Delivery {
             limits,
+            started: Instant::now(),
             dropped_oldest: AtomicU64::new(0),
             dropped_newest: AtomicU64::new(0),
         }
@@ -267,8 +270,14 @@ pub(crate) struct ConnInner {
     /// Whatever the application attached at connect time (presence info, claims).
     /// Boxed: most connections carry none, and a `Value` inline costs 32 bytes each.
     pub(crate) metadata: Option<Box<serde_json::Value>>,
-    pub(crate) connected_at: Instant,
-    /// Channels this connection is in, for cleanup and `get_client_rooms`.
+    /// Milliseconds since the Hub started when it connected (a `u64` and not an
+    /// `Instant`: 8 bytes fewer, which keeps the struct at 336 bytes).
+    pub(crate) connected_ms: u64,
+    /// Queue limits, drop counters and the Hub's start, the Hub's. Here, beside
+    /// `connected_ms`, so the two take the 16 bytes the `Instant` took and the
+    /// fields after them keep their alignment.
+    pub(crate) delivery: Arc<Delivery>,
+    /// Channels this connection is in, for cleanup and `Hub::channels_of`.
     /// A Vec, not a set: a connection is in few channels, and an empty Vec is 24
     /// bytes where an empty `HashSet` with its hasher is 48.
     pub(crate) channels: Mutex<Vec<Arc<str>>>,
@@ -286,8 +295,6 @@ pub(crate) struct ConnInner {
     /// Who the client is and which session it is in. Changes at most on a resume,
     /// while the connection is briefly out of the registry and of every channel.
     pub(crate) ident: RwLock<Ident>,
-    /// Queue limits and drop counters, the Hub's.
-    pub(crate) delivery: Arc<Delivery>,
 }
 
 /// A handle to one live connection. Cheap to clone; holding one does not keep the
@@ -323,7 +330,7 @@ impl Connection {
                     generation: 0,
                 }),
                 metadata: (!metadata.is_null()).then(|| Box::new(metadata)),
-                connected_at: Instant::now(),
+                connected_ms: now_ms,
                 last_seen: AtomicU64::new(now_ms),
                 queue: SendQueue::default(),
                 kill: AtomicBool::new(false),
@@ -418,7 +425,7 @@ impl Connection {
         let mut guard = self.inner.auth.lock();
         let Some(st) = guard.as_mut() else { return };
         let Some(id) = &st.identity else {
-            if now.duration_since(self.inner.connected_at) >= auth_timeout {
+            if now.duration_since(self.connected_instant()) >= auth_timeout {
                 drop(guard);
                 let err = keel_protocol::encode::error(
                     keel_protocol::ErrorCode::Unauthorized,
@@ -463,7 +470,12 @@ impl Connection {
 
     /// When it connected.
     pub fn connected_at(&self) -> std::time::Instant {
-        self.inner.connected_at.into_std()
+        self.connected_instant().into_std()
+    }
+
+    /// When it connected, on the library's clock.
+    pub(crate) fn connected_instant(&self) -> Instant {
+        self.inner.delivery.started + std::time::Duration::from_millis(self.inner.connected_ms)
     }
 
     /// Messages dropped for this connection by the slow-consumer policy.
@@ -502,12 +514,26 @@ impl Connection {
 
     /// Queues a publication's shared frame (a text message), counting drops.
     pub(crate) fn push_shared_counted(&self, frame: &Arc<Bytes>) -> Pushed {
-        let limits = &self.inner.delivery.limits;
-        self.counted(self.inner.queue.push_shared(frame, limits))
+        self.push_shared_with(&self.inner.delivery, frame)
+    }
+
+    /// [`push_shared_counted`](Self::push_shared_counted) with the delivery
+    /// context given: what a fan-out calls for every member, so it does not load
+    /// each connection's own pointer to the same context (a cache line a member's
+    /// queue does not share).
+    pub(crate) fn push_shared_with(&self, delivery: &Delivery, frame: &Arc<Bytes>) -> Pushed {
+        self.counted_with(
+            delivery,
+            self.inner.queue.push_shared(frame, &delivery.limits),
+        )
     }
 
     /// Counts what a push's slow-consumer policy dropped, and hands the result on.
     fn counted(&self, pushed: Pushed) -> Pushed {
+        self.counted_with(&self.inner.delivery, pushed)
+    }
+
+    fn counted_with(&self, delivery: &Delivery, pushed: Pushed) -> Pushed {
         let n = match pushed {
             Pushed::DroppedOldest(n) => n as u64,
             Pushed::DroppedNewest => 1,
@@ -515,7 +541,7 @@ impl Connection {
         };
         if n > 0 {
             self.inner.stats.dropped.fetch_add(n, Ordering::Relaxed);
-            self.inner.delivery.dropped(n);
+            delivery.dropped(n);
         }
         pushed
     }
@@ -542,13 +568,15 @@ impl Connection {
     }
 
     /// Queues `text` (an `error`, typically), then a Close with `code`, with
-    /// nothing in between. A 1008 counts as an auth failure in metrics and logs.
-    pub fn send_and_close(&self, text: Bytes, code: u16, reason: &str) -> bool {
-        let why = if code == keel_protocol::close::POLICY_VIOLATION {
-            DisconnectReason::AuthFailed
-        } else {
-            DisconnectReason::ServerClosed
-        };
+    /// nothing in between. `why` is what metrics and logs count the disconnect as
+    /// ([`DisconnectReason::AuthFailed`] for a refused credential, say).
+    pub fn send_and_close(
+        &self,
+        why: DisconnectReason,
+        text: Bytes,
+        code: u16,
+        reason: &str,
+    ) -> bool {
         self.send_then_close(why, text, code, reason)
     }
 

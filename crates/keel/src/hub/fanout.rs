@@ -8,13 +8,16 @@
 //! [`Deliver`] sink: a publication is encoded once per node and the same buffer is
 //! queued to every member.
 //!
-//! **The last hop enforces the stream guarantee, whatever the broker does.** Each
-//! member has a watermark, the last offset queued to it: a publication at or below
-//! it is dropped, so a broker that delivers twice (a Redis reconnect, a replay
-//! racing the live stream) never makes a client see an offset twice. A joining
-//! member is first *pending*: live publications are buffered for it while the
-//! broker's history is read, then it gets the replay, then what was buffered above
-//! the replay's end, then goes live: nothing lost, nothing twice, in order.
+//! **The last hop enforces the stream guarantee, whatever the broker does.** A
+//! channel remembers the last offset it delivered: a publication at or below it is
+//! dropped, so a broker that delivers twice (a Redis reconnect) never makes a
+//! client see an offset twice. A joining member is first *joining*: live
+//! publications are buffered for it while the broker's history is read, then it
+//! gets the replay, then what was buffered above the replay's end, then goes live:
+//! nothing lost, nothing twice, in order. A member whose replay went past what the
+//! channel had delivered live keeps its own watermark (`ahead`) until the channel
+//! catches up. With nobody joining or ahead, delivering is one pass over the
+//! members that only reads them, as cheap as it was before the broker cut.
 //!
 //! What it must not do: await anything while holding a channel's lock, call the
 //! broker while holding one (the broker calls in here with its own lock held), or
@@ -31,7 +34,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use crate::broker::{Delivered, HistoryQuery, StreamPosition, StreamPublication};
-use crate::conn::Connection;
+use crate::conn::{Connection, Delivery};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hub::{BroadcastResult, Hub};
 use crate::transport::Outgoing;
@@ -65,17 +68,6 @@ struct Absent {
     until: Instant,
 }
 
-/// A local member and its watermark.
-struct Member {
-    conn: Connection,
-    /// The last offset queued to it, in the channel's `epoch`.
-    after: u64,
-    /// While it joins: live publications that arrived meanwhile. Boxed so a
-    /// member that is not joining costs 8 bytes here, not 24.
-    #[allow(clippy::box_collection)]
-    pending: Option<Box<Vec<Arc<StreamPublication>>>>,
-}
-
 /// The state of this node's broker interest in a channel.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Interest {
@@ -88,10 +80,17 @@ enum Interest {
 }
 
 struct LocalState {
-    members: HashMap<Arc<str>, Member>,
+    members: HashMap<Arc<str>, Connection>,
+    /// Members still joining, with the live publications that arrived meanwhile.
+    joining: HashMap<Arc<str>, Vec<Arc<StreamPublication>>>,
+    /// Members whose replay went past `delivered`, with the last offset queued
+    /// to them.
+    ahead: HashMap<Arc<str>, u64>,
     absent: HashMap<Arc<str>, Absent>,
-    /// The epoch of the publications delivered so far (watermarks refer to it).
+    /// The epoch of the publications delivered so far (offsets refer to it).
     epoch: Option<Arc<str>>,
+    /// The last offset delivered live in `epoch`.
+    delivered: u64,
     interest: Interest,
     /// Set when the channel left the registry; a holder of a stale `Arc` must
     /// look it up again.
@@ -142,8 +141,11 @@ impl Fanout {
                     name: key.clone(),
                     state: Mutex::new(LocalState {
                         members: HashMap::new(),
+                        joining: HashMap::new(),
+                        ahead: HashMap::new(),
                         absent: HashMap::new(),
                         epoch: None,
+                        delivered: 0,
                         interest: Interest::None,
                         dead: false,
                     }),
@@ -171,7 +173,7 @@ impl Fanout {
 
     /// The last hop: queues `p` to every live member above its watermark, and
     /// buffers it for members still joining.
-    pub(crate) fn deliver(&self, p: &Arc<StreamPublication>) -> Delivered {
+    pub(crate) fn deliver(&self, delivery: &Delivery, p: &Arc<StreamPublication>) -> Delivered {
         let Some(ch) = self.get(&p.channel) else {
             return Delivered::default();
         };
@@ -183,23 +185,32 @@ impl Fanout {
         if st.epoch.as_deref() != Some(&*p.epoch) {
             // A new epoch (the stream was lost and started again): offsets start
             // again, and so do the watermarks.
-            if st.epoch.is_some() {
-                for m in st.members.values_mut() {
-                    m.after = 0;
-                }
-            }
             st.epoch = Some(p.epoch.clone());
+            st.delivered = 0;
+            st.ahead.clear();
         }
-        for m in st.members.values_mut() {
-            if let Some(buffer) = m.pending.as_mut() {
-                buffer.push(p.clone());
-                continue;
+        if p.offset <= st.delivered {
+            // Delivered already: a broker's redelivery.
+            return Delivered::default();
+        }
+        st.delivered = p.offset;
+        if st.joining.is_empty() && st.ahead.is_empty() {
+            for c in st.members.values() {
+                result.add(c.push_shared_with(delivery, &frame));
             }
-            if p.offset <= m.after {
-                continue;
+        } else {
+            for (id, c) in st.members.iter() {
+                if let Some(buffer) = st.joining.get_mut(id) {
+                    buffer.push(p.clone());
+                    continue;
+                }
+                if st.ahead.get(id).is_some_and(|a| p.offset <= *a) {
+                    continue;
+                }
+                result.add(c.push_shared_with(delivery, &frame));
             }
-            m.after = p.offset;
-            result.add(m.conn.push_shared_counted(&frame));
+            let delivered = st.delivered;
+            st.ahead.retain(|_, a| *a > delivered);
         }
         Delivered {
             queued: result.sent,
@@ -220,7 +231,9 @@ impl Fanout {
         since: Option<&StreamPosition>,
     ) -> Result<Subscribed> {
         let id = conn.client_id();
-        let (rules, presence_events) = hub.stream_rules(name);
+        let rules = hub.channel_rules(name);
+        let presence_events = rules.presence_events;
+        let rules = rules.stream;
         // Whether the client is already present here (a re-subscribe, or a
         // resumed session whose presence lingered): then no new `join`.
         let was_present = {
@@ -236,14 +249,9 @@ impl Fanout {
         }
         let ch = self.with_live(name, |ch, st| {
             st.absent.remove(&id);
-            st.members.insert(
-                id.clone(),
-                Member {
-                    conn: conn.clone(),
-                    after: 0,
-                    pending: Some(Box::default()),
-                },
-            );
+            st.members.insert(id.clone(), conn.clone());
+            st.ahead.remove(&id);
+            st.joining.insert(id.clone(), Vec::new());
             ch.clone()
         });
         {
@@ -285,18 +293,19 @@ impl Fanout {
         let recovered = since.is_some() && history.complete;
         let mut st = ch.state.lock();
         let st = &mut *st;
-        let Some(member) = st.members.get_mut(&id).filter(|m| m.conn.same(conn)) else {
+        if !st.members.get(&id).is_some_and(|m| m.same(conn)) {
             // Left (or was replaced) while it joined.
             return Err(Error::new(
                 ErrorKind::ConnectionNotFound,
                 "the connection left",
             ));
-        };
+        }
+        let buffer = st.joining.remove(&id).unwrap_or_default();
         let mut after = head.offset;
         let mut replayed = 0;
         if recovered {
             for p in &history.publications {
-                member.conn.push(Outgoing::Text(p.encode()));
+                conn.push(Outgoing::Text(p.encode()));
                 replayed += 1;
             }
             after = history
@@ -309,17 +318,17 @@ impl Fanout {
             Some(e) if **e == *head.epoch || head.epoch.is_empty() => e.clone(),
             _ => Arc::from(head.epoch.as_str()),
         };
-        if let Some(buffer) = member.pending.take() {
-            for p in buffer.iter() {
-                if *p.epoch == *epoch && p.offset > after {
-                    member.conn.push_shared_counted(&Arc::new(p.encode()));
-                    after = p.offset;
-                }
+        for p in &buffer {
+            if *p.epoch == *epoch && p.offset > after {
+                conn.push(Outgoing::Text(p.encode()));
+                after = p.offset;
             }
         }
-        member.after = after;
         if st.epoch.is_none() && !epoch.is_empty() {
             st.epoch = Some(epoch.clone());
+        }
+        if st.epoch.as_deref() == Some(&*epoch) && after > st.delivered {
+            st.ahead.insert(id.clone(), after);
         }
         Ok(Subscribed {
             position: StreamPosition {
@@ -400,9 +409,13 @@ impl Fanout {
         let (removed, event) = {
             let mut st = ch.state.lock();
             let removed = match st.members.get(&id) {
-                Some(m) if m.conn.same(conn) => st.members.remove(&id).is_some(),
+                Some(m) if m.same(conn) => st.members.remove(&id).is_some(),
                 _ => false,
             };
+            if removed {
+                st.joining.remove(&id);
+                st.ahead.remove(&id);
+            }
             let mut event = false;
             if removed {
                 match linger {
@@ -415,7 +428,7 @@ impl Fanout {
             }
             (removed, event)
         };
-        if event && hub.stream_rules(name).1 {
+        if event && hub.channel_rules(name).presence_events {
             hub.presence_event_detached(name, "leave", &id, conn.info());
         }
         self.forget_if_idle(hub, &ch);
@@ -461,12 +474,12 @@ impl Fanout {
         let mut out: Vec<PresenceEntry> = st
             .members
             .iter()
-            .filter(|(_, m)| {
-                now_ms.saturating_sub(m.conn.inner.last_seen.load(Ordering::Relaxed)) <= ttl_ms
+            .filter(|(_, c)| {
+                now_ms.saturating_sub(c.inner.last_seen.load(Ordering::Relaxed)) <= ttl_ms
             })
-            .map(|(id, m)| PresenceEntry {
+            .map(|(id, c)| PresenceEntry {
                 client_id: id.to_string(),
-                info: m.conn.info(),
+                info: c.info(),
             })
             .collect();
         out.extend(
@@ -489,7 +502,7 @@ impl Fanout {
         };
         let ended = ch.state.lock().absent.remove(client_id);
         if let Some(a) = ended {
-            if hub.stream_rules(name).1 {
+            if hub.channel_rules(name).presence_events {
                 hub.presence_event_detached(name, "leave", client_id, a.info);
             }
         }
@@ -499,14 +512,7 @@ impl Fanout {
     /// The members of `name`.
     pub(crate) fn members(&self, name: &str) -> Vec<Connection> {
         self.get(name)
-            .map(|ch| {
-                ch.state
-                    .lock()
-                    .members
-                    .values()
-                    .map(|m| m.conn.clone())
-                    .collect()
-            })
+            .map(|ch| ch.state.lock().members.values().cloned().collect())
             .unwrap_or_default()
     }
 
@@ -548,7 +554,7 @@ impl Fanout {
                         .filter_map(|id| st.absent.remove(&id).map(|a| (id, a.info)))
                         .collect()
                 };
-                if !expired.is_empty() && hub.stream_rules(&ch.name).1 {
+                if !expired.is_empty() && hub.channel_rules(&ch.name).presence_events {
                     for (id, info) in expired {
                         hub.presence_event_detached(&ch.name, "leave", &id, info);
                     }

@@ -75,7 +75,6 @@ pub(crate) struct HubInner {
     pub(crate) sessions: Sessions,
     pub(crate) metrics: Metrics,
     transport: Transport,
-    started: Instant,
     /// Connections registered plus upgrades answered but not yet registered; what
     /// `max_connections` is checked against.
     reserved: AtomicUsize,
@@ -107,11 +106,20 @@ impl Deliver for NodeSink {
         match self.0.upgrade() {
             Some(inner) => {
                 let hub = Hub { inner };
-                hub.inner.fanout.deliver(publication)
+                hub.inner.fanout.deliver(&hub.inner.delivery, publication)
             }
             None => Delivered::default(),
         }
     }
+}
+
+/// A channel's rules, from its namespace or the top-level options.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChannelRules {
+    /// History size and TTL, handed to the broker.
+    pub(crate) stream: StreamRules,
+    /// Whether joins and leaves are published into the stream.
+    pub(crate) presence_events: bool,
 }
 
 /// The connection hub. See the crate documentation for a tour.
@@ -123,7 +131,7 @@ pub struct Hub {
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
-            .field("connections", &self.get_connection_count())
+            .field("connections", &self.connection_count())
             .finish_non_exhaustive()
     }
 }
@@ -179,7 +187,6 @@ impl Hub {
                 ),
                 metrics: Metrics::default(),
                 transport: Transport::new(&config),
-                started: Instant::now(),
                 reserved: AtomicUsize::new(0),
                 user_data_bytes: AtomicUsize::new(0),
                 draining: AtomicBool::new(false),
@@ -233,20 +240,20 @@ impl Hub {
         self.inner.node
     }
 
-    /// The stream rules (history size and TTL) and whether presence events are on,
-    /// for channel `name`: its namespace's where it sets them, else the top-level
-    /// options.
-    pub(crate) fn stream_rules(&self, name: &str) -> (StreamRules, bool) {
+    /// The rules of channel `name`: its namespace's where it sets them, else the
+    /// top-level options.
+    pub(crate) fn channel_rules(&self, name: &str) -> ChannelRules {
         let c = &self.inner.config;
         let ns = crate::policy::permissions::namespace(&c.namespaces, name);
-        let rules = StreamRules {
-            history_size: ns.and_then(|n| n.history_size).unwrap_or(c.history_size),
-            history_ttl: ns.and_then(|n| n.history_ttl).unwrap_or(c.history_ttl),
-        };
-        let events = ns
-            .and_then(|n| n.presence_events)
-            .unwrap_or(c.presence_events);
-        (rules, events)
+        ChannelRules {
+            stream: StreamRules {
+                history_size: ns.and_then(|n| n.history_size).unwrap_or(c.history_size),
+                history_ttl: ns.and_then(|n| n.history_ttl).unwrap_or(c.history_ttl),
+            },
+            presence_events: ns
+                .and_then(|n| n.presence_events)
+                .unwrap_or(c.presence_events),
+        }
     }
 
     /// Publishes a presence `join` or `leave` into `channel`'s stream.
@@ -261,7 +268,7 @@ impl Hub {
         let Ok(raw) = serde_json::value::to_raw_value(&data) else {
             return;
         };
-        let (rules, _) = self.stream_rules(channel);
+        let rules = self.channel_rules(channel).stream;
         if let Err(e) = self.inner.broker.publish(channel, &raw, None, rules).await {
             tracing::warn!(channel, event, error = %e, "presence event not published");
         }
@@ -303,12 +310,12 @@ impl Hub {
 
     /// Milliseconds since the Hub was created (the clock of `last_seen`).
     pub(crate) fn now_ms(&self) -> u64 {
-        self.inner.started.elapsed().as_millis() as u64
+        self.inner.delivery.started.elapsed().as_millis() as u64
     }
 
     /// How long the Hub has existed.
     pub fn uptime(&self) -> Duration {
-        self.inner.started.elapsed()
+        self.inner.delivery.started.elapsed()
     }
 
     fn shard(&self, client_id: &str) -> &Shard {
@@ -634,7 +641,7 @@ impl Hub {
         }
         // A vanished client stays present until `presence_ttl` after its last frame.
         let linger = keep.then(|| {
-            self.inner.started
+            self.inner.delivery.started
                 + Duration::from_millis(conn.inner.last_seen.load(Ordering::Relaxed))
                 + self.inner.config.presence_ttl
         });
@@ -669,12 +676,12 @@ impl Hub {
     }
 
     /// The connection of `client_id`, if connected.
-    pub fn get_connection(&self, client_id: &str) -> Option<Connection> {
+    pub fn connection(&self, client_id: &str) -> Option<Connection> {
         self.shard(client_id).read().get(client_id).cloned()
     }
 
     fn require(&self, client_id: &str) -> Result<Connection> {
-        self.get_connection(client_id)
+        self.connection(client_id)
             .ok_or_else(|| Error::not_found(client_id))
     }
 
@@ -696,7 +703,7 @@ impl Hub {
     /// Queues a text message to one client. False if not connected, closing, or the
     /// message was refused by a full queue.
     pub fn send_to_client(&self, client_id: &str, text: impl Into<Bytes>) -> bool {
-        match self.get_connection(client_id) {
+        match self.connection(client_id) {
             Some(c) => c.push(Outgoing::Text(text.into())),
             None => false,
         }
@@ -715,7 +722,7 @@ impl Hub {
                 if exclude.contains(&&*c.client_id()) {
                     continue;
                 }
-                result.add(c.push_shared_counted(&frame));
+                result.add(c.push_shared_with(&self.inner.delivery, &frame));
                 if (i + 1) % batch == 0 {
                     tokio::task::yield_now().await;
                 }
@@ -725,8 +732,8 @@ impl Hub {
     }
 
     /// Client ids of all open connections.
-    pub fn get_active_connections(&self) -> Vec<String> {
-        let mut v = Vec::with_capacity(self.get_connection_count());
+    pub fn client_ids(&self) -> Vec<String> {
+        let mut v = Vec::with_capacity(self.connection_count());
         for s in self.inner.shards.iter() {
             v.extend(s.read().keys().map(|k| k.to_string()));
         }
@@ -734,7 +741,7 @@ impl Hub {
     }
 
     /// Number of open connections.
-    pub fn get_connection_count(&self) -> usize {
+    pub fn connection_count(&self) -> usize {
         self.inner.shards.iter().map(|s| s.read().len()).sum()
     }
 
@@ -798,7 +805,7 @@ impl Hub {
     }
 
     /// Client ids in `room` on this node.
-    pub fn get_room_members(&self, room: &str) -> Vec<String> {
+    pub fn channel_members(&self, room: &str) -> Vec<String> {
         self.inner
             .fanout
             .members(room)
@@ -808,8 +815,8 @@ impl Hub {
     }
 
     /// Rooms `client_id` is in (empty if not connected).
-    pub fn get_client_rooms(&self, client_id: &str) -> Vec<String> {
-        self.get_connection(client_id)
+    pub fn channels_of(&self, client_id: &str) -> Vec<String> {
+        self.connection(client_id)
             .map(|c| {
                 c.inner
                     .channels
@@ -823,7 +830,7 @@ impl Hub {
 
     /// Queues a text message to every member of `room` except `exclude`, without an
     /// offset (it is not part of the channel's stream; see [`publish`](Self::publish)).
-    pub fn broadcast_to_room(
+    pub fn broadcast_to_channel(
         &self,
         room: &str,
         text: impl Into<Bytes>,
@@ -849,7 +856,7 @@ impl Hub {
             .metrics
             .publications
             .fetch_add(1, Ordering::Relaxed);
-        let (rules, _) = self.stream_rules(channel);
+        let rules = self.channel_rules(channel).stream;
         self.inner
             .broker
             .publish(channel, data, publisher, rules)
@@ -871,7 +878,7 @@ impl Hub {
     /// answers all that followed it or nothing; a browse answers what is kept).
     pub async fn history(&self, channel: &str, query: HistoryQuery<'_>) -> Result<History> {
         self.check_channel_name(channel)?;
-        let (rules, _) = self.stream_rules(channel);
+        let rules = self.channel_rules(channel).stream;
         self.inner.broker.history(channel, query, rules).await
     }
 

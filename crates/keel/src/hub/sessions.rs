@@ -145,7 +145,7 @@ impl Hub {
     }
 
     /// Detached sessions waiting for a resume.
-    pub fn get_detached_session_count(&self) -> usize {
+    pub fn detached_session_count(&self) -> usize {
         self.inner.sessions.count()
     }
 
@@ -257,7 +257,7 @@ impl Hub {
             }
             Ok(d) => (d.user_data, d.channels, true),
             Err(true) => return Err(invalid("reconnect token already used")),
-            Err(false) => match self.get_connection(&claims.client_id) {
+            Err(false) => match self.connection(&claims.client_id) {
                 Some(old) if old.ident().session_id == session_id => {
                     if old.ident().generation != claims.generation {
                         return Err(invalid("reconnect token already used"));

@@ -98,7 +98,9 @@ pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
         let now = Instant::now();
         sweep(&hub, now, &mut next_ping, interval);
         hub.inner.fanout.sweep(&hub);
-        hub.inner.broker.expire(&|name| hub.stream_rules(name).0);
+        hub.inner
+            .broker
+            .expire(&|name| hub.channel_rules(name).stream);
         hub.reclaim_sessions();
         if let Some(limits) = &hub.inner.ip_limits {
             limits.sweep();

@@ -18,7 +18,7 @@ use crate::conn::{entry_size, Connection, DisconnectReason, UserData};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hub::Hub;
 
-/// Totals for `get_memory_usage` and `/api/stats`.
+/// Totals for `Hub::memory_usage` and `/api/stats`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct MemoryUsage {
     /// Bytes of user data plus queued output, all connections.
@@ -31,7 +31,7 @@ pub struct MemoryUsage {
 
 impl Hub {
     /// Memory held by connections: user data plus queued output.
-    pub fn get_memory_usage(&self) -> MemoryUsage {
+    pub fn memory_usage(&self) -> MemoryUsage {
         let mut total = 0;
         let mut count = 0;
         for s in self.inner.shards.iter() {
@@ -93,8 +93,8 @@ impl Hub {
     }
 
     /// The value under `key` for `client_id`, if any.
-    pub fn get_user_data(&self, client_id: &str, key: &str) -> Option<serde_json::Value> {
-        let c = self.get_connection(client_id)?;
+    pub fn user_data(&self, client_id: &str, key: &str) -> Option<serde_json::Value> {
+        let c = self.connection(client_id)?;
         let slot = c.inner.user_data.lock();
         slot.as_ref()?.map.get(key).cloned()
     }
@@ -118,7 +118,7 @@ pub(crate) fn eviction_order(
         EvictionPolicy::Lru => {
             conns.sort_by_key(|(c, mem)| (c.inner.last_seen.load(Ordering::Relaxed), Reverse(*mem)))
         }
-        EvictionPolicy::Fifo => conns.sort_by_key(|(c, mem)| (c.inner.connected_at, Reverse(*mem))),
+        EvictionPolicy::Fifo => conns.sort_by_key(|(c, mem)| (c.inner.connected_ms, Reverse(*mem))),
         EvictionPolicy::Oldest => conns.sort_by_cached_key(|(c, mem)| {
             let first = c.inner.user_data.lock().as_ref().map(|u| u.first_write);
             (first.unwrap_or(never), Reverse(*mem))
