@@ -11,6 +11,9 @@
 //!   wait for it.
 //! - [`eventually`] and [`WAIT`]: poll a condition until a deadline, and fail
 //!   with a message that names what did not happen.
+//! - [`ws`]: masked client frames of every length form, and waiting for a
+//!   Close, for tests that speak WebSocket below a well-behaved client.
+//! - [`gateway`]: a `keel serve` in the test's process on 127.0.0.1 port 0.
 //!
 //! What it must not do: sleep in place of waiting for an event, or hold state
 //! between tests (every function builds what it uses).
@@ -18,6 +21,8 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod broker_contract;
+pub mod gateway;
+pub mod ws;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,12 +36,17 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Polls `cond` every few milliseconds until it holds; panics naming `what` after
 /// [`WAIT`].
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
+pub async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    eventually_within(what, WAIT, cond).await
+}
+
+/// [`eventually`] with a deadline of `within`.
+pub async fn eventually_within(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
     while !cond() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
+            "timed out waiting for: {what}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -5,6 +5,8 @@
 
 mod common;
 
+use keel_testkit::ws::client_frame;
+
 use std::net::SocketAddr;
 
 use axum::response::IntoResponse;
@@ -227,15 +229,6 @@ async fn first_message_and_peer(hub: &Hub, addr: SocketAddr) {
     let (_s2, head) = handshake(addr, "second", &standard(KEY)).await;
     assert!(head.starts_with("http/1.1 503"), "{head}");
     assert!(hub.connection("second").is_none());
-}
-
-/// A masked client frame.
-fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [9u8, 8, 7, 6];
-    let mut f = vec![b0, 0x80 | payload.len() as u8];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
 }
 
 #[tokio::test]

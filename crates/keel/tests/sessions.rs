@@ -96,3 +96,61 @@ async fn tokens_name_their_session_and_resume_checks_the_authenticated_client() 
         .unwrap();
     assert_eq!(next.generation, claims.generation + 1);
 }
+
+/// The Hub reads tokio's clock: a vanished client's presence and its detached
+/// session end on that clock, so the test moves it instead of sleeping through
+/// a 30 s presence TTL and a 10 min session TTL.
+#[tokio::test]
+async fn lingering_presence_and_detached_sessions_end_on_the_hubs_clock() {
+    use std::time::Duration;
+    let mut c = Config::default();
+    c.set("reconnect_secret", "library-test-secret-0123456789ab")
+        .unwrap();
+    c.set("reconnect_token_ttl", "10m").unwrap();
+    c.set("presence_ttl", "30s").unwrap();
+    // No heartbeat round within the test's span of virtual time.
+    c.set("heartbeat_interval", "1h").unwrap();
+    c.set("heartbeat_timeout", "1h").unwrap();
+    let hub = Hub::new(c);
+    let addr = serve(&hub).await;
+    let alice = connect(addr, "alice").await;
+    eventually("alice registered", || hub.connection("alice").is_some()).await;
+    hub.join_room("alice", "lobby").await.unwrap();
+    hub.set_user_data("alice", "theme", serde_json::json!("dark"))
+        .unwrap();
+    // Gone without a Close: the session is kept and presence lingers.
+    drop(alice);
+    eventually("the session detached", || hub.detached_session_count() == 1).await;
+    let present = |hub: &Hub| -> Vec<String> {
+        hub.presence("lobby")
+            .into_iter()
+            .map(|p| p.client_id)
+            .collect()
+    };
+    assert_eq!(present(&hub), ["alice"]);
+
+    // From here on only the Hub's timers and our own moves of the clock count.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(29)).await;
+    assert_eq!(present(&hub), ["alice"], "present until presence_ttl");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert!(present(&hub).is_empty(), "gone after presence_ttl");
+
+    // 9 min 31 s after the disconnect: the session is still there.
+    tokio::time::advance(Duration::from_secs(9 * 60)).await;
+    for _ in 0..3 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(hub.detached_session_count(), 1);
+    // Past the 10 min TTL the sweeper (a tick of a quarter of the shortest
+    // TTL) reclaims it; virtual sleeps let its timer fire.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    for _ in 0..20 {
+        if hub.detached_session_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(hub.detached_session_count(), 0);
+    assert_eq!(hub.metrics_snapshot().sessions_expired_total, 1);
+}

@@ -2,7 +2,7 @@
 //! between client and gateway that can cut (RST), refuse, freeze or re-target
 //! connections (the network failures the client must survive), and event helpers
 //! with deadlines. Nothing sleeps and hopes.
-#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
+#![allow(dead_code, unused_imports, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,17 +19,14 @@ use tokio::sync::watch;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+pub use keel_testkit::gateway::gateway;
+
+/// The testkit's gateway settings, with a fixed reconnect secret.
 pub fn config() -> Config {
-    let mut c = Config::default();
-    c.set("listen", "127.0.0.1:0").unwrap();
-    c.set("api_key", "test-key").unwrap();
+    let mut c = keel_testkit::gateway::settings();
     c.set("reconnect_secret", "a-test-secret-of-32-bytes-length")
         .unwrap();
     c
-}
-
-pub async fn gateway(config: Config) -> Running {
-    keel_server::start(config).await.expect("gateway starts")
 }
 
 /// Client options for tests: quick reconnects (the curve itself is tested apart).
@@ -202,16 +199,10 @@ pub async fn connected(events: &mut Events) {
     .await;
 }
 
-/// Waits until `cond` holds, polling; panics with `what` at the deadline.
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+/// Waits until `cond` holds, polling; panics with `what` at [`WAIT`] (longer
+/// here than the testkit's: reconnect tests wait through backoff).
+pub async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    keel_testkit::eventually_within(what, WAIT, cond).await
 }
 
 /// The next `Disconnected`: (code, reason, will_reconnect).

@@ -1,13 +1,12 @@
 //! Test helpers: a gateway on 127.0.0.1 port 0, a protocol client over a real
 //! WebSocket, a raw-TCP client for frames no well-behaved client sends, and a tiny
 //! HTTP/1.1 client. Every wait has a deadline; nothing sleeps and hopes.
-#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
+#![allow(dead_code, unused_imports, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use keel_server::settings::Settings as Config;
 use keel_server::Running;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,19 +34,9 @@ impl Drop for TempDir {
     }
 }
 
-/// How long any single expected event may take before the test fails.
-pub const WAIT: Duration = Duration::from_secs(10);
-
-pub fn config() -> Config {
-    let mut c = Config::default();
-    c.set("listen", "127.0.0.1:0").unwrap();
-    c.set("api_key", "test-key").unwrap();
-    c
-}
-
-pub async fn gateway(config: Config) -> Running {
-    keel_server::start(config).await.expect("gateway starts")
-}
+pub use keel_testkit::gateway::{gateway, settings as config};
+pub use keel_testkit::ws::{client_frame, expect_close};
+pub use keel_testkit::{eventually, WAIT};
 
 pub fn ws_url(addr: SocketAddr) -> String {
     format!("ws://{addr}/ws")
@@ -153,25 +142,6 @@ pub async fn recv_json(ws: &mut TcpWebSocket) -> Value {
     }
 }
 
-pub async fn expect_close(ws: &mut TcpWebSocket) -> u16 {
-    loop {
-        let frame = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a close within the deadline");
-        match frame {
-            Some(f) if f.opcode() == OpCode::Close => {
-                // Keep polling so the client's answering Close goes out and the
-                // handshake completes, as a real client's would.
-                let _ =
-                    tokio::time::timeout(WAIT, async { while ws.next().await.is_some() {} }).await;
-                return f.close_code().map(u16::from).unwrap_or(1005);
-            }
-            Some(_) => continue,
-            None => panic!("connection ended without a Close frame"),
-        }
-    }
-}
-
 /// A client that speaks raw RFC 6455 over TCP, for frames a library won't send.
 pub struct Raw {
     pub tcp: TcpStream,
@@ -260,20 +230,7 @@ impl Raw {
 
     /// Sends one masked frame.
     pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
-        let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        let len = payload.len();
-        if len < 126 {
-            f.push(0x80 | len as u8);
-        } else if len <= 0xffff {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        let mask = [0x12, 0x34, 0x56, 0x78];
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let f = client_frame((if fin { 0x80 } else { 0 }) | opcode, payload);
         self.tcp.write_all(&f).await.unwrap();
     }
 
@@ -365,16 +322,4 @@ pub async fn http_full(
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     (status, head.to_string(), body.to_string())
-}
-
-/// Polls `f` until it returns true or the deadline passes.
-pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

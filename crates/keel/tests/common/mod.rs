@@ -1,9 +1,8 @@
 //! Helpers for the library's tests: an axum app around a Hub whose client_id comes
 //! from `?id=`, and a WebSocket client. Every wait has a deadline.
-#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
+#![allow(dead_code, unused_imports, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +14,8 @@ use keel::{Hub, Upgrade};
 use yawc::frame::OpCode;
 use yawc::{Frame, TcpWebSocket};
 
-pub const WAIT: Duration = Duration::from_secs(10);
+pub use keel_testkit::ws::expect_close;
+pub use keel_testkit::{eventually, WAIT};
 
 #[derive(serde::Deserialize)]
 pub struct Id {
@@ -113,30 +113,5 @@ pub async fn recv(ws: &mut TcpWebSocket) -> String {
             OpCode::Close => panic!("closed {:?}", f.close_code()),
             _ => {}
         }
-    }
-}
-
-/// Waits for a Close and completes the handshake; returns the code.
-pub async fn expect_close(ws: &mut TcpWebSocket) -> u16 {
-    loop {
-        let f = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("close in time")
-            .expect("a Close before the end");
-        if f.opcode() == OpCode::Close {
-            let _ = tokio::time::timeout(WAIT, async { while ws.next().await.is_some() {} }).await;
-            return f.close_code().map(u16::from).unwrap_or(1005);
-        }
-    }
-}
-
-pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
