@@ -38,10 +38,6 @@ pub struct AppState {
     tickets: Arc<Tickets>,
 }
 
-/// Most tickets outstanding at once (each is a few hundred bytes until redeemed
-/// or expired).
-const MAX_TICKETS: usize = 100_000;
-
 /// A running gateway.
 pub struct Running {
     /// The address it listens on (the real port when 0 was asked for).
@@ -101,7 +97,6 @@ pub async fn start(mut config: Settings) -> anyhow::Result<Running> {
         (None, None) => None,
         _ => anyhow::bail!("options `tls_cert` and `tls_key` go together"),
     };
-    let tickets = Arc::new(Tickets::new(config.auth_ticket_ttl, MAX_TICKETS));
     let node_id: Arc<str> = config.node_id.clone().into();
     let drain_timeout = config.drain_timeout;
     let ws_path = config.ws_path.clone();
@@ -115,6 +110,7 @@ pub async fn start(mut config: Settings) -> anyhow::Result<Running> {
         },
     );
     hub.start();
+    let tickets = Arc::new(Tickets::new(hub.broker().clone(), settings.auth_ticket_ttl));
     let state = AppState {
         hub: hub.clone(),
         settings: settings.clone(),
@@ -312,7 +308,7 @@ async fn ws_upgrade(
         .as_deref()
         .or_else(|| cookie(&headers, &cfg.auth_cookie_name));
     let identity: Option<Identity> = if let Some(ticket) = creds.ticket.as_deref() {
-        match state.tickets.redeem(ticket) {
+        match state.tickets.redeem(ticket).await {
             Ok(id) => Some(id),
             Err(e) => return unauthorized(e.detail()),
         }
@@ -522,7 +518,7 @@ async fn api_ticket(State(state): State<AppState>, body: bytes::Bytes) -> Respon
         channels: body.channels,
         expires_at: None,
     };
-    match state.tickets.issue(identity) {
+    match state.tickets.issue(identity).await {
         Ok(ticket) => Json(json!({
             "ticket": ticket,
             "client_id": client_id,
@@ -549,7 +545,10 @@ async fn api_stats(State(state): State<AppState>) -> Response {
 }
 
 async fn api_presence(State(state): State<AppState>, Path(channel): Path<String>) -> Response {
-    Json(protocol::presence(&state.hub, &channel)).into_response()
+    match protocol::presence(&state.hub, &channel).await {
+        Ok(p) => Json(p).into_response(),
+        Err(e) => unavailable(e.detail()),
+    }
 }
 
 #[derive(Deserialize)]

@@ -316,7 +316,13 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) -> Option
             if let Err(e) = hub.authorize(conn, Action::Presence, &p.channel) {
                 return hub_error(e);
             }
-            reply(&presence(hub, &p.channel))
+            let out = Pending::new(hub, conn, rid);
+            Some(Box::pin(async move {
+                match presence(&out.hub, &p.channel).await {
+                    Ok(v) => out.reply(kind::PRESENCE, v),
+                    Err(e) => out.error(&e),
+                }
+            }))
         }
         kind::HISTORY => {
             let p: HistoryPayload = match env.payload() {
@@ -411,8 +417,9 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) -> Option
 }
 
 /// `presence_response` payload (also `GET /api/presence/{channel}`).
-pub fn presence(hub: &Hub, channel: &str) -> serde_json::Value {
-    serde_json::json!({ "channel": channel, "clients": hub.presence(channel) })
+pub async fn presence(hub: &Hub, channel: &str) -> keel::Result<serde_json::Value> {
+    let clients = hub.presence(channel).await?;
+    Ok(serde_json::json!({ "channel": channel, "clients": clients }))
 }
 
 /// One publication in a `history_response`: the `message` payload.

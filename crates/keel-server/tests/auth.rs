@@ -202,7 +202,10 @@ async fn tickets_are_issued_with_the_api_key_and_work_once() {
     let mut c = Client::connect_url(&url).await;
     assert_eq!(c.client_id(), "dave");
     c.subscribe("ops").await;
-    assert_eq!(gw.hub.presence("ops")[0].info, json!({"role": "admin"}));
+    assert_eq!(
+        gw.hub.presence("ops").await.unwrap()[0].info,
+        json!({"role": "admin"})
+    );
     // Replayed: refused.
     let status = refused(gw.addr, &format!("/ws?ticket={ticket}"), "").await;
     assert!(status.contains(" 401 "), "{status}");

@@ -35,10 +35,15 @@ async fn vanish(gw: &keel_server::Running, c: Client) {
     .await;
 }
 
+/// Who is present, sorted. Read at once: the gateway's memory broker answers on
+/// the first poll (this is called from `eventually`'s condition).
 fn present(gw: &keel_server::Running, channel: &str) -> Vec<String> {
     let mut ids: Vec<String> = gw
         .hub
         .presence(channel)
+        .now_or_never()
+        .expect("the memory broker answers at once")
+        .unwrap()
         .into_iter()
         .map(|p| p.client_id)
         .collect();

@@ -6,13 +6,14 @@
 //! functions wait for deliveries with deadlines, never sleep and hope. Where the
 //! subject is time (history TTL), the caller runs the function on tokio's paused
 //! clock; a broker that keeps its own clock elsewhere (Redis) passes a TTL long
-//! enough to observe and skips [`history_expires_after_its_ttl`].
+//! enough to observe and runs the TTL functions ([`history_expires_after_its_ttl`],
+//! [`presence_expires_after_its_ttl`], [`a_ticket_expires`]) its own way.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel::broker::{Broker, HistoryQuery, StreamRules};
+use keel::broker::{Broker, HistoryQuery, PresenceEntry, StreamRules};
 use serde_json::value::RawValue;
 
 use crate::Recorder;
@@ -384,4 +385,155 @@ pub async fn history_expires_after_its_ttl(make: Make<'_>) {
         .await
         .unwrap();
     assert!(r.publications.is_empty());
+}
+
+fn entry(client_id: &str, info: serde_json::Value) -> PresenceEntry {
+    PresenceEntry {
+        client_id: client_id.into(),
+        info,
+    }
+}
+
+/// Presence: an add says whether it was a join, a refresh keeps one entry and
+/// takes the newer info, a remove says whether it was a leave and returns the
+/// entry; presence keeps the channel's stream (and its epoch) when nothing else
+/// does.
+pub async fn presence_joins_refreshes_and_leaves(make: Make<'_>) {
+    let broker = make();
+    let ttl = Duration::from_secs(60);
+    let alice = entry("alice", serde_json::json!({"n": 1}));
+    assert!(
+        broker.presence_add("room", &alice, ttl).await.unwrap(),
+        "a join"
+    );
+    let again = entry("alice", serde_json::json!({"n": 2}));
+    assert!(
+        !broker.presence_add("room", &again, ttl).await.unwrap(),
+        "a refresh"
+    );
+    broker
+        .presence_add("room", &entry("bob", serde_json::Value::Null), ttl)
+        .await
+        .unwrap();
+    let mut now = broker.presence("room").await.unwrap();
+    now.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+    assert_eq!(
+        now,
+        vec![again.clone(), entry("bob", serde_json::Value::Null)]
+    );
+    // A stream exists for the channel and keeps its epoch while anyone is there.
+    let first = broker
+        .publish(
+            "room",
+            &raw("1"),
+            None,
+            StreamRules {
+                history_size: 0,
+                history_ttl: ttl,
+            },
+        )
+        .await
+        .unwrap();
+    broker.expire(&|_| keep(0));
+    let second = broker
+        .publish(
+            "room",
+            &raw("2"),
+            None,
+            StreamRules {
+                history_size: 0,
+                history_ttl: ttl,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((second.epoch, second.offset), (first.epoch, 2));
+    assert_eq!(
+        broker.presence_remove("room", "alice").await.unwrap(),
+        Some(again)
+    );
+    assert_eq!(broker.presence_remove("room", "alice").await.unwrap(), None);
+    assert_eq!(
+        broker.presence_remove("elsewhere", "bob").await.unwrap(),
+        None
+    );
+    assert_eq!(broker.presence("room").await.unwrap().len(), 1);
+}
+
+/// Presence entries end at their TTL unless refreshed, and `expire` reports
+/// each one once, for its leave event. Run on tokio's paused clock.
+pub async fn presence_expires_after_its_ttl(make: Make<'_>) {
+    let broker = make();
+    let short = Duration::from_secs(30);
+    broker
+        .presence_add("p", &entry("gone", serde_json::Value::Null), short)
+        .await
+        .unwrap();
+    broker
+        .presence_add("p", &entry("kept", serde_json::Value::Null), short)
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(20)).await;
+    // A refresh moves `kept` on by a full TTL from now.
+    broker
+        .presence_add("p", &entry("kept", serde_json::Value::Null), short)
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(15)).await;
+    let ids: Vec<String> = broker
+        .presence("p")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.client_id)
+        .collect();
+    assert_eq!(ids, vec!["kept".to_string()], "past its TTL is not present");
+    let expired = broker.expire(&|_| keep(0));
+    assert_eq!(expired.len(), 1);
+    assert_eq!(
+        (&*expired[0].channel, expired[0].entry.client_id.as_str()),
+        ("p", "gone")
+    );
+    assert!(broker.expire(&|_| keep(0)).is_empty(), "reported once");
+    // A join after expiry is a join again.
+    assert!(broker
+        .presence_add("p", &entry("gone", serde_json::Value::Null), short)
+        .await
+        .unwrap());
+}
+
+/// Tickets: taken once, by exactly one of many concurrent takers; unknown keys
+/// and keys past their TTL give nothing.
+pub async fn a_ticket_is_taken_once(make: Make<'_>) {
+    let broker = make();
+    broker
+        .ticket_put("t1", "value-1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let takers: Vec<_> = (0..8)
+        .map(|_| {
+            let broker = broker.clone();
+            tokio::spawn(async move { broker.ticket_take("t1").await.unwrap() })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for t in takers {
+        if let Some(v) = t.await.unwrap() {
+            got.push(v);
+        }
+    }
+    assert_eq!(got, vec!["value-1".to_string()]);
+    assert_eq!(broker.ticket_take("t1").await.unwrap(), None);
+    assert_eq!(broker.ticket_take("never").await.unwrap(), None);
+}
+
+/// A ticket past its TTL cannot be taken. Run on tokio's paused clock.
+pub async fn a_ticket_expires(make: Make<'_>) {
+    let broker = make();
+    broker
+        .ticket_put("t2", "v", Duration::from_secs(10))
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert_eq!(broker.ticket_take("t2").await.unwrap(), None);
 }

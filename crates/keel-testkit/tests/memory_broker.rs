@@ -51,3 +51,23 @@ async fn every_node_sees_one_order() {
 async fn history_expires_after_its_ttl() {
     contract::history_expires_after_its_ttl(&make).await;
 }
+
+#[tokio::test]
+async fn presence_joins_refreshes_and_leaves() {
+    contract::presence_joins_refreshes_and_leaves(&make).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn presence_expires_after_its_ttl() {
+    contract::presence_expires_after_its_ttl(&make).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_is_taken_once() {
+    contract::a_ticket_is_taken_once(&make).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ticket_expires() {
+    contract::a_ticket_expires(&make).await;
+}

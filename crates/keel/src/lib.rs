@@ -85,12 +85,13 @@ pub mod policy;
 mod transport;
 
 pub use broker::{
-    Broker, History, HistoryQuery, MemoryBroker, Publication, StreamPosition, StreamPublication,
+    Broker, History, HistoryQuery, MemoryBroker, PresenceEntry, Publication, StreamPosition,
+    StreamPublication,
 };
 pub use config::Config;
 pub use conn::{Connection, DisconnectReason, Message};
 pub use error::{Error, ErrorKind, Result};
-pub use hub::fanout::{PresenceEntry, Subscribed};
+pub use hub::fanout::Subscribed;
 pub use hub::handler::{Deferred, Handler, NoopHandler};
 pub use hub::sessions::Resumed;
 pub use hub::shutdown::ShutdownReport;

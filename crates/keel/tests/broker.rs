@@ -150,6 +150,45 @@ async fn hubs_sharing_a_broker_share_channels_like_nodes_of_a_cluster() {
     assert_eq!(p.delivered, 1, "only alice on a is left");
 }
 
+/// The `Broker` methods a test broker passes to the memory broker it wraps
+/// (`$inner`) unchanged.
+macro_rules! delegate_rest {
+    ($inner:tt) => {
+        fn presence_add(
+            &self,
+            channel: &str,
+            entry: &keel::PresenceEntry,
+            ttl: std::time::Duration,
+        ) -> BrokerFuture<'_, bool> {
+            self.$inner.presence_add(channel, entry, ttl)
+        }
+        fn presence_remove(
+            &self,
+            channel: &str,
+            client_id: &str,
+        ) -> BrokerFuture<'_, Option<keel::PresenceEntry>> {
+            self.$inner.presence_remove(channel, client_id)
+        }
+        fn presence(&self, channel: &str) -> BrokerFuture<'_, Vec<keel::PresenceEntry>> {
+            self.$inner.presence(channel)
+        }
+        fn ticket_put(
+            &self,
+            key: &str,
+            value: &str,
+            ttl: std::time::Duration,
+        ) -> BrokerFuture<'_, ()> {
+            self.$inner.ticket_put(key, value, ttl)
+        }
+        fn ticket_take(&self, key: &str) -> BrokerFuture<'_, Option<String>> {
+            self.$inner.ticket_take(key)
+        }
+        fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> Vec<keel::broker::Expired> {
+            self.$inner.expire(rules)
+        }
+    };
+}
+
 /// A broker that hands every publication to a node twice, and once more the one
 /// before it: what a redelivery after a reconnect looks like from a node.
 struct Stutter(MemoryBroker);
@@ -206,6 +245,7 @@ impl Broker for Stutter {
     fn channel_count(&self) -> usize {
         self.0.channel_count()
     }
+    delegate_rest!(0);
 }
 
 #[tokio::test]
@@ -288,6 +328,7 @@ impl Broker for RacingHistory {
     fn channel_count(&self) -> usize {
         self.inner.channel_count()
     }
+    delegate_rest!(inner);
 }
 
 #[tokio::test]

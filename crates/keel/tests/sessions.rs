@@ -121,20 +121,18 @@ async fn lingering_presence_and_detached_sessions_end_on_the_hubs_clock() {
     // Gone without a Close: the session is kept and presence lingers.
     drop(alice);
     eventually("the session detached", || hub.detached_session_count() == 1).await;
-    let present = |hub: &Hub| -> Vec<String> {
-        hub.presence("lobby")
-            .into_iter()
-            .map(|p| p.client_id)
-            .collect()
-    };
-    assert_eq!(present(&hub), ["alice"]);
+    async fn present(hub: &Hub) -> Vec<String> {
+        let entries = hub.presence("lobby").await.unwrap();
+        entries.into_iter().map(|p| p.client_id).collect()
+    }
+    assert_eq!(present(&hub).await, ["alice"]);
 
     // From here on only the Hub's timers and our own moves of the clock count.
     tokio::time::pause();
     tokio::time::advance(Duration::from_secs(29)).await;
-    assert_eq!(present(&hub), ["alice"], "present until presence_ttl");
+    assert_eq!(present(&hub).await, ["alice"], "present until presence_ttl");
     tokio::time::advance(Duration::from_secs(2)).await;
-    assert!(present(&hub).is_empty(), "gone after presence_ttl");
+    assert!(present(&hub).await.is_empty(), "gone after presence_ttl");
 
     // 9 min 31 s after the disconnect: the session is still there.
     tokio::time::advance(Duration::from_secs(9 * 60)).await;

@@ -2,7 +2,13 @@
 //! between client and gateway that can cut (RST), refuse, freeze or re-target
 //! connections (the network failures the client must survive), and event helpers
 //! with deadlines. Nothing sleeps and hopes.
-#![allow(dead_code, unused_imports, unreachable_pub, missing_docs, clippy::unwrap_used)]
+#![allow(
+    dead_code,
+    unused_imports,
+    unreachable_pub,
+    missing_docs,
+    clippy::unwrap_used
+)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,7 +1,13 @@
 //! Test helpers: a gateway on 127.0.0.1 port 0, a protocol client over a real
 //! WebSocket, a raw-TCP client for frames no well-behaved client sends, and a tiny
 //! HTTP/1.1 client. Every wait has a deadline; nothing sleeps and hopes.
-#![allow(dead_code, unused_imports, unreachable_pub, missing_docs, clippy::unwrap_used)]
+#![allow(
+    dead_code,
+    unused_imports,
+    unreachable_pub,
+    missing_docs,
+    clippy::unwrap_used
+)]
 
 use std::net::SocketAddr;
 use std::time::Duration;

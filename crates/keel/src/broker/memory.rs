@@ -9,10 +9,12 @@
 //! held for microseconds per thousand subscribers. There is no global lock on
 //! this path.
 //!
-//! A stream is forgotten when no node holds an interest in it and its history is
-//! gone (expired, or never kept); if the channel comes back it gets a new epoch,
-//! since its old offsets can no longer be served. Nothing here knows about
-//! connections or frames.
+//! A stream is forgotten when no node holds an interest in it, its history is
+//! gone (expired, or never kept) and nobody is present; if the channel comes back
+//! it gets a new epoch, since its old offsets can no longer be served. Presence
+//! lives beside the stream under the same lock. Tickets are one map under one
+//! lock (a take removes under it, so two takes of one ticket cannot both win),
+//! bounded in number. Nothing here knows about connections or frames.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -24,9 +26,13 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use super::{
-    Broker, BrokerFuture, Deliver, History, HistoryQuery, NodeId, Publication, StreamPosition,
-    StreamPublication, StreamRules,
+    Broker, BrokerFuture, Deliver, Expired, History, HistoryQuery, NodeId, PresenceEntry,
+    Publication, StreamPosition, StreamPublication, StreamRules,
 };
+use crate::error::{Error, ErrorKind};
+
+/// Most tickets a memory broker holds at once, by default.
+pub const MAX_TICKETS: usize = 100_000;
 
 /// One node's interest in a stream: how many times it was counted, and its sink.
 struct Interest {
@@ -41,6 +47,8 @@ struct StreamState {
     /// With the instant each was kept, for `history_ttl`.
     history: VecDeque<(Instant, Arc<StreamPublication>)>,
     interest: Vec<Interest>,
+    /// Who is present, with when each entry expires.
+    presence: HashMap<Arc<str>, (serde_json::Value, Instant)>,
     /// Set when the stream was dropped from the registry; a holder of a stale
     /// `Arc` must look it up again.
     dead: bool,
@@ -62,6 +70,9 @@ pub struct MemoryBroker {
     epoch_seq: AtomicU64,
     nodes: RwLock<HashMap<NodeId, Arc<dyn Deliver>>>,
     next_node: AtomicU64,
+    /// One-use tickets: value and expiry.
+    tickets: Mutex<HashMap<String, (String, Instant)>>,
+    max_tickets: usize,
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -93,7 +104,15 @@ impl MemoryBroker {
             epoch_seq: AtomicU64::new(0),
             nodes: RwLock::default(),
             next_node: AtomicU64::new(1),
+            tickets: Mutex::default(),
+            max_tickets: MAX_TICKETS,
         }
+    }
+
+    /// A broker that holds at most `max` tickets at once.
+    pub fn with_max_tickets(mut self, max: usize) -> Self {
+        self.max_tickets = max;
+        self
     }
 
     fn shard(&self, name: &str) -> &Shard {
@@ -120,6 +139,7 @@ impl MemoryBroker {
                         epoch: self.new_epoch().into(),
                         history: VecDeque::new(),
                         interest: Vec::new(),
+                        presence: HashMap::new(),
                         dead: false,
                     }),
                 })
@@ -153,7 +173,7 @@ impl MemoryBroker {
     fn forget_if_idle(&self, s: &Arc<Stream>) {
         let mut shard = self.shard(&s.name).write();
         let mut st = s.state.lock();
-        if st.interest.is_empty() && st.history.is_empty() && !st.dead {
+        if st.interest.is_empty() && st.history.is_empty() && st.presence.is_empty() && !st.dead {
             if let Some(cur) = shard.get(&s.name) {
                 if Arc::ptr_eq(cur, s) {
                     shard.remove(&s.name);
@@ -201,7 +221,7 @@ impl MemoryBroker {
                     st.interest.swap_remove(k);
                 }
             }
-            st.interest.is_empty() && st.history.is_empty()
+            st.interest.is_empty() && st.history.is_empty() && st.presence.is_empty()
         };
         if idle {
             self.forget_if_idle(&s);
@@ -285,6 +305,102 @@ impl MemoryBroker {
     }
 }
 
+impl MemoryBroker {
+    fn presence_add_now(
+        &self,
+        channel: &str,
+        entry: &PresenceEntry,
+        ttl: std::time::Duration,
+    ) -> bool {
+        let until = Instant::now() + ttl;
+        self.with_live(channel, |_, st| {
+            let now = Instant::now();
+            match st.presence.get_mut(entry.client_id.as_str()) {
+                Some((info, exp)) => {
+                    let was_present = *exp > now;
+                    *exp = until;
+                    if *info != entry.info {
+                        *info = entry.info.clone();
+                    }
+                    !was_present
+                }
+                None => {
+                    st.presence.insert(
+                        Arc::from(entry.client_id.as_str()),
+                        (entry.info.clone(), until),
+                    );
+                    true
+                }
+            }
+        })
+    }
+
+    fn presence_remove_now(&self, channel: &str, client_id: &str) -> Option<PresenceEntry> {
+        let s = self.get(channel)?;
+        let (was, idle) = {
+            let mut st = s.state.lock();
+            let was = st
+                .presence
+                .remove(client_id)
+                .filter(|(_, exp)| *exp > Instant::now())
+                .map(|(info, _)| PresenceEntry {
+                    client_id: client_id.to_string(),
+                    info,
+                });
+            let idle = st.interest.is_empty() && st.history.is_empty() && st.presence.is_empty();
+            (was, idle)
+        };
+        if idle {
+            self.forget_if_idle(&s);
+        }
+        was
+    }
+
+    fn presence_now(&self, channel: &str) -> Vec<PresenceEntry> {
+        let Some(s) = self.get(channel) else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let st = s.state.lock();
+        st.presence
+            .iter()
+            .filter(|(_, (_, exp))| *exp > now)
+            .map(|(id, (info, _))| PresenceEntry {
+                client_id: id.to_string(),
+                info: info.clone(),
+            })
+            .collect()
+    }
+
+    fn ticket_put_now(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: std::time::Duration,
+    ) -> crate::Result<()> {
+        let now = Instant::now();
+        let mut map = self.tickets.lock();
+        if map.len() >= self.max_tickets {
+            map.retain(|_, (_, exp)| *exp > now);
+            if map.len() >= self.max_tickets {
+                return Err(Error::new(
+                    ErrorKind::LimitExceeded,
+                    "too many outstanding tickets",
+                ));
+            }
+        }
+        map.insert(key.to_string(), (value.to_string(), now + ttl));
+        Ok(())
+    }
+
+    fn ticket_take_now(&self, key: &str) -> Option<String> {
+        let found = self.tickets.lock().remove(key);
+        found
+            .filter(|(_, exp)| *exp > Instant::now())
+            .map(|(v, _)| v)
+    }
+}
+
 impl Broker for MemoryBroker {
     fn attach(&self, sink: Arc<dyn Deliver>) -> NodeId {
         let node = NodeId(self.next_node.fetch_add(1, Ordering::Relaxed));
@@ -300,7 +416,7 @@ impl Broker for MemoryBroker {
                 let idle = {
                     let mut st = s.state.lock();
                     st.interest.retain(|i| i.node != node);
-                    st.interest.is_empty() && st.history.is_empty()
+                    st.interest.is_empty() && st.history.is_empty() && st.presence.is_empty()
                 };
                 if idle {
                     self.forget_if_idle(&s);
@@ -338,26 +454,76 @@ impl Broker for MemoryBroker {
         ready(self.history_now(channel, query, rules))
     }
 
+    fn presence_add(
+        &self,
+        channel: &str,
+        entry: &PresenceEntry,
+        ttl: std::time::Duration,
+    ) -> BrokerFuture<'_, bool> {
+        ready(self.presence_add_now(channel, entry, ttl))
+    }
+
+    fn presence_remove(
+        &self,
+        channel: &str,
+        client_id: &str,
+    ) -> BrokerFuture<'_, Option<PresenceEntry>> {
+        ready(self.presence_remove_now(channel, client_id))
+    }
+
+    fn presence(&self, channel: &str) -> BrokerFuture<'_, Vec<PresenceEntry>> {
+        ready(self.presence_now(channel))
+    }
+
+    fn ticket_put(&self, key: &str, value: &str, ttl: std::time::Duration) -> BrokerFuture<'_, ()> {
+        let put = self.ticket_put_now(key, value, ttl);
+        Box::pin(std::future::ready(put))
+    }
+
+    fn ticket_take(&self, key: &str) -> BrokerFuture<'_, Option<String>> {
+        ready(self.ticket_take_now(key))
+    }
+
     fn channel_count(&self) -> usize {
         self.shards.iter().map(|s| s.read().len()).sum()
     }
 
-    fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) {
+    fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> Vec<Expired> {
         let now = Instant::now();
+        let mut expired = Vec::new();
         for shard in self.shards.iter() {
-            let idle: Vec<Arc<Stream>> = shard
-                .read()
-                .values()
-                .filter(|s| {
+            let streams: Vec<Arc<Stream>> = shard.read().values().cloned().collect();
+            for s in streams {
+                let idle = {
                     let mut st = s.state.lock();
                     Self::trim(&mut st, now, rules(&s.name).history_ttl);
-                    st.interest.is_empty() && st.history.is_empty()
-                })
-                .cloned()
-                .collect();
-            for s in idle {
-                self.forget_if_idle(&s);
+                    if !st.presence.is_empty() {
+                        let gone: Vec<Arc<str>> = st
+                            .presence
+                            .iter()
+                            .filter(|(_, (_, exp))| *exp <= now)
+                            .map(|(id, _)| id.clone())
+                            .collect();
+                        for id in gone {
+                            if let Some((info, _)) = st.presence.remove(&id) {
+                                expired.push(Expired {
+                                    channel: s.name.clone(),
+                                    entry: PresenceEntry {
+                                        client_id: id.to_string(),
+                                        info,
+                                    },
+                                });
+                            }
+                        }
+                    }
+                    st.interest.is_empty() && st.history.is_empty() && st.presence.is_empty()
+                };
+                if idle {
+                    self.forget_if_idle(&s);
+                }
             }
         }
+        self.tickets.lock().retain(|_, (_, exp)| *exp > now);
+        expired
     }
 }

@@ -2,9 +2,11 @@
 //! one trait, so the in-process [`MemoryBroker`] and a Redis broker are
 //! interchangeable.
 //!
-//! A broker owns each channel's stream: the offset counter and the epoch it
-//! belongs to, the history (publications kept as data, not as frames), and which
-//! nodes want the channel's publications. Publishing assigns the next offset
+//! A broker owns what every node of a cluster must see alike: each channel's
+//! stream (the offset counter and the epoch it belongs to, the history kept as
+//! data, not as frames, and which nodes want the channel's publications), who is
+//! present in each channel (entries with a TTL that their node refreshes), and
+//! one-use tickets. Publishing assigns the next offset
 //! atomically with the history append; then the broker hands the publication to
 //! the [`Deliver`] sink of every interested node, in offset order per channel. A
 //! history read answers either a complete replay after a position or "gone, here
@@ -29,7 +31,7 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 
 pub use keel_protocol::StreamPosition;
-pub use memory::MemoryBroker;
+pub use memory::{MemoryBroker, MAX_TICKETS};
 
 use crate::error::Result;
 
@@ -129,6 +131,25 @@ pub struct History {
     pub publications: Vec<Arc<StreamPublication>>,
 }
 
+/// One client present in a channel.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PresenceEntry {
+    /// The client.
+    pub client_id: String,
+    /// What the application attached at connect time (null if nothing).
+    pub info: serde_json::Value,
+}
+
+/// A presence entry that ran out its TTL, as [`Broker::expire`] reports it, so
+/// its node can announce the leave.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expired {
+    /// The channel it was present in.
+    pub channel: Arc<str>,
+    /// Who it was.
+    pub entry: PresenceEntry,
+}
+
 /// Identifies one node's sink within a broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NodeId(pub u64);
@@ -190,12 +211,42 @@ pub trait Broker: Send + Sync + 'static {
         rules: StreamRules,
     ) -> BrokerFuture<'_, History>;
 
-    /// Channels with a stream (interest or history).
+    /// Adds `entry` to `channel`'s presence, or refreshes it, for `ttl` from now
+    /// (a presence keeps its channel's stream, and so its epoch). Returns whether
+    /// the client was not present before: a join.
+    fn presence_add(
+        &self,
+        channel: &str,
+        entry: &PresenceEntry,
+        ttl: Duration,
+    ) -> BrokerFuture<'_, bool>;
+
+    /// Removes `client_id` from `channel`'s presence. Returns the entry if it
+    /// was present (a leave), `None` if not.
+    fn presence_remove(
+        &self,
+        channel: &str,
+        client_id: &str,
+    ) -> BrokerFuture<'_, Option<PresenceEntry>>;
+
+    /// Who is present in `channel` now (entries past their TTL are not).
+    fn presence(&self, channel: &str) -> BrokerFuture<'_, Vec<PresenceEntry>>;
+
+    /// Keeps `value` under `key` for `ttl`, to be [taken](Self::ticket_take)
+    /// once. [`ErrorKind::LimitExceeded`](crate::ErrorKind::LimitExceeded) when
+    /// the broker holds as many as it may.
+    fn ticket_put(&self, key: &str, value: &str, ttl: Duration) -> BrokerFuture<'_, ()>;
+
+    /// Takes `key`'s value: of any number of concurrent callers on any node, at
+    /// most one gets it, once. `None` for a key unknown, taken or past its TTL.
+    fn ticket_take(&self, key: &str) -> BrokerFuture<'_, Option<String>>;
+
+    /// Channels with a stream (interest, history or presence).
     fn channel_count(&self) -> usize;
 
-    /// Drops expired history and forgets streams nobody holds. Called by each
-    /// node's sweeper; a broker that expires by itself does nothing.
-    fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) {
-        let _ = rules;
-    }
+    /// Drops expired history, presence and tickets and forgets streams nobody
+    /// holds; returns the presence entries that expired, for their leave events.
+    /// Called by each node's sweeper: with several nodes, each expired entry is
+    /// reported to one of them.
+    fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> Vec<Expired>;
 }

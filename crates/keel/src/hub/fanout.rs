@@ -1,12 +1,16 @@
 //! Local fan-out: which connections of this node are in each channel, and the
 //! last hop from a broker's publication to their send queues.
 //!
-//! The node keeps, per channel, its local members and the presence of those that
-//! vanished without a clean close (until `presence_ttl`). It holds one broker
-//! interest per local channel (taken by the first member, given back when the
-//! channel has neither members nor lingering presence), and it is the node's
-//! [`Deliver`] sink: a publication is encoded once per node and the same buffer is
-//! queued to every member.
+//! The node keeps, per channel, its local members. It holds one broker interest
+//! per local channel (taken by the first member, given back when the last one
+//! leaves), and it is the node's [`Deliver`] sink: a publication is encoded once
+//! per node and the same buffer is queued to every member.
+//!
+//! Presence is the broker's (so it spans nodes); this module keeps it true for
+//! its members: a join adds the member for `presence_ttl`, the sweeper refreshes
+//! members that showed a sign of life within `presence_ttl`, a clean leave
+//! removes at once, and a member that vanished is left to expire
+//! `presence_ttl` after its last frame (its session may come back).
 //!
 //! **The last hop enforces the stream guarantee, whatever the broker does.** A
 //! channel remembers the last offset it delivered: a publication at or below it is
@@ -33,20 +37,11 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
-use crate::broker::{Delivered, HistoryQuery, StreamPosition, StreamPublication};
+use crate::broker::{Delivered, HistoryQuery, PresenceEntry, StreamPosition, StreamPublication};
 use crate::conn::{Connection, Delivery};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hub::{BroadcastResult, Hub};
 use crate::transport::Outgoing;
-
-/// One client present in a channel.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PresenceEntry {
-    /// The client.
-    pub client_id: String,
-    /// What the application attached at connect time (null if nothing).
-    pub info: serde_json::Value,
-}
 
 /// What [`Hub::subscribe`](crate::Hub::subscribe) did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -60,12 +55,6 @@ pub struct Subscribed {
     pub recovered: bool,
     /// Publications replayed.
     pub replayed: usize,
-}
-
-/// A member that vanished without a clean close: still present until `until`.
-struct Absent {
-    info: serde_json::Value,
-    until: Instant,
 }
 
 /// The state of this node's broker interest in a channel.
@@ -86,7 +75,6 @@ struct LocalState {
     /// Members whose replay went past `delivered`, with the last offset queued
     /// to them.
     ahead: HashMap<Arc<str>, u64>,
-    absent: HashMap<Arc<str>, Absent>,
     /// The epoch of the publications delivered so far (offsets refer to it).
     epoch: Option<Arc<str>>,
     /// The last offset delivered live in `epoch`.
@@ -143,7 +131,6 @@ impl Fanout {
                         members: HashMap::new(),
                         joining: HashMap::new(),
                         ahead: HashMap::new(),
-                        absent: HashMap::new(),
                         epoch: None,
                         delivered: 0,
                         interest: Interest::None,
@@ -234,21 +221,21 @@ impl Fanout {
         let rules = hub.channel_rules(name);
         let presence_events = rules.presence_events;
         let rules = rules.stream;
-        // Whether the client is already present here (a re-subscribe, or a
-        // resumed session whose presence lingered): then no new `join`.
-        let was_present = {
-            let ch = self.get(name);
-            ch.is_some_and(|ch| {
-                let st = ch.state.lock();
-                st.members.contains_key(&id) || st.absent.contains_key(&id)
-            })
+        // Present first (a join event, where there are any, goes out before
+        // the member is in, so it does not get its own).
+        let entry = PresenceEntry {
+            client_id: id.to_string(),
+            info: conn.info(),
         };
-        if presence_events && !was_present {
-            hub.publish_presence_event(name, "join", &id, &conn.info())
+        let joined = hub
+            .broker()
+            .presence_add(name, &entry, hub.config().presence_ttl)
+            .await?;
+        if presence_events && joined {
+            hub.publish_presence_event(name, "join", &id, &entry.info)
                 .await;
         }
         let ch = self.with_live(name, |ch, st| {
-            st.absent.remove(&id);
             st.members.insert(id.clone(), conn.clone());
             st.ahead.remove(&id);
             st.joining.insert(id.clone(), Vec::new());
@@ -406,7 +393,7 @@ impl Fanout {
             return false;
         };
         let id = conn.client_id();
-        let (removed, event) = {
+        let removed = {
             let mut st = ch.state.lock();
             let removed = match st.members.get(&id) {
                 Some(m) if m.same(conn) => st.members.remove(&id).is_some(),
@@ -416,20 +403,24 @@ impl Fanout {
                 st.joining.remove(&id);
                 st.ahead.remove(&id);
             }
-            let mut event = false;
-            if removed {
-                match linger {
-                    Some(until) => {
-                        let info = conn.info();
-                        st.absent.insert(id.clone(), Absent { info, until });
-                    }
-                    None => event = true,
-                }
-            }
-            (removed, event)
+            removed
         };
-        if event && hub.channel_rules(name).presence_events {
-            hub.presence_event_detached(name, "leave", &id, conn.info());
+        if removed {
+            match linger {
+                // Present until `until`: what is left of its TTL from now.
+                Some(until) => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    let entry = PresenceEntry {
+                        client_id: id.to_string(),
+                        info: conn.info(),
+                    };
+                    let channel = ch.name.clone();
+                    hub.detached_broker_call(channel, move |b, _, name| {
+                        Box::pin(async move { b.presence_add(&name, &entry, left).await.map(drop) })
+                    });
+                }
+                None => hub.end_presence_detached(name, &id),
+            }
         }
         self.forget_if_idle(hub, &ch);
         removed
@@ -441,7 +432,7 @@ impl Fanout {
         let give_back = {
             let mut shard = self.shard(&ch.name).write();
             let mut st = ch.state.lock();
-            if st.members.is_empty() && st.absent.is_empty() && !st.dead {
+            if st.members.is_empty() && !st.dead {
                 if shard.get(&ch.name).is_some_and(|cur| Arc::ptr_eq(cur, ch)) {
                     shard.remove(&ch.name);
                     st.dead = true;
@@ -461,52 +452,26 @@ impl Fanout {
         }
     }
 
-    /// Who is present in `name`: members that showed a sign of life within
-    /// `presence_ttl`, and vanished ones whose presence has not expired.
-    pub(crate) fn presence(&self, hub: &Hub, name: &str) -> Vec<PresenceEntry> {
+    /// This node's members of `name` with a sign of life within `presence_ttl`
+    /// (what the broker's entries for them say, but exact to the frame: the
+    /// broker's are refreshed once per sweep).
+    pub(crate) fn live_presence(&self, hub: &Hub, name: &str) -> Vec<PresenceEntry> {
         let Some(ch) = self.get(name) else {
             return Vec::new();
         };
-        let now = Instant::now();
-        let now_ms = hub.now_ms();
         let ttl_ms = hub.config().presence_ttl.as_millis() as u64;
+        let now_ms = hub.now_ms();
         let st = ch.state.lock();
-        let mut out: Vec<PresenceEntry> = st
-            .members
+        st.members
             .iter()
             .filter(|(_, c)| {
-                now_ms.saturating_sub(c.inner.last_seen.load(Ordering::Relaxed)) <= ttl_ms
+                now_ms.saturating_sub(c.inner.last_seen.load(Ordering::Relaxed)) < ttl_ms
             })
             .map(|(id, c)| PresenceEntry {
                 client_id: id.to_string(),
                 info: c.info(),
             })
-            .collect();
-        out.extend(
-            st.absent
-                .iter()
-                .filter(|(_, a)| a.until > now)
-                .map(|(id, a)| PresenceEntry {
-                    client_id: id.to_string(),
-                    info: a.info.clone(),
-                }),
-        );
-        out
-    }
-
-    /// Ends the lingering presence of `client_id` in `name` now (a resumed session
-    /// that did not take this channel back).
-    pub(crate) fn end_presence(&self, hub: &Hub, name: &str, client_id: &str) {
-        let Some(ch) = self.get(name) else {
-            return;
-        };
-        let ended = ch.state.lock().absent.remove(client_id);
-        if let Some(a) = ended {
-            if hub.channel_rules(name).presence_events {
-                hub.presence_event_detached(name, "leave", client_id, a.info);
-            }
-        }
-        self.forget_if_idle(hub, &ch);
+            .collect()
     }
 
     /// The members of `name`.
@@ -535,29 +500,42 @@ impl Fanout {
         result
     }
 
-    /// Ends expired lingering presence (publishing `leave` events) and forgets
-    /// idle channels. Called by the sweeper.
+    /// Refreshes the presence of members that showed a sign of life within
+    /// `presence_ttl` (until `presence_ttl` after their last frame) and forgets
+    /// idle channels. Called by the sweeper, more often than `presence_ttl`.
     pub(crate) fn sweep(&self, hub: &Hub) {
-        let now = Instant::now();
+        let ttl = hub.config().presence_ttl;
+        let ttl_ms = ttl.as_millis() as u64;
+        let now_ms = hub.now_ms();
         for shard in self.shards.iter() {
             let channels: Vec<Arc<LocalChannel>> = shard.read().values().cloned().collect();
             for ch in channels {
-                let expired: Vec<(Arc<str>, serde_json::Value)> = {
-                    let mut st = ch.state.lock();
-                    let gone: Vec<Arc<str>> = st
-                        .absent
+                let live: Vec<(PresenceEntry, std::time::Duration)> = {
+                    let st = ch.state.lock();
+                    st.members
                         .iter()
-                        .filter(|(_, a)| a.until <= now)
-                        .map(|(id, _)| id.clone())
-                        .collect();
-                    gone.into_iter()
-                        .filter_map(|id| st.absent.remove(&id).map(|a| (id, a.info)))
+                        .filter_map(|(id, c)| {
+                            let age =
+                                now_ms.saturating_sub(c.inner.last_seen.load(Ordering::Relaxed));
+                            (age < ttl_ms).then(|| {
+                                let entry = PresenceEntry {
+                                    client_id: id.to_string(),
+                                    info: c.info(),
+                                };
+                                (entry, ttl - std::time::Duration::from_millis(age))
+                            })
+                        })
                         .collect()
                 };
-                if !expired.is_empty() && hub.channel_rules(&ch.name).presence_events {
-                    for (id, info) in expired {
-                        hub.presence_event_detached(&ch.name, "leave", &id, info);
-                    }
+                if !live.is_empty() {
+                    hub.detached_broker_call(ch.name.clone(), move |b, _, name| {
+                        Box::pin(async move {
+                            for (entry, left) in live {
+                                b.presence_add(&name, &entry, left).await?;
+                            }
+                            Ok(())
+                        })
+                    });
                 }
                 self.forget_if_idle(hub, &ch);
             }

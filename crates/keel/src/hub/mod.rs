@@ -36,6 +36,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::PresenceEntry;
 use crate::broker::{
     Broker, Deliver, Delivered, History, HistoryQuery, MemoryBroker, NodeId, Publication,
     StreamPosition, StreamPublication, StreamRules,
@@ -44,7 +45,7 @@ use crate::config::Config;
 use crate::conn::queue::Limits;
 use crate::conn::{AuthState, Connection, Delivery, DisconnectReason};
 use crate::error::{Error, ErrorKind, Result};
-use crate::hub::fanout::{Fanout, PresenceEntry, Subscribed};
+use crate::hub::fanout::{Fanout, Subscribed};
 use crate::hub::handler::{Handler, NoopHandler};
 use crate::hub::sessions::{Detached, Sessions};
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -288,6 +289,24 @@ impl Hub {
         run_detached(Box::pin(async move {
             hub.publish_presence_event(&channel, event, &client_id, &info)
                 .await
+        }));
+    }
+
+    /// Ends `client_id`'s presence in `channel` now (a clean leave, or a resumed
+    /// session that did not take the channel back), with a `leave` event where
+    /// the channel has them; from code that cannot wait.
+    pub(crate) fn end_presence_detached(&self, channel: &str, client_id: &str) {
+        let hub = self.clone();
+        let (channel, client_id) = (channel.to_string(), client_id.to_string());
+        run_detached(Box::pin(async move {
+            match hub.inner.broker.presence_remove(&channel, &client_id).await {
+                Ok(Some(gone)) if hub.channel_rules(&channel).presence_events => {
+                    hub.publish_presence_event(&channel, "leave", &client_id, &gone.info)
+                        .await
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(channel, error = %e, "presence not removed"),
+            }
         }));
     }
 
@@ -797,11 +816,28 @@ impl Hub {
         crate::policy::permissions::authorize(&self.inner.config, conn, action, channel)
     }
 
-    /// Who is present in `channel`: connected members with a sign of life within
-    /// `presence_ttl`, and clients that vanished without a clean close less than
-    /// `presence_ttl` after their last frame.
-    pub fn presence(&self, channel: &str) -> Vec<PresenceEntry> {
-        self.inner.fanout.presence(self, channel)
+    /// Who is present in `channel`, on every node sharing the broker: connected
+    /// members with a sign of life within `presence_ttl`, and clients that
+    /// vanished without a clean close less than `presence_ttl` after their last
+    /// frame.
+    pub async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>> {
+        // This node's members as of their last frame, then the broker's entries
+        // (other nodes' members, and clients that vanished) for everyone else.
+        let mut out = self.inner.fanout.live_presence(self, channel);
+        let ours: std::collections::HashSet<String> =
+            out.iter().map(|e| e.client_id.clone()).collect();
+        let local = |e: &PresenceEntry| {
+            self.connection(&e.client_id)
+                .is_some_and(|c| c.inner.channels.lock().iter().any(|ch| **ch == *channel))
+        };
+        for e in self.inner.broker.presence(channel).await? {
+            // A member of this node that is not live by its last frame is not
+            // present, whatever its (not yet refreshed) entry says.
+            if !ours.contains(&e.client_id) && !local(&e) {
+                out.push(e);
+            }
+        }
+        Ok(out)
     }
 
     /// Client ids in `room` on this node.

@@ -322,7 +322,7 @@ impl Hub {
         // Channels the session was in but did not ask back: its presence ends now.
         for ch in lingering {
             if !resumed.recovered.contains_key(&*ch) {
-                self.inner.fanout.end_presence(self, &ch, &claims.client_id);
+                self.end_presence_detached(&ch, &claims.client_id);
             }
         }
         Ok(resumed)

@@ -98,9 +98,20 @@ pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
         let now = Instant::now();
         sweep(&hub, now, &mut next_ping, interval);
         hub.inner.fanout.sweep(&hub);
-        hub.inner
+        let expired = hub
+            .inner
             .broker
             .expire(&|name| hub.channel_rules(name).stream);
+        for gone in expired {
+            if hub.channel_rules(&gone.channel).presence_events {
+                hub.presence_event_detached(
+                    &gone.channel,
+                    "leave",
+                    &gone.entry.client_id,
+                    gone.entry.info,
+                );
+            }
+        }
         hub.reclaim_sessions();
         if let Some(limits) = &hub.inner.ip_limits {
             limits.sweep();

@@ -6,23 +6,22 @@
 //! never used as an HMAC secret, which rules out algorithm confusion), requires
 //! `sub` and `exp`, and enforces `exp` with no leeway. `alg: none` is not an
 //! algorithm it knows. [`Tickets`] are short-lived random strings, each redeemable
-//! once, also under concurrent attempts (redeeming removes under one lock).
+//! once on any node, also under concurrent attempts (they live in the broker,
+//! whose take is atomic).
 //!
 //! What it must not do: log or echo a token, a ticket or a key (error details
 //! name what was wrong, never the credential), or read anything but the key file
 //! named in the config.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
 use jsonwebtoken::{AlgorithmFamily, DecodingKey, Validation};
-use parking_lot::Mutex;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use crate::broker::Broker;
 use crate::config::{Config, ConfigError};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -147,32 +146,39 @@ impl Authenticator {
 }
 
 /// One-time tickets: `POST /api/ticket` issues one, the upgrade redeems it.
+///
+/// Kept in the [`Broker`], so a ticket issued through one node is redeemed on
+/// any, once: the broker's take is atomic. The stored value carries the
+/// ticket's own expiry, and the broker keeps it a little longer than that, so a
+/// late redeem is told `TokenExpired`, not "unknown". How many may be
+/// outstanding at once is the broker's bound.
 pub struct Tickets {
-    /// One lock: a redeem removes the ticket under it, so two concurrent
-    /// redeems of one ticket cannot both win.
-    map: Mutex<HashMap<String, (Identity, Instant)>>,
+    broker: Arc<dyn Broker>,
     ttl: Duration,
-    /// Most outstanding tickets (bounded memory).
-    max: usize,
+}
+
+/// How long past its expiry a ticket is still kept, to say "expired".
+const EXPIRED_GRACE: Duration = Duration::from_secs(60);
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    identity: Identity,
+    /// Expiry, milliseconds since the Unix epoch.
+    exp_ms: u64,
 }
 
 impl std::fmt::Debug for Tickets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tickets")
-            .field("outstanding", &self.map.lock().len())
             .field("ttl", &self.ttl)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 impl Tickets {
-    /// A store whose tickets live `ttl`, at most `max` outstanding.
-    pub fn new(ttl: Duration, max: usize) -> Self {
-        Tickets {
-            map: Mutex::new(HashMap::new()),
-            ttl,
-            max,
-        }
+    /// Tickets that live `ttl`, kept in `broker`.
+    pub fn new(broker: Arc<dyn Broker>, ttl: Duration) -> Self {
+        Tickets { broker, ttl }
     }
 
     /// How long a ticket lives.
@@ -180,49 +186,33 @@ impl Tickets {
         self.ttl
     }
 
-    /// Issues a ticket for `identity`. [`ErrorKind::ConnectionLimitExceeded`]
-    /// when `max` tickets are outstanding and none has expired.
-    pub fn issue(&self, identity: Identity) -> Result<String> {
+    /// Issues a ticket for `identity`. [`ErrorKind::LimitExceeded`] when the
+    /// broker holds as many tickets as it may.
+    pub async fn issue(&self, identity: Identity) -> Result<String> {
         let bytes: [u8; 32] = rand::random();
         let ticket = B64.encode(bytes);
-        let now = Instant::now();
-        let mut map = self.map.lock();
-        if map.len() >= self.max {
-            map.retain(|_, (_, exp)| *exp > now);
-            if map.len() >= self.max {
-                return Err(Error::new(
-                    ErrorKind::ConnectionLimitExceeded,
-                    "too many outstanding tickets",
-                ));
-            }
-        }
-        map.insert(ticket.clone(), (identity, now + self.ttl));
+        let stored = Stored {
+            identity,
+            exp_ms: crate::clock::unix_ms() + self.ttl.as_millis() as u64,
+        };
+        let value = serde_json::to_string(&stored)
+            .map_err(|e| Error::new(ErrorKind::InvalidArgument, e.to_string()))?;
+        self.broker
+            .ticket_put(&ticket, &value, self.ttl + EXPIRED_GRACE)
+            .await?;
         Ok(ticket)
     }
 
     /// The identity of `ticket`, which is spent: [`ErrorKind::InvalidToken`] if it
     /// is unknown or already used, [`ErrorKind::TokenExpired`] past its TTL.
-    pub fn redeem(&self, ticket: &str) -> Result<Identity> {
-        let found = self.map.lock().remove(ticket);
-        match found {
-            Some((_, exp)) if exp <= Instant::now() => {
-                Err(Error::new(ErrorKind::TokenExpired, "ticket expired"))
-            }
-            Some((identity, _)) => Ok(identity),
-            None => Err(Error::new(
-                ErrorKind::InvalidToken,
-                "unknown or already used ticket",
-            )),
+    pub async fn redeem(&self, ticket: &str) -> Result<Identity> {
+        let unknown = || Error::new(ErrorKind::InvalidToken, "unknown or already used ticket");
+        let value = self.broker.ticket_take(ticket).await?.ok_or_else(unknown)?;
+        let stored: Stored = serde_json::from_str(&value).map_err(|_| unknown())?;
+        if stored.exp_ms <= crate::clock::unix_ms() {
+            return Err(Error::new(ErrorKind::TokenExpired, "ticket expired"));
         }
-    }
-
-    /// Drops expired tickets; returns how many.
-    pub fn purge(&self) -> usize {
-        let now = Instant::now();
-        let mut map = self.map.lock();
-        let before = map.len();
-        map.retain(|_, (_, exp)| *exp > now);
-        before - map.len()
+        Ok(stored.identity)
     }
 }
 
@@ -296,34 +286,39 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_ticket_is_redeemed_once_even_under_concurrent_attempts() {
-        let t = std::sync::Arc::new(Tickets::new(Duration::from_secs(30), 10));
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ticket_is_redeemed_once_even_under_concurrent_attempts() {
+        let broker = Arc::new(crate::MemoryBroker::new(1).with_max_tickets(10));
+        let t = Arc::new(Tickets::new(broker, Duration::from_secs(30)));
         let id = Identity {
             client_id: "c".into(),
             info: serde_json::Value::Null,
             channels: None,
             expires_at: None,
         };
-        let ticket = t.issue(id.clone()).unwrap();
-        let wins: usize = (0..8)
+        let ticket = t.issue(id.clone()).await.unwrap();
+        let tries: Vec<_> = (0..8)
             .map(|_| {
                 let (t, k) = (t.clone(), ticket.clone());
-                std::thread::spawn(move || t.redeem(&k).is_ok() as usize)
+                tokio::spawn(async move { t.redeem(&k).await.is_ok() as usize })
             })
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .sum();
+            .collect();
+        let mut wins = 0;
+        for h in tries {
+            wins += h.await.unwrap();
+        }
         assert_eq!(wins, 1);
         assert_eq!(
-            t.redeem(&ticket).unwrap_err().kind(),
+            t.redeem(&ticket).await.unwrap_err().kind(),
             &ErrorKind::InvalidToken
         );
         // Bounded.
         for _ in 0..10 {
-            t.issue(id.clone()).unwrap();
+            t.issue(id.clone()).await.unwrap();
         }
-        assert!(t.issue(id).is_err());
+        assert_eq!(
+            t.issue(id).await.unwrap_err().kind(),
+            &ErrorKind::LimitExceeded
+        );
     }
 }

@@ -1,6 +1,12 @@
 //! Helpers for the library's tests: an axum app around a Hub whose client_id comes
 //! from `?id=`, and a WebSocket client. Every wait has a deadline.
-#![allow(dead_code, unused_imports, unreachable_pub, missing_docs, clippy::unwrap_used)]
+#![allow(
+    dead_code,
+    unused_imports,
+    unreachable_pub,
+    missing_docs,
+    clippy::unwrap_used
+)]
 
 use std::net::SocketAddr;
 
