@@ -49,12 +49,7 @@ async fn ws(State(hub): State<Hub>, Query(p): Query<Params>, upgrade: Upgrade) -
     let meta = serde_json::json!({ "name": p.name });
     match hub.connect(id, upgrade, meta) {
         Ok(response) => response,
-        Err(e) => (
-            axum::http::StatusCode::from_u16(e.http_status())
-                .unwrap_or(axum::http::StatusCode::SERVICE_UNAVAILABLE),
-            e.to_string(),
-        )
-            .into_response(),
+        Err(e) => (e.http_status(), e.to_string()).into_response(),
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 use tokio::sync::Notify;
 
+use crate::error::ApiError;
 use crate::protocol::{self, Gateway};
 use crate::settings::{BrokerKind, Settings};
 
@@ -255,14 +256,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn unavailable(detail: &str) -> Response {
-    let mut r = (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"error": detail})),
-    )
-        .into_response();
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-    r
+    ApiError::unavailable(detail).into_response()
 }
 
 /// Credentials a client may bring to the upgrade. Deserialized from the query
@@ -274,7 +268,7 @@ struct Credentials {
 }
 
 fn unauthorized(detail: &str) -> Response {
-    (StatusCode::UNAUTHORIZED, Json(json!({"error": detail}))).into_response()
+    ApiError::unauthorized(detail).into_response()
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
@@ -296,7 +290,7 @@ async fn ws_upgrade(
     upgrade: Upgrade,
 ) -> Response {
     if !origin_allowed(&state.settings.allowed_origins, &headers) {
-        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+        return ApiError::new(StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
     // Refuse early what would be refused anyway, before spending a credential.
     if let Err(e) = state.hub.check_admission() {
@@ -340,22 +334,7 @@ async fn ws_upgrade(
     };
     match result {
         Ok(response) => response,
-        Err(e) if e.http_status() == 503 => unavailable(e.detail()),
-        Err(e) if e.http_status() == 429 => {
-            let mut r = (
-                StatusCode::TOO_MANY_REQUESTS,
-                Json(json!({"error": e.detail()})),
-            )
-                .into_response();
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            r
-        }
-        Err(e) => (
-            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
-            e.detail().to_string(),
-        )
-            .into_response(),
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 
@@ -431,11 +410,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 fn bad_request(detail: impl std::fmt::Display) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(json!({"error": detail.to_string()})),
-    )
-        .into_response()
+    ApiError::bad_request(detail.to_string()).into_response()
 }
 
 #[derive(Deserialize)]
@@ -483,7 +458,7 @@ async fn api_disconnect(State(state): State<AppState>, body: Json<DisconnectBody
     let reason = body.reason.as_deref().unwrap_or("disconnected by server");
     match state.hub.disconnect_with(&body.client_id, code, reason) {
         Ok(()) => Json(json!({"disconnected": true})).into_response(),
-        Err(e) => (StatusCode::NOT_FOUND, Json(json!({"error": e.detail()}))).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 
@@ -591,6 +566,7 @@ async fn admin_drain(State(state): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
 
     fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
         let mut h = HeaderMap::new();

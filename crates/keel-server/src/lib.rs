@@ -8,12 +8,15 @@
 //!
 //! # Layout
 //!
-//! - [`settings`]: config from file, `KEEL_*` environment and flags.
+//! - [`settings`]: the gateway's own options beside the library's `Config`, and
+//!   where they come from: file, `KEEL_*` environment and flags.
 //! - [`protocol`]: the protocol handler (a [`keel::Handler`]).
 //! - [`app`]: the HTTP router, API-key check and the serve/drain loop.
+//! - [`error`]: [`ApiError`](error::ApiError), every HTTP error answer.
 //! - [`tls`]: `wss://` with rustls (`tls_cert`, `tls_key`).
 
 pub mod app;
+pub mod error;
 pub mod protocol;
 pub mod settings;
 pub mod tls;

@@ -229,16 +229,28 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) -> Option
         )
     };
     let hub_error = |e: keel::Error| fail(error_code(&e), e.detail());
+    // The payload of this envelope's type, or an `invalid_message` answer.
+    macro_rules! payload {
+        () => {
+            match env.payload() {
+                Ok(p) => p,
+                Err(e) => return bad_payload(e),
+            }
+        };
+    }
+    // Goes on only if the connection may do `action` on `channel`.
+    macro_rules! authorized {
+        ($action:expr, $channel:expr) => {
+            if let Err(e) = hub.authorize(conn, $action, $channel) {
+                return hub_error(e);
+            }
+        };
+    }
 
     match env.kind.as_ref() {
         kind::SUBSCRIBE => {
-            let p: SubscribePayload = match env.payload() {
-                Ok(p) => p,
-                Err(e) => return bad_payload(e),
-            };
-            if let Err(e) = hub.authorize(conn, Action::Subscribe, &p.channel) {
-                return hub_error(e);
-            }
+            let p: SubscribePayload = payload!();
+            authorized!(Action::Subscribe, &p.channel);
             let out = Pending::new(hub, conn, rid);
             Some(Box::pin(async move {
                 match out
@@ -261,21 +273,13 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) -> Option
             }))
         }
         kind::UNSUBSCRIBE => {
-            let p: ChannelPayload = match env.payload() {
-                Ok(p) => p,
-                Err(e) => return bad_payload(e),
-            };
+            let p: ChannelPayload = payload!();
             hub.unsubscribe(conn, &p.channel);
             reply(&serde_json::json!({ "channel": p.channel }))
         }
         kind::PUBLISH => {
-            let p: PublishPayload<'_> = match env.payload() {
-                Ok(p) => p,
-                Err(e) => return bad_payload(e),
-            };
-            if let Err(e) = hub.authorize(conn, Action::Publish, &p.channel) {
-                return hub_error(e);
-            }
+            let p: PublishPayload<'_> = payload!();
+            authorized!(Action::Publish, &p.channel);
             let out = Pending::new(hub, conn, rid);
             let (channel, data) = (p.channel, p.data.to_owned());
             Some(Box::pin(async move {
@@ -295,10 +299,7 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) -> Option
             }))
         }
         kind::RPC => {
-            let p: RpcPayload<'_> = match env.payload() {
-                Ok(p) => p,
-                Err(e) => return bad_payload(e),
-            };
+            let p: RpcPayload<'_> = payload!();
             match p.method.as_str() {
                 "echo" => {
                     let data = p.data.unwrap_or(RawValue::NULL);
@@ -309,13 +310,8 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) -> Option
             }
         }
         kind::PRESENCE => {
-            let p: ChannelPayload = match env.payload() {
-                Ok(p) => p,
-                Err(e) => return bad_payload(e),
-            };
-            if let Err(e) = hub.authorize(conn, Action::Presence, &p.channel) {
-                return hub_error(e);
-            }
+            let p: ChannelPayload = payload!();
+            authorized!(Action::Presence, &p.channel);
             let out = Pending::new(hub, conn, rid);
             Some(Box::pin(async move {
                 match presence(&out.hub, &p.channel).await {
@@ -325,13 +321,8 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) -> Option
             }))
         }
         kind::HISTORY => {
-            let p: HistoryPayload = match env.payload() {
-                Ok(p) => p,
-                Err(e) => return bad_payload(e),
-            };
-            if let Err(e) = hub.authorize(conn, Action::History, &p.channel) {
-                return hub_error(e);
-            }
+            let p: HistoryPayload = payload!();
+            authorized!(Action::History, &p.channel);
             let out = Pending::new(hub, conn, rid);
             Some(Box::pin(async move {
                 match history(&out.hub, &p.channel, p.since.as_ref(), p.limit).await {
@@ -346,10 +337,7 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) -> Option
         }
         kind::PONG => None,
         kind::RESUME => {
-            let p: ResumePayload = match env.payload() {
-                Ok(p) => p,
-                Err(e) => return bad_payload(e),
-            };
+            let p: ResumePayload = payload!();
             // Channels this client may no longer subscribe to are not taken back
             // (a private channel is judged by the session's own client_id).
             let owner = hub
@@ -385,10 +373,7 @@ fn handle_text(gw: &Gateway, hub: &Hub, conn: &Connection, text: &str) -> Option
             "`auth` is only accepted as the first message of an unauthenticated connection",
         ),
         kind::REFRESH => {
-            let p: AuthPayload = match env.payload() {
-                Ok(p) => p,
-                Err(e) => return bad_payload(e),
-            };
+            let p: AuthPayload = payload!();
             let Some(auth) = &gw.auth else {
                 return fail(ErrorCode::Unauthorized, "token auth is not configured");
             };

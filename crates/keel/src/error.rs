@@ -70,18 +70,21 @@ impl Error {
     }
 
     /// The HTTP status that answers this error.
-    pub fn http_status(&self) -> u16 {
+    pub fn http_status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode as S;
         match self.kind {
-            ErrorKind::ConnectionNotFound => 404,
+            ErrorKind::ConnectionNotFound => S::NOT_FOUND,
             ErrorKind::ConnectionLimitExceeded | ErrorKind::Shutdown | ErrorKind::Unavailable => {
-                503
+                S::SERVICE_UNAVAILABLE
             }
-            ErrorKind::TokenExpired | ErrorKind::InvalidToken | ErrorKind::Unauthorized => 401,
-            ErrorKind::RateLimited | ErrorKind::LimitExceeded => 429,
-            ErrorKind::Forbidden => 403,
-            ErrorKind::MemoryLimitExceeded => 507,
-            ErrorKind::InvalidArgument | ErrorKind::Handshake => 400,
-            ErrorKind::HeartbeatTimeout | ErrorKind::BroadcastFailed => 500,
+            ErrorKind::TokenExpired | ErrorKind::InvalidToken | ErrorKind::Unauthorized => {
+                S::UNAUTHORIZED
+            }
+            ErrorKind::RateLimited | ErrorKind::LimitExceeded => S::TOO_MANY_REQUESTS,
+            ErrorKind::Forbidden => S::FORBIDDEN,
+            ErrorKind::MemoryLimitExceeded => S::INSUFFICIENT_STORAGE,
+            ErrorKind::InvalidArgument | ErrorKind::Handshake => S::BAD_REQUEST,
+            ErrorKind::HeartbeatTimeout | ErrorKind::BroadcastFailed => S::INTERNAL_SERVER_ERROR,
         }
     }
 

@@ -31,11 +31,7 @@ pub struct Id {
 pub async fn ws(State(hub): State<Hub>, Query(q): Query<Id>, upgrade: Upgrade) -> Response {
     match hub.connect(q.id.clone(), upgrade, serde_json::json!({"id": q.id})) {
         Ok(r) => r,
-        Err(e) => (
-            axum::http::StatusCode::from_u16(e.http_status()).unwrap(),
-            e.to_string(),
-        )
-            .into_response(),
+        Err(e) => (e.http_status(), e.to_string()).into_response(),
     }
 }
 
