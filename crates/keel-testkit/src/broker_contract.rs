@@ -13,7 +13,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel::broker::{Broker, HistoryQuery, PresenceEntry, StreamRules};
+use keel::broker::{
+    Broker, DetachedSession, HistoryQuery, PresenceEntry, SessionTake, StreamRules,
+};
 use serde_json::value::RawValue;
 
 use crate::Recorder;
@@ -488,13 +490,16 @@ pub async fn presence_expires_after_its_ttl(make: Make<'_>) {
         .map(|e| e.client_id)
         .collect();
     assert_eq!(ids, vec!["kept".to_string()], "past its TTL is not present");
-    let expired = broker.expire(&|_| keep(0));
+    let expired = broker.expire(&|_| keep(0)).presence;
     assert_eq!(expired.len(), 1);
     assert_eq!(
         (&*expired[0].channel, expired[0].entry.client_id.as_str()),
         ("p", "gone")
     );
-    assert!(broker.expire(&|_| keep(0)).is_empty(), "reported once");
+    assert!(
+        broker.expire(&|_| keep(0)).presence.is_empty(),
+        "reported once"
+    );
     // A join after expiry is a join again.
     assert!(broker
         .presence_add("p", &entry("gone", serde_json::Value::Null), short)
@@ -536,4 +541,84 @@ pub async fn a_ticket_expires(make: Make<'_>) {
         .unwrap();
     tokio::time::advance(Duration::from_secs(11)).await;
     assert_eq!(broker.ticket_take("t2").await.unwrap(), None);
+}
+
+fn session(client_id: &str, generation: u64) -> DetachedSession {
+    DetachedSession {
+        client_id: client_id.into(),
+        generation,
+        user_data: [("theme".to_string(), serde_json::json!("dark"))].into(),
+        channels: vec!["lobby".into()],
+    }
+}
+
+/// A detached session is taken once, whole, by the client and generation its
+/// token names; a take that names another leaves it in place; concurrent takes
+/// have one winner.
+pub async fn a_session_is_resumed_once(make: Make<'_>) {
+    let broker = make();
+    let ttl = Duration::from_secs(60);
+    broker
+        .session_put("s1", session("alice", 3), ttl)
+        .await
+        .unwrap();
+    assert_eq!(broker.session_count(), 1);
+    let wrong = broker.session_take("s1", Some(("alice", 2))).await.unwrap();
+    assert_eq!(wrong, SessionTake::Mismatch, "an old token's generation");
+    let other = broker
+        .session_take("s1", Some(("mallory", 3)))
+        .await
+        .unwrap();
+    assert_eq!(other, SessionTake::Mismatch, "another client");
+    assert_eq!(broker.session_count(), 1, "a mismatch leaves it");
+    let takers: Vec<_> = (0..8)
+        .map(|_| {
+            let broker = broker.clone();
+            tokio::spawn(
+                async move { broker.session_take("s1", Some(("alice", 3))).await.unwrap() },
+            )
+        })
+        .collect();
+    let mut won = Vec::new();
+    for t in takers {
+        if let SessionTake::Taken(s) = t.await.unwrap() {
+            won.push(s);
+        }
+    }
+    assert_eq!(won, vec![session("alice", 3)]);
+    assert_eq!(broker.session_count(), 0);
+    assert_eq!(
+        broker.session_take("s1", None).await.unwrap(),
+        SessionTake::Missing
+    );
+    // Without an expectation, whatever is there is taken.
+    broker
+        .session_put("s2", session("bob", 0), ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        broker.session_take("s2", None).await.unwrap(),
+        SessionTake::Taken(session("bob", 0))
+    );
+}
+
+/// A detached session past its TTL is gone, and `expire` counts it. Run on
+/// tokio's paused clock.
+pub async fn a_session_expires(make: Make<'_>) {
+    let broker = make();
+    broker
+        .session_put("s3", session("carol", 1), Duration::from_secs(30))
+        .await
+        .unwrap();
+    broker
+        .session_put("s4", session("dave", 1), Duration::from_secs(90))
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(31)).await;
+    assert_eq!(broker.expire(&|_| keep(0)).sessions, 1);
+    assert_eq!(
+        broker.session_take("s3", Some(("carol", 1))).await.unwrap(),
+        SessionTake::Missing
+    );
+    assert_eq!(broker.session_count(), 1);
 }

@@ -71,3 +71,13 @@ async fn a_ticket_is_taken_once() {
 async fn a_ticket_expires() {
     contract::a_ticket_expires(&make).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_resumed_once() {
+    contract::a_session_is_resumed_once(&make).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_expires() {
+    contract::a_session_expires(&make).await;
+}

@@ -183,7 +183,25 @@ macro_rules! delegate_rest {
         fn ticket_take(&self, key: &str) -> BrokerFuture<'_, Option<String>> {
             self.$inner.ticket_take(key)
         }
-        fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> Vec<keel::broker::Expired> {
+        fn session_put(
+            &self,
+            session_id: &str,
+            session: keel::broker::DetachedSession,
+            ttl: std::time::Duration,
+        ) -> BrokerFuture<'_, ()> {
+            self.$inner.session_put(session_id, session, ttl)
+        }
+        fn session_take(
+            &self,
+            session_id: &str,
+            expect: Option<(&str, u64)>,
+        ) -> BrokerFuture<'_, keel::broker::SessionTake> {
+            self.$inner.session_take(session_id, expect)
+        }
+        fn session_count(&self) -> usize {
+            self.$inner.session_count()
+        }
+        fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> keel::broker::Expiry {
             self.$inner.expire(rules)
         }
     };

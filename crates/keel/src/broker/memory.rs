@@ -26,8 +26,8 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use super::{
-    Broker, BrokerFuture, Deliver, Expired, History, HistoryQuery, NodeId, PresenceEntry,
-    Publication, StreamPosition, StreamPublication, StreamRules,
+    Broker, BrokerFuture, Deliver, DetachedSession, Expired, Expiry, History, HistoryQuery, NodeId,
+    PresenceEntry, Publication, SessionTake, StreamPosition, StreamPublication, StreamRules,
 };
 use crate::error::{Error, ErrorKind};
 
@@ -72,6 +72,9 @@ pub struct MemoryBroker {
     next_node: AtomicU64,
     /// One-use tickets: value and expiry.
     tickets: Mutex<HashMap<String, (String, Instant)>>,
+    /// Detached sessions and their expiry. One lock: touched on disconnect,
+    /// resume and once per sweep, never on the message path.
+    sessions: Mutex<HashMap<Box<str>, (DetachedSession, Instant)>>,
     max_tickets: usize,
 }
 
@@ -105,6 +108,7 @@ impl MemoryBroker {
             nodes: RwLock::default(),
             next_node: AtomicU64::new(1),
             tickets: Mutex::default(),
+            sessions: Mutex::default(),
             max_tickets: MAX_TICKETS,
         }
     }
@@ -393,6 +397,28 @@ impl MemoryBroker {
         Ok(())
     }
 
+    fn session_take_now(&self, session_id: &str, expect: Option<(&str, u64)>) -> SessionTake {
+        let now = Instant::now();
+        let mut map = self.sessions.lock();
+        match map.get(session_id) {
+            None => SessionTake::Missing,
+            Some((_, exp)) if *exp <= now => {
+                map.remove(session_id);
+                SessionTake::Missing
+            }
+            Some((d, _))
+                if expect
+                    .is_some_and(|(client, gen)| d.client_id != client || d.generation != gen) =>
+            {
+                SessionTake::Mismatch
+            }
+            Some(_) => match map.remove(session_id) {
+                Some((d, _)) => SessionTake::Taken(d),
+                None => SessionTake::Missing,
+            },
+        }
+    }
+
     fn ticket_take_now(&self, key: &str) -> Option<String> {
         let found = self.tickets.lock().remove(key);
         found
@@ -484,11 +510,36 @@ impl Broker for MemoryBroker {
         ready(self.ticket_take_now(key))
     }
 
+    fn session_put(
+        &self,
+        session_id: &str,
+        session: DetachedSession,
+        ttl: std::time::Duration,
+    ) -> BrokerFuture<'_, ()> {
+        let until = Instant::now() + ttl;
+        self.sessions
+            .lock()
+            .insert(Box::from(session_id), (session, until));
+        ready(())
+    }
+
+    fn session_take(
+        &self,
+        session_id: &str,
+        expect: Option<(&str, u64)>,
+    ) -> BrokerFuture<'_, SessionTake> {
+        ready(self.session_take_now(session_id, expect))
+    }
+
+    fn session_count(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
     fn channel_count(&self) -> usize {
         self.shards.iter().map(|s| s.read().len()).sum()
     }
 
-    fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> Vec<Expired> {
+    fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> Expiry {
         let now = Instant::now();
         let mut expired = Vec::new();
         for shard in self.shards.iter() {
@@ -524,6 +575,18 @@ impl Broker for MemoryBroker {
             }
         }
         self.tickets.lock().retain(|_, (_, exp)| *exp > now);
-        expired
+        let sessions = {
+            let mut map = self.sessions.lock();
+            let before = map.len();
+            map.retain(|_, (_, exp)| *exp > now);
+            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+                map.shrink_to_fit();
+            }
+            before - map.len()
+        };
+        Expiry {
+            presence: expired,
+            sessions,
+        }
     }
 }

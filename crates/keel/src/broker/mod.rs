@@ -5,8 +5,9 @@
 //! A broker owns what every node of a cluster must see alike: each channel's
 //! stream (the offset counter and the epoch it belongs to, the history kept as
 //! data, not as frames, and which nodes want the channel's publications), who is
-//! present in each channel (entries with a TTL that their node refreshes), and
-//! one-use tickets. Publishing assigns the next offset
+//! present in each channel (entries with a TTL that their node refreshes),
+//! one-use tickets, and the sessions of clients that went away, kept for a
+//! `resume` on any node. Publishing assigns the next offset
 //! atomically with the history append; then the broker hands the publication to
 //! the [`Deliver`] sink of every interested node, in offset order per channel. A
 //! history read answers either a complete replay after a position or "gone, here
@@ -150,6 +151,40 @@ pub struct Expired {
     pub entry: PresenceEntry,
 }
 
+/// A session whose connection is gone, kept for a `resume` on any node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetachedSession {
+    /// The session's client.
+    pub client_id: String,
+    /// The generation its current reconnect token carries.
+    pub generation: u64,
+    /// Its user data, key to value (empty if it had none).
+    pub user_data: std::collections::HashMap<String, serde_json::Value>,
+    /// The channels it was in.
+    pub channels: Vec<String>,
+}
+
+/// What [`Broker::session_take`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionTake {
+    /// The session, now removed: whoever got it resumes it.
+    Taken(DetachedSession),
+    /// A session under that id exists but belongs to another client or token
+    /// generation (its token was already used); it is left in place.
+    Mismatch,
+    /// No such session (never detached, taken, or past its TTL).
+    Missing,
+}
+
+/// What [`Broker::expire`] found expired.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Expiry {
+    /// Presence entries that ran out their TTL, for their leave events.
+    pub presence: Vec<Expired>,
+    /// Detached sessions dropped at the end of their TTL.
+    pub sessions: usize,
+}
+
 /// Identifies one node's sink within a broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NodeId(pub u64);
@@ -241,12 +276,32 @@ pub trait Broker: Send + Sync + 'static {
     /// most one gets it, once. `None` for a key unknown, taken or past its TTL.
     fn ticket_take(&self, key: &str) -> BrokerFuture<'_, Option<String>>;
 
+    /// Keeps `session` under `session_id` for `ttl`, replacing what was there.
+    fn session_put(
+        &self,
+        session_id: &str,
+        session: DetachedSession,
+        ttl: Duration,
+    ) -> BrokerFuture<'_, ()>;
+
+    /// Takes session `session_id`: with `expect` (client_id, generation), only
+    /// if it matches, else it is left and the answer is `Mismatch`. Atomic: of
+    /// concurrent takers on any node, at most one gets it.
+    fn session_take(
+        &self,
+        session_id: &str,
+        expect: Option<(&str, u64)>,
+    ) -> BrokerFuture<'_, SessionTake>;
+
+    /// Detached sessions held.
+    fn session_count(&self) -> usize;
+
     /// Channels with a stream (interest, history or presence).
     fn channel_count(&self) -> usize;
 
-    /// Drops expired history, presence and tickets and forgets streams nobody
-    /// holds; returns the presence entries that expired, for their leave events.
-    /// Called by each node's sweeper: with several nodes, each expired entry is
-    /// reported to one of them.
-    fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> Vec<Expired>;
+    /// Drops expired history, presence, tickets and sessions and forgets streams
+    /// nobody holds; says which presence entries expired (for their leave events)
+    /// and how many sessions. Called by each node's sweeper: with several nodes,
+    /// each expiry is reported to one of them.
+    fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> Expiry;
 }

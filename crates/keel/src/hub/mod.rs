@@ -25,8 +25,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use axum::response::Response;
 use bytes::Bytes;
 use parking_lot::RwLock;
@@ -38,8 +36,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::PresenceEntry;
 use crate::broker::{
-    Broker, Deliver, Delivered, History, HistoryQuery, MemoryBroker, NodeId, Publication,
-    StreamPosition, StreamPublication, StreamRules,
+    Broker, Deliver, Delivered, DetachedSession, History, HistoryQuery, MemoryBroker, NodeId,
+    Publication, StreamPosition, StreamPublication, StreamRules,
 };
 use crate::config::Config;
 use crate::conn::queue::Limits;
@@ -47,7 +45,7 @@ use crate::conn::{AuthState, Connection, Delivery, DisconnectReason};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hub::fanout::{Fanout, Subscribed};
 use crate::hub::handler::{Handler, NoopHandler};
-use crate::hub::sessions::{Detached, Sessions};
+use crate::hub::sessions::Sessions;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::policy::auth::Identity;
 use crate::transport::Socket;
@@ -632,8 +630,10 @@ impl Hub {
                 | DisconnectReason::InternalError => true,
                 _ => false,
             };
+        // Its user data leaves this node's count: gone, or handed to the broker
+        // with the session below.
         let user_data = conn.inner.user_data.lock().take();
-        if let (false, Some(ud)) = (keep, &user_data) {
+        if let Some(ud) = &user_data {
             self.inner
                 .user_data_bytes
                 .fetch_sub(ud.bytes, Ordering::Relaxed);
@@ -670,16 +670,20 @@ impl Hub {
         }
         if keep {
             let ident = conn.ident();
-            self.inner.sessions.detach(
-                ident.session_id,
-                Detached {
-                    client_id: ident.client_id,
-                    generation: ident.generation,
-                    user_data,
-                    channels,
-                    expires: Instant::now() + self.inner.sessions.ttl,
-                },
-            );
+            let session = DetachedSession {
+                client_id: ident.client_id.to_string(),
+                generation: ident.generation,
+                user_data: user_data.map(|ud| ud.map).unwrap_or_default(),
+                channels: channels.iter().map(|c| c.to_string()).collect(),
+            };
+            let key = uuid::Uuid::from_u128(ident.session_id).to_string();
+            let ttl = self.inner.sessions.ttl;
+            let broker = self.inner.broker.clone();
+            run_detached(Box::pin(async move {
+                if let Err(e) = broker.session_put(&key, session, ttl).await {
+                    tracing::warn!(error = %e, "session not kept for resume");
+                }
+            }));
         }
         tracing::info!(
             client_id = %conn.client_id(),
@@ -931,7 +935,7 @@ impl Hub {
         // waits on the registry.
         let channels = self.inner.broker.channel_count();
         let user_data_bytes = self.inner.user_data_bytes.load(Ordering::Relaxed);
-        let sessions = self.inner.sessions.count();
+        let sessions = self.inner.broker.session_count();
         let shards: Vec<_> = self.inner.shards.iter().map(|s| s.read()).collect();
         MetricsSnapshot::collect(
             &self.inner.metrics,

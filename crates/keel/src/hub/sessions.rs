@@ -4,49 +4,35 @@
 //! A session is a client_id, a session_id, user data and the channels it was in.
 //! While connected, all of that lives on the [`Connection`](crate::Connection).
 //! When a connection ends without a clean goodbye (lost socket, heartbeat timeout,
-//! shutdown, slow consumer), the Hub moves it here, keyed by session_id, for
-//! `reconnect_token_ttl`; the sweeper reclaims it after that, so abandoned
-//! sessions cost memory for a bounded time only. A client close with 1000, a
-//! server-side disconnect, a replacement (4002) and an eviction leave nothing
-//! behind.
+//! shutdown, slow consumer), the Hub hands it to the broker, keyed by session_id,
+//! for `reconnect_token_ttl` (so a resume works on any node sharing the broker);
+//! the broker drops it after that, so abandoned sessions cost memory for a
+//! bounded time only. A client close with 1000, a server-side disconnect, a
+//! replacement (4002) and an eviction leave nothing behind.
 //!
 //! Each session remembers the generation its current token carries: a resume must
-//! present exactly that generation and moves it on, which makes a token good for
-//! one resume. This module holds data; the resume itself (rebinding the new
-//! connection, replaying channels) is [`Hub::resume`](crate::Hub::resume).
+//! present exactly that generation (the broker's take checks it atomically) and
+//! moves it on, which makes a token good for one resume. Here: the tokens and
+//! [`Hub::resume`](crate::Hub::resume), which rebinds the new connection and
+//! replays its channels.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
-use parking_lot::Mutex;
-use serde::Serialize;
-
 use std::sync::atomic::Ordering;
 
-use crate::broker::StreamPosition;
+use serde::Serialize;
+
+use crate::broker::{SessionTake, StreamPosition};
 use crate::conn::{Connection, UserData};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hub::Hub;
 use crate::policy::token::{self, ReconnectClaims, TokenSigner};
 
-/// A session whose connection is gone, waiting to be resumed.
-pub(crate) struct Detached {
-    pub(crate) client_id: Arc<str>,
-    pub(crate) generation: u64,
-    pub(crate) user_data: Option<Box<UserData>>,
-    /// Channels it was in (presence lingers there until `presence_ttl`).
-    pub(crate) channels: Vec<Arc<str>>,
-    pub(crate) expires: Instant,
-}
-
-/// Detached sessions of a Hub, and the key their tokens are signed with.
+/// What a Hub needs for sessions besides the broker that keeps detached ones:
+/// the key tokens are signed with and how long a session lives.
 pub(crate) struct Sessions {
-    /// One lock: touched on disconnect, resume and once per sweep, never on the
-    /// message path.
-    detached: Mutex<HashMap<u128, Detached>>,
     pub(crate) signer: TokenSigner,
     pub(crate) ttl: Duration,
 }
@@ -54,59 +40,22 @@ pub(crate) struct Sessions {
 impl Sessions {
     pub(crate) fn new(secret: Option<&str>, ttl: Duration) -> Self {
         Sessions {
-            detached: Mutex::new(HashMap::new()),
             signer: TokenSigner::new(secret),
             ttl,
         }
     }
+}
 
-    /// Keeps a session for `ttl`.
-    pub(crate) fn detach(&self, session_id: u128, session: Detached) {
-        self.detached.lock().insert(session_id, session);
-    }
-
-    /// Removes and returns session `session_id`, whatever its state.
-    pub(crate) fn take(&self, session_id: u128) -> Option<Detached> {
-        self.detached.lock().remove(&session_id)
-    }
-
-    /// Removes and returns session `session_id` if `pred` accepts it; otherwise
-    /// leaves it and says whether it exists.
-    pub(crate) fn take_if(
-        &self,
-        session_id: u128,
-        pred: impl FnOnce(&Detached) -> bool,
-    ) -> Result<Detached, bool> {
-        let mut map = self.detached.lock();
-        match map.get(&session_id) {
-            Some(d) if pred(d) => Ok(map.remove(&session_id).unwrap_or_else(|| unreachable!())),
-            Some(_) => Err(true),
-            None => Err(false),
+impl UserData {
+    /// User data restored from a detached session, counted again.
+    fn restored(map: std::collections::HashMap<String, serde_json::Value>) -> Option<Box<Self>> {
+        if map.is_empty() {
+            return None;
         }
-    }
-
-    /// Drops sessions past their expiry; returns the user-data bytes they held.
-    pub(crate) fn reclaim(&self, now: Instant) -> (usize, usize) {
-        let mut freed = 0;
-        let mut bytes = 0;
-        let mut map = self.detached.lock();
-        map.retain(|_, d| {
-            let keep = d.expires > now;
-            if !keep {
-                freed += 1;
-                bytes += d.user_data.as_ref().map_or(0, |u| u.bytes);
-            }
-            keep
-        });
-        if map.capacity() > 64 && map.len() < map.capacity() / 4 {
-            map.shrink_to_fit();
-        }
-        (freed, bytes)
-    }
-
-    /// Sessions waiting to be resumed.
-    pub(crate) fn count(&self) -> usize {
-        self.detached.lock().len()
+        let mut ud = UserData::new();
+        ud.bytes = map.iter().map(|(k, v)| crate::conn::entry_size(k, v)).sum();
+        ud.map = map;
+        Some(Box::new(ud))
     }
 }
 
@@ -144,9 +93,10 @@ impl Hub {
         self.inner.sessions.signer.verify(token, token::unix_ms())
     }
 
-    /// Detached sessions waiting for a resume.
+    /// Detached sessions waiting for a resume (in the broker: with a shared
+    /// broker, every node's).
     pub fn detached_session_count(&self) -> usize {
-        self.inner.sessions.count()
+        self.inner.broker.session_count()
     }
 
     /// Resumes the session `token` names on connection `conn`: `conn` takes the
@@ -221,9 +171,10 @@ impl Hub {
         let sessions = &self.inner.sessions;
         let claims = sessions.signer.verify_signature(token)?;
         let invalid = |why: &str| Error::new(ErrorKind::InvalidToken, why.to_string());
-        let session_id = uuid::Uuid::parse_str(&claims.session_id)
-            .map_err(|_| invalid("invalid reconnect token"))?
-            .as_u128();
+        let session_uuid = uuid::Uuid::parse_str(&claims.session_id)
+            .map_err(|_| invalid("invalid reconnect token"))?;
+        let session_id = session_uuid.as_u128();
+        let session_key = session_uuid.to_string();
         if authenticated_as.is_some_and(|me| me != claims.client_id) {
             return Err(Error::new(
                 ErrorKind::Forbidden,
@@ -245,19 +196,18 @@ impl Hub {
                 "this connection already is that session",
             ));
         }
-        let now = Instant::now();
-        // Where is the session? Detached here, still attached to an open
-        // connection here, or nowhere on this node.
-        let same =
-            |d: &Detached| d.generation == claims.generation && *d.client_id == *claims.client_id;
-        let (user_data, lingering, restored_state) = match sessions.take_if(session_id, same) {
-            Ok(d) if d.expires <= now => {
-                self.free_user_data(d.user_data);
-                return Err(Error::new(ErrorKind::TokenExpired, "session expired"));
+        // Where is the session? Detached (in the broker: from any node), still
+        // attached to an open connection here, or nowhere.
+        let expect = Some((claims.client_id.as_str(), claims.generation));
+        let taken = self.inner.broker.session_take(&session_key, expect).await?;
+        let (user_data, lingering, restored_state) = match taken {
+            SessionTake::Taken(d) => {
+                let ud = UserData::restored(d.user_data);
+                self.count_user_data(ud.as_deref());
+                (ud, d.channels, true)
             }
-            Ok(d) => (d.user_data, d.channels, true),
-            Err(true) => return Err(invalid("reconnect token already used")),
-            Err(false) => match self.connection(&claims.client_id) {
+            SessionTake::Mismatch => return Err(invalid("reconnect token already used")),
+            SessionTake::Missing => match self.connection(&claims.client_id) {
                 Some(old) if old.ident().session_id == session_id => {
                     if old.ident().generation != claims.generation {
                         return Err(invalid("reconnect token already used"));
@@ -291,12 +241,13 @@ impl Hub {
         let previous = std::mem::replace(&mut *conn.inner.user_data.lock(), user_data);
         self.free_user_data(previous);
         // A copy detached by a connection that ended while we took it over.
-        if let Some(stale) = sessions.take(session_id) {
+        if let SessionTake::Taken(stale) =
+            self.inner.broker.session_take(&session_key, None).await?
+        {
             let mut slot = conn.inner.user_data.lock();
             if slot.is_none() {
-                *slot = stale.user_data;
-            } else {
-                self.free_user_data(stale.user_data);
+                *slot = UserData::restored(stale.user_data);
+                self.count_user_data(slot.as_deref());
             }
         }
 
@@ -321,7 +272,7 @@ impl Hub {
         }
         // Channels the session was in but did not ask back: its presence ends now.
         for ch in lingering {
-            if !resumed.recovered.contains_key(&*ch) {
+            if !resumed.recovered.contains_key(&ch) {
                 self.end_presence_detached(&ch, &claims.client_id);
             }
         }
@@ -336,18 +287,12 @@ impl Hub {
         }
     }
 
-    /// Frees detached sessions past their TTL. Called by the sweeper.
-    pub(crate) fn reclaim_sessions(&self) {
-        let (freed, bytes) = self.inner.sessions.reclaim(Instant::now());
-        if freed > 0 {
+    /// Counts user data that came back from a detached session.
+    fn count_user_data(&self, ud: Option<&UserData>) {
+        if let Some(ud) = ud {
             self.inner
                 .user_data_bytes
-                .fetch_sub(bytes, Ordering::Relaxed);
-            self.inner
-                .metrics
-                .sessions_expired
-                .fetch_add(freed as u64, Ordering::Relaxed);
-            tracing::debug!(freed, "detached sessions reclaimed");
+                .fetch_add(ud.bytes, Ordering::Relaxed);
         }
     }
 }

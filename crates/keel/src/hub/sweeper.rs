@@ -98,11 +98,11 @@ pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
         let now = Instant::now();
         sweep(&hub, now, &mut next_ping, interval);
         hub.inner.fanout.sweep(&hub);
-        let expired = hub
+        let expiry = hub
             .inner
             .broker
             .expire(&|name| hub.channel_rules(name).stream);
-        for gone in expired {
+        for gone in expiry.presence {
             if hub.channel_rules(&gone.channel).presence_events {
                 hub.presence_event_detached(
                     &gone.channel,
@@ -112,7 +112,13 @@ pub(crate) async fn sweeper(hub: Weak<HubInner>, stop: CancellationToken) {
                 );
             }
         }
-        hub.reclaim_sessions();
+        if expiry.sessions > 0 {
+            hub.inner
+                .metrics
+                .sessions_expired
+                .fetch_add(expiry.sessions as u64, Ordering::Relaxed);
+            tracing::debug!(freed = expiry.sessions, "detached sessions reclaimed");
+        }
         if let Some(limits) = &hub.inner.ip_limits {
             limits.sweep();
         }
