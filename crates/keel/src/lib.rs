@@ -56,15 +56,18 @@
 //!   for `axum::serve` that sends an upgrade's 101 with the connection's first
 //!   message and can answer plain upgrades without hyper; WebSocket framing (our
 //!   own for connections without an extension, yawc for permessage-deflate).
-//! - [`policy`]: who may connect and do what, as functions of their inputs:
-//!   JWTs and tickets ([`Identity`]), reconnect tokens, namespaces and channel
-//!   permissions, per-address limits.
+//! - [`broker`]: the [`Broker`] trait and the embedded [`MemoryBroker`]: what
+//!   the nodes of a cluster share (channel streams with offsets, epochs and
+//!   history as data, node interest and delivery, presence with TTLs, one-use
+//!   tickets, detached sessions); knows nothing of connections.
 //! - `conn` (internal; [`Connection`] and friends re-exported): one connection's
-//!   shared state, its bounded send queue with the slow-consumer policies, and its
-//!   message rate limit. Knows nothing of the Hub: pushing needs only the
-//!   connection's delivery context (queue limits and drop counters).
-//! - [`broker`]: the [`Broker`] trait (offsets, epochs, history as data, node
-//!   interest) and the embedded [`MemoryBroker`]; knows nothing of connections.
+//!   shared state ([`Identity`], user data), its bounded send queue with the
+//!   slow-consumer policies, and its message rate limit. Knows nothing of the
+//!   Hub: pushing needs only the connection's delivery context (queue limits and
+//!   drop counters).
+//! - [`policy`]: who may connect and do what, as functions of their inputs:
+//!   JWTs and tickets (kept in the broker), reconnect tokens, namespaces and
+//!   channel permissions, per-address limits.
 //! - [`metrics`]: counters and the Prometheus rendering.
 //! - `hub` (internal; [`Hub`] and friends re-exported): the façade. Its parts:
 //!   the registry and connect path (`hub/mod.rs`), the connection task
