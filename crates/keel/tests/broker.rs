@@ -289,12 +289,27 @@ async fn the_last_hop_drops_what_a_broker_delivers_twice() {
     assert_eq!(recv(&mut ws).await, "{\"type\":\"end\"}");
 }
 
-/// A broker whose history read lets `during` more publications through before
-/// it answers with what it read first: the live stream racing a joiner's replay.
+/// A broker whose next history read (once `armed`) lets `during` more
+/// publications through: after it has read (it answers with what it read
+/// first), or, with `first`, before it reads. The live stream racing a
+/// subscriber's history read.
 struct RacingHistory {
     inner: MemoryBroker,
     during: u64,
     armed: AtomicBool,
+    first: bool,
+}
+
+impl RacingHistory {
+    async fn race(&self, channel: &str, rules: StreamRules) -> keel::Result<()> {
+        if self.armed.swap(false, Ordering::AcqRel) {
+            for n in 0..self.during {
+                let data = raw(format!("\"during {n}\""));
+                self.inner.publish(channel, &data, None, rules).await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Broker for RacingHistory {
@@ -333,12 +348,12 @@ impl Broker for RacingHistory {
                 epoch: epoch.as_deref(),
                 limit,
             };
+            if self.first {
+                self.race(&channel, rules).await?;
+            }
             let read = self.inner.history(&channel, query, rules).await?;
-            if self.armed.swap(false, Ordering::AcqRel) {
-                for n in 0..self.during {
-                    let data = raw(format!("\"during {n}\""));
-                    self.inner.publish(&channel, &data, None, rules).await?;
-                }
+            if !self.first {
+                self.race(&channel, rules).await?;
             }
             Ok(read)
         })
@@ -355,6 +370,7 @@ async fn a_joiner_gets_the_replay_then_what_was_published_while_it_was_read() {
         inner: MemoryBroker::new(1),
         during: 4,
         armed: AtomicBool::new(false),
+        first: false,
     });
     let hub = Hub::with_broker(Config::default(), NoopHandler, broker.clone());
     let addr = serve(&hub).await;
@@ -387,4 +403,37 @@ async fn a_joiner_gets_the_replay_then_what_was_published_while_it_was_read() {
     assert_eq!(message(&recv(&mut ws).await).0, 11);
     let distinct: HashSet<u64> = seen.into_iter().collect();
     assert_eq!(distinct.len(), 8);
+}
+
+// Regression: subscribing again to a channel one is in took the member out of
+// the live stream while history was read, and what was published meanwhile at
+// or below the head it read was never sent to it.
+#[tokio::test]
+async fn subscribing_again_to_a_channel_loses_nothing() {
+    let broker = Arc::new(RacingHistory {
+        inner: MemoryBroker::new(1),
+        during: 3,
+        armed: AtomicBool::new(false),
+        first: true,
+    });
+    let hub = Hub::with_broker(Config::default(), NoopHandler, broker.clone());
+    let addr = serve(&hub).await;
+    let mut ws = connect(addr, "c").await;
+    eventually("registered", || hub.connection("c").is_some()).await;
+    let c = hub.connection("c").unwrap();
+    hub.subscribe(&c, "s", None).await.unwrap();
+    for n in 1..=2 {
+        hub.publish("s", &raw(format!("{n}")), None).await.unwrap();
+    }
+    for n in 1..=2 {
+        assert_eq!(message(&recv(&mut ws).await).0, n);
+    }
+    // 3, 4 and 5 go out while the second subscribe reads history.
+    broker.armed.store(true, Ordering::Release);
+    let again = hub.subscribe(&c, "s", None).await.unwrap();
+    assert_eq!(again.position.offset, 5);
+    hub.publish("s", &raw("6".into()), None).await.unwrap();
+    for n in 3..=6 {
+        assert_eq!(message(&recv(&mut ws).await).0, n);
+    }
 }

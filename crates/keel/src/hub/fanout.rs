@@ -221,6 +221,11 @@ impl Fanout {
         let rules = hub.channel_rules(name);
         let presence_events = rules.presence_events;
         let rules = rules.stream;
+        if since.is_none() && self.is_live_member(name, conn) {
+            // Subscribed already and receiving: nothing to replay, and taking it
+            // out of the live stream to join again could only lose publications.
+            return self.position_of(hub, name, rules).await;
+        }
         // Present first (a join event, where there are any, goes out before
         // the member is in, so it does not get its own).
         let entry = PresenceEntry {
@@ -324,6 +329,38 @@ impl Fanout {
             },
             recovered,
             replayed,
+        })
+    }
+
+    /// Whether `conn` is a member of `name` that is past joining.
+    fn is_live_member(&self, name: &str, conn: &Connection) -> bool {
+        self.get(name).is_some_and(|ch| {
+            let st = ch.state.lock();
+            let id = conn.client_id();
+            st.members.get(&id).is_some_and(|m| m.same(conn)) && !st.joining.contains_key(&id)
+        })
+    }
+
+    /// The channel's head, as a live member's re-subscribe answers it.
+    async fn position_of(
+        &self,
+        hub: &Hub,
+        name: &str,
+        rules: crate::broker::StreamRules,
+    ) -> Result<Subscribed> {
+        let query = HistoryQuery {
+            after: 0,
+            epoch: None,
+            limit: 0,
+        };
+        let head = hub.broker().history(name, query, rules).await?.position;
+        Ok(Subscribed {
+            position: head.unwrap_or_else(|| StreamPosition {
+                offset: 0,
+                epoch: String::new(),
+            }),
+            recovered: false,
+            replayed: 0,
         })
     }
 
