@@ -152,3 +152,65 @@ async fn lingering_presence_and_detached_sessions_end_on_the_hubs_clock() {
     assert_eq!(hub.detached_session_count(), 0);
     assert_eq!(hub.metrics_snapshot().sessions_expired_total, 1);
 }
+
+/// A member silent past `presence_ttl` drops out of presence, and its leave is
+/// announced; when it shows a sign of life again, the next sweep makes it present
+/// again and announces the join, so the stream's events stay in pairs.
+#[tokio::test]
+async fn a_silent_member_leaves_and_joins_again_when_it_speaks() {
+    use std::time::Duration;
+    let mut c = Config::default();
+    c.set("presence_ttl", "30s").unwrap();
+    c.set("presence_events", "true").unwrap();
+    c.set("heartbeat_interval", "1h").unwrap();
+    c.set("heartbeat_timeout", "1h").unwrap();
+    let hub = Hub::new(c);
+    let addr = serve(&hub).await;
+    let _quiet = connect(addr, "quiet").await;
+    eventually("registered", || hub.connection("quiet").is_some()).await;
+    hub.join_room("quiet", "room").await.unwrap();
+    async fn events(hub: &Hub) -> Vec<String> {
+        let all = keel::HistoryQuery {
+            after: 0,
+            epoch: None,
+            limit: 100,
+        };
+        let h = hub.history("room", all).await.unwrap();
+        h.publications
+            .iter()
+            .map(|p| {
+                let v: serde_json::Value = serde_json::from_str(p.data.get()).unwrap();
+                format!(
+                    "{} {}",
+                    v["presence"].as_str().unwrap(),
+                    v["client_id"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+    assert_eq!(events(&hub).await, ["join quiet"]);
+
+    tokio::time::pause();
+    // Silent for more than the TTL: the sweeper (every 7.5 s here) expires it.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        if events(&hub).await.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(events(&hub).await, ["join quiet", "leave quiet"]);
+    assert!(hub.presence("room").await.unwrap().is_empty());
+    // A sign of life (what a JSON pong records), then a sweep.
+    hub.handle_pong("quiet").unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if events(&hub).await.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(
+        events(&hub).await,
+        ["join quiet", "leave quiet", "join quiet"]
+    );
+    assert_eq!(hub.presence("room").await.unwrap().len(), 1);
+}

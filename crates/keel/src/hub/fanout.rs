@@ -565,10 +565,22 @@ impl Fanout {
                         .collect()
                 };
                 if !live.is_empty() {
+                    // A member whose entry had lapsed (silent past `presence_ttl`,
+                    // its leave announced by the broker's expiry) joins again.
+                    let events = hub.channel_rules(&ch.name).presence_events;
+                    let hub2 = hub.clone();
                     hub.detached_broker_call(ch.name.clone(), move |b, _, name| {
                         Box::pin(async move {
                             for (entry, left) in live {
-                                b.presence_add(&name, &entry, left).await?;
+                                if b.presence_add(&name, &entry, left).await? && events {
+                                    hub2.publish_presence_event(
+                                        &name,
+                                        "join",
+                                        &entry.client_id,
+                                        &entry.info,
+                                    )
+                                    .await;
+                                }
                             }
                             Ok(())
                         })
