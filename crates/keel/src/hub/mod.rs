@@ -776,9 +776,9 @@ impl Hub {
         Ok(())
     }
 
-    /// Adds `client_id` to room (channel) `room`; returns the channel's position,
-    /// after which every publication reaches it. Rooms and channels are one thing:
-    /// this is [`subscribe`](Self::subscribe) without `since`, by client_id.
+    /// Adds `client_id` to channel `room`; returns the channel's position, after
+    /// which every publication reaches it. A room is a channel: this is
+    /// [`subscribe`](Self::subscribe) without `since`, by client_id.
     pub async fn join_room(&self, client_id: &str, room: &str) -> Result<StreamPosition> {
         let c = self.require(client_id)?;
         Ok(self.subscribe(&c, room, None).await?.position)
@@ -844,17 +844,17 @@ impl Hub {
         Ok(out)
     }
 
-    /// Client ids in `room` on this node.
-    pub fn channel_members(&self, room: &str) -> Vec<String> {
+    /// Client ids in `channel` on this node.
+    pub fn channel_members(&self, channel: &str) -> Vec<String> {
         self.inner
             .fanout
-            .members(room)
+            .members(channel)
             .iter()
             .map(|c| c.client_id().to_string())
             .collect()
     }
 
-    /// Rooms `client_id` is in (empty if not connected).
+    /// Channels `client_id` is in (empty if not connected).
     pub fn channels_of(&self, client_id: &str) -> Vec<String> {
         self.connection(client_id)
             .map(|c| {
@@ -868,15 +868,16 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// Queues a text message to every member of `room` except `exclude`, without an
-    /// offset (it is not part of the channel's stream; see [`publish`](Self::publish)).
+    /// Queues a text message to every member of `channel` on this node except
+    /// `exclude`, without an offset (it is not part of the channel's stream; see
+    /// [`publish`](Self::publish)).
     pub fn broadcast_to_channel(
         &self,
-        room: &str,
+        channel: &str,
         text: impl Into<Bytes>,
         exclude: Option<&str>,
     ) -> BroadcastResult {
-        self.inner.fanout.broadcast(room, text.into(), exclude)
+        self.inner.fanout.broadcast(channel, text.into(), exclude)
     }
 
     /// Publishes `data` to `channel`'s stream: the broker assigns the next offset
