@@ -41,7 +41,7 @@ use crate::broker::{
 };
 use crate::config::Config;
 use crate::conn::queue::Limits;
-use crate::conn::{AuthState, Connection, Delivery, DisconnectReason};
+use crate::conn::{AuthState, Connection, Delivery, DisconnectReason, UserData};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hub::fanout::{Fanout, Subscribed};
 use crate::hub::handler::{Handler, NoopHandler};
@@ -617,9 +617,30 @@ impl Hub {
     /// totals in the same step), leaves its channels and hands its session over.
     pub(crate) fn unregister(&self, conn: &Connection, reason: DisconnectReason, code: u16) {
         conn.inner.gone.store(true, Ordering::Release);
-        // Keep the session for a resume unless the client said goodbye (1000), the
-        // server ended it on purpose, or another connection has it now.
-        let keep = self.inner.config.enable_reconnect
+        let keep = self.keeps_session(conn, reason, code);
+        let user_data = self.settle(conn, reason);
+        self.leave_registry(conn);
+        let channels = self.leave_channels(conn, keep);
+        if keep {
+            self.detach_session(conn, user_data, &channels);
+        }
+        tracing::info!(
+            client_id = %conn.client_id(),
+            session_id = %conn.session_id(),
+            reason = reason.as_str(),
+            code,
+            duration_ms = conn.connected_at().elapsed().as_millis() as u64,
+            "disconnect"
+        );
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.handler().on_disconnect(self, conn, reason, code)
+        }));
+    }
+
+    /// Whether the session is kept for a resume: not if the client said goodbye
+    /// (1000), the server ended it on purpose, or another connection has it now.
+    fn keeps_session(&self, conn: &Connection, reason: DisconnectReason, code: u16) -> bool {
+        self.inner.config.enable_reconnect
             && !conn.inner.taken_over.load(Ordering::Acquire)
             && match reason {
                 DisconnectReason::ClientClosed => code != keel_protocol::close::NORMAL,
@@ -629,9 +650,15 @@ impl Hub {
                 | DisconnectReason::Shutdown
                 | DisconnectReason::InternalError => true,
                 _ => false,
-            };
-        // Its user data leaves this node's count: gone, or handed to the broker
-        // with the session below.
+            }
+    }
+
+    /// What a watcher may check once the connection is out of the registry,
+    /// settled before it leaves: its user data out of this node's count (gone,
+    /// or handed to the broker with the session; returned for that), its place
+    /// under `max_connections` and its address's allowance free, its disconnect
+    /// counted.
+    fn settle(&self, conn: &Connection, reason: DisconnectReason) -> Option<Box<UserData>> {
         let user_data = conn.inner.user_data.lock().take();
         if let Some(ud) = &user_data {
             self.inner
@@ -647,18 +674,25 @@ impl Hub {
         if reason == DisconnectReason::HeartbeatTimeout {
             m.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
         }
-        {
-            let id = conn.client_id();
-            let mut shard = self.shard(&id).write();
-            if shard.get(&id).is_some_and(|c| c.same(conn)) {
-                shard.remove(&id);
-            }
-            // Its traffic moves to the closed totals in the same step, under the
-            // lock a snapshot holds while it sums: counted once, never twice or
-            // not at all.
-            m.fold(&conn.inner.stats);
+        user_data
+    }
+
+    /// Out of the registry (unless a newer connection holds the client_id now),
+    /// with its traffic moved to the closed totals in the same step, under the
+    /// lock a snapshot holds while it sums: counted once, never twice or not at
+    /// all.
+    fn leave_registry(&self, conn: &Connection) {
+        let id = conn.client_id();
+        let mut shard = self.shard(&id).write();
+        if shard.get(&id).is_some_and(|c| c.same(conn)) {
+            shard.remove(&id);
         }
-        // A vanished client stays present until `presence_ttl` after its last frame.
+        self.inner.metrics.fold(&conn.inner.stats);
+    }
+
+    /// Out of every channel; returns them. With a kept session, a vanished client
+    /// stays present until `presence_ttl` after its last frame.
+    fn leave_channels(&self, conn: &Connection, keep: bool) -> Vec<Arc<str>> {
         let linger = keep.then(|| {
             self.inner.delivery.started
                 + Duration::from_millis(conn.inner.last_seen.load(Ordering::Relaxed))
@@ -668,33 +702,30 @@ impl Hub {
         for ch in &channels {
             self.inner.fanout.leave(self, ch, conn, linger);
         }
-        if keep {
-            let ident = conn.ident();
-            let session = DetachedSession {
-                client_id: ident.client_id.to_string(),
-                generation: ident.generation,
-                user_data: user_data.map(|ud| ud.map).unwrap_or_default(),
-                channels: channels.iter().map(|c| c.to_string()).collect(),
-            };
-            let key = uuid::Uuid::from_u128(ident.session_id).to_string();
-            let ttl = self.inner.sessions.ttl;
-            let broker = self.inner.broker.clone();
-            run_detached(Box::pin(async move {
-                if let Err(e) = broker.session_put(&key, session, ttl).await {
-                    tracing::warn!(error = %e, "session not kept for resume");
-                }
-            }));
-        }
-        tracing::info!(
-            client_id = %conn.client_id(),
-            session_id = %conn.session_id(),
-            reason = reason.as_str(),
-            code,
-            duration_ms = conn.connected_at().elapsed().as_millis() as u64,
-            "disconnect"
-        );
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.handler().on_disconnect(self, conn, reason, code)
+        channels
+    }
+
+    /// Hands the session to the broker for `reconnect_token_ttl`.
+    fn detach_session(
+        &self,
+        conn: &Connection,
+        user_data: Option<Box<UserData>>,
+        channels: &[Arc<str>],
+    ) {
+        let ident = conn.ident();
+        let session = DetachedSession {
+            client_id: ident.client_id.to_string(),
+            generation: ident.generation,
+            user_data: user_data.map(|ud| ud.map).unwrap_or_default(),
+            channels: channels.iter().map(|c| c.to_string()).collect(),
+        };
+        let key = uuid::Uuid::from_u128(ident.session_id).to_string();
+        let ttl = self.inner.sessions.ttl;
+        let broker = self.inner.broker.clone();
+        run_detached(Box::pin(async move {
+            if let Err(e) = broker.session_put(&key, session, ttl).await {
+                tracing::warn!(error = %e, "session not kept for resume");
+            }
         }));
     }
 
