@@ -18,6 +18,7 @@
 //! - [`timestamp`]: the RFC 3339 UTC timestamp every server envelope carries.
 
 pub mod close;
+pub mod depth;
 pub mod encode;
 mod error_code;
 pub mod timestamp;

@@ -468,3 +468,58 @@ async fn data_is_forwarded_verbatim_even_numbers_beyond_f64() {
     .expect("the echo arrives");
     assert!(raw.contains(r#""data":1e999"#), "{raw}");
 }
+
+#[tokio::test]
+async fn data_nested_deeper_than_max_data_depth_is_refused_before_anyone_gets_it() {
+    let gw = gateway(config()).await;
+    let mut sub = Client::connect(gw.addr).await;
+    sub.subscribe("deep").await;
+    let mut c = Client::connect(gw.addr).await;
+    // 5,000 arrays inside one another: valid JSON that most clients cannot parse.
+    let bomb = "[".repeat(5000) + &"]".repeat(5000);
+    c.send_text(&format!(
+        r#"{{"type":"publish","payload":{{"channel":"deep","data":{bomb}}},"request_id":"d"}}"#
+    ))
+    .await;
+    let e = c.recv().await;
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["payload"]["code"], "invalid_message");
+    assert!(
+        e["payload"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("max_data_depth (64)"),
+        "{e}"
+    );
+    assert_eq!(e["request_id"], "d");
+    // At the limit it goes through, and it is the first the subscriber sees.
+    let ok = "[".repeat(64) + "1" + &"]".repeat(64);
+    c.send_text(&format!(
+        r#"{{"type":"publish","payload":{{"channel":"deep","data":{ok}}}}}"#
+    ))
+    .await;
+    assert_eq!(c.recv().await["type"], "publish_response");
+    let m = sub.recv().await;
+    assert_eq!(
+        (m["type"].as_str(), m["payload"]["offset"].as_u64()),
+        (Some("message"), Some(1))
+    );
+    // The HTTP API applies the same rule.
+    let deeper: serde_json::Value =
+        serde_json::from_str(&("[".repeat(100) + &"]".repeat(100))).unwrap();
+    let (status, body) = http(
+        gw.addr,
+        "POST",
+        "/api/publish",
+        Some("test-key"),
+        Some(json!({"channel": "deep", "data": deeper})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("max_data_depth"), "{body}");
+    // Nothing else was published, and the publisher is still connected.
+    assert_eq!(c.request("ping", json!({})).await["type"], "pong");
+    let h = c.request("history", json!({"channel": "deep"})).await;
+    assert_eq!(h["payload"]["messages"].as_array().unwrap().len(), 1, "{h}");
+    gw.shutdown().await;
+}

@@ -254,6 +254,8 @@ declare_options! {
             max_subscriptions_per_connection: Option<usize> = "1000", parse::optional_count;
             /// Longest channel name in bytes; longer names get `invalid_message`.
             max_channel_name_length: usize = "255", parse::channel_name_length;
+            /// Deepest nesting of arrays and objects in a publication's `data`; deeper is refused (`invalid_message`, HTTP 400) before anyone receives it: many clients' JSON parsers stop near 100 levels and could never read it.
+            max_data_depth: usize = "64", parse::positive;
             /// Most connections one client address may hold (0: unlimited); past it upgrades get 503.
             max_connections_per_ip: Option<usize> = "0", parse::optional_count;
             /// New connections per second one client address may open (0: no limit); over it upgrades get 429.

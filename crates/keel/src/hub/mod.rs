@@ -916,7 +916,8 @@ impl Hub {
     /// node encodes one `message` envelope and queues it to its members).
     /// `publisher` is the client_id shown to subscribers (None for server-side
     /// publications). Fails with [`ErrorKind::InvalidArgument`] for a bad channel
-    /// name, or with the broker's error.
+    /// name or `data` nested deeper than `max_data_depth`, or with the broker's
+    /// error.
     pub async fn publish(
         &self,
         channel: &str,
@@ -924,6 +925,13 @@ impl Hub {
         publisher: Option<&str>,
     ) -> Result<Publication> {
         self.check_channel_name(channel)?;
+        let max_depth = self.inner.config.max_data_depth;
+        if keel_protocol::depth::nests_deeper_than(data.get(), max_depth) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("data nests deeper than max_data_depth ({max_depth})"),
+            ));
+        }
         self.inner
             .metrics
             .publications
