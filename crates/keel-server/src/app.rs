@@ -510,6 +510,7 @@ async fn api_stats(State(state): State<AppState>) -> Response {
     Json(json!({
         "connections": m.connections,
         "channels": m.channels,
+        "history_bytes": m.history_bytes,
         "memory": hub.memory_usage(),
         "node": &*state.node_id,
         "dropped_messages": hub.dropped_total(),

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel::broker::{
-    Broker, DetachedSession, HistoryQuery, PresenceEntry, SessionTake, StreamRules,
+    Broker, BrokerLimits, DetachedSession, HistoryQuery, PresenceEntry, SessionTake, StreamRules,
 };
 use serde_json::value::RawValue;
 
@@ -621,4 +621,124 @@ pub async fn a_session_expires(make: Make<'_>) {
         SessionTake::Missing
     );
     assert_eq!(broker.session_count(), 1);
+}
+
+/// A factory of fresh brokers with the given limits.
+pub type MakeLimited<'a> = &'a (dyn Fn(BrokerLimits) -> Arc<dyn Broker> + Sync);
+
+/// History stays within `max_history_bytes` however many channels publish: the
+/// oldest publications of the channels holding most go first, a recovery that
+/// needed them says so, and channels left with nothing are forgotten.
+pub async fn history_stays_within_its_bound(make: MakeLimited<'_>) {
+    let max = 1 << 20;
+    let broker = make(BrokerLimits {
+        max_history_bytes: Some(max),
+        ..BrokerLimits::default()
+    });
+    let big = raw(&format!("\"{}\"", "x".repeat(10_000)));
+    let first = broker.publish("c0", &big, None, keep(100)).await.unwrap();
+    // 2,000 channels x 10 KB: 20 MB offered against a 1 MiB bound.
+    for i in 1..2000 {
+        broker
+            .publish(&format!("c{i}"), &big, None, keep(100))
+            .await
+            .unwrap();
+        assert!(
+            broker.usage().history_bytes <= max + 20_000,
+            "over the bound at {i}"
+        );
+    }
+    let usage = broker.usage();
+    assert!(usage.history_bytes <= max, "{usage:?}");
+    assert!(
+        usage.history_bytes > max / 2,
+        "evicted far more than needed: {usage:?}"
+    );
+    // The newest is kept, the oldest is gone, and a recovery says so.
+    let newest = broker
+        .history("c1999", all_after(0, None), keep(100))
+        .await
+        .unwrap();
+    assert_eq!(newest.publications.len(), 1);
+    let r = broker
+        .history("c0", all_after(0, Some(&first.epoch)), keep(100))
+        .await
+        .unwrap();
+    assert!(!r.complete && r.publications.is_empty());
+    assert!(
+        usage.channels < 2000,
+        "emptied channels are forgotten: {usage:?}"
+    );
+    // A channel holding many goes before one holding few.
+    let broker = make(BrokerLimits {
+        max_history_bytes: Some(max),
+        ..BrokerLimits::default()
+    });
+    broker.publish("few", &big, None, keep(100)).await.unwrap();
+    for _ in 0..200 {
+        broker
+            .publish("many", &big, None, keep(1000))
+            .await
+            .unwrap();
+    }
+    let few = broker
+        .history("few", all_after(0, None), keep(100))
+        .await
+        .unwrap();
+    assert_eq!(few.publications.len(), 1, "the small channel kept its one");
+}
+
+/// No more than `max_channels` channels: a publish, subscribe or presence that
+/// would create one more is refused with `LimitExceeded`; existing channels go
+/// on, and a forgotten one makes room.
+pub async fn channels_stay_within_their_bound(make: MakeLimited<'_>) {
+    let broker = make(BrokerLimits {
+        max_channels: Some(3),
+        ..BrokerLimits::default()
+    });
+    let rec = Recorder::new();
+    let node = broker.attach(rec.clone());
+    broker
+        .publish("a", &raw("1"), None, keep(10))
+        .await
+        .unwrap();
+    broker.subscribe(node, "b").await.unwrap();
+    broker
+        .presence_add(
+            "c",
+            &entry("x", serde_json::Value::Null),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(broker.channel_count(), 3);
+    let limited = |e: keel::Error| assert_eq!(e.kind(), &keel::ErrorKind::LimitExceeded);
+    limited(
+        broker
+            .publish("d", &raw("1"), None, keep(10))
+            .await
+            .unwrap_err(),
+    );
+    limited(broker.subscribe(node, "d").await.unwrap_err());
+    limited(
+        broker
+            .presence_add(
+                "d",
+                &entry("x", serde_json::Value::Null),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap_err(),
+    );
+    // Existing channels go on (this one keeps no history, so it can go).
+    broker.publish("b", &raw("2"), None, keep(0)).await.unwrap();
+    assert_eq!(rec.wait_for("b", 1).await, vec![1]);
+    // When one is forgotten, there is room again.
+    broker.unsubscribe(node, "b").await.unwrap();
+    broker.expire(&|_| keep(0));
+    assert_eq!(broker.channel_count(), 2);
+    broker
+        .publish("d", &raw("1"), None, keep(10))
+        .await
+        .unwrap();
 }

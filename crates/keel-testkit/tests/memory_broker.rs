@@ -4,12 +4,16 @@
 
 use std::sync::Arc;
 
-use keel::broker::Broker;
+use keel::broker::{Broker, BrokerLimits};
 use keel::MemoryBroker;
 use keel_testkit::broker_contract as contract;
 
 fn make() -> Arc<dyn Broker> {
     Arc::new(MemoryBroker::new(4))
+}
+
+fn make_limited(limits: BrokerLimits) -> Arc<dyn Broker> {
+    Arc::new(MemoryBroker::new(4).with_limits(limits))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,4 +84,14 @@ async fn a_session_is_resumed_once() {
 #[tokio::test(start_paused = true)]
 async fn a_session_expires() {
     contract::a_session_expires(&make).await;
+}
+
+#[tokio::test]
+async fn history_stays_within_its_bound() {
+    contract::history_stays_within_its_bound(&make_limited).await;
+}
+
+#[tokio::test]
+async fn channels_stay_within_their_bound() {
+    contract::channels_stay_within_their_bound(&make_limited).await;
 }

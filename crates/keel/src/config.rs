@@ -226,6 +226,10 @@ declare_options! {
             memory_check_interval: Duration = "60s", parse::positive_duration;
             /// Publications kept per channel for recovery.
             history_size: usize = "100", parse::count;
+            /// Most bytes of history in all channels together (0: unbounded); past it the oldest publications of the channels holding most go first, and a recovery that needed them answers `recovered: false`.
+            max_history_memory: Option<usize> = "268435456", parse::optional_count;
+            /// Most channels at once (with subscribers, history or presence; 0: unbounded); past it a subscribe or publish that would create one gets `limit_exceeded`.
+            max_channels: Option<usize> = "100000", parse::optional_count;
             /// How long a publication stays in history.
             history_ttl: Duration = "5m", parse::positive_duration;
             /// How long presence outlives a client's last sign of life when it vanished without a clean close.

@@ -55,6 +55,8 @@ pub struct MetricsSnapshot {
     pub connections: usize,
     /// Channels known (with members or live history).
     pub channels: usize,
+    /// Bytes of history kept in the broker (all channels).
+    pub history_bytes: usize,
     /// Connections accepted since start.
     pub connects_total: u64,
     /// Connections ended since start, by reason.
@@ -99,10 +101,12 @@ impl MetricsSnapshot {
         user_data_bytes: usize,
         sessions_detached: usize,
         (dropped_oldest, dropped_newest): (u64, u64),
+        history_bytes: usize,
     ) -> Self {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut s = MetricsSnapshot {
             channels,
+            history_bytes,
             connects_total: r(&m.connects),
             disconnects_total: DisconnectReason::ALL
                 .iter()
@@ -164,8 +168,14 @@ impl MetricsSnapshot {
         one(
             "keel_channels",
             "gauge",
-            "Channels with members or live history.",
+            "Channels with a stream: subscribers, history or presence (bounded by max_channels).",
             self.channels.to_string(),
+        );
+        one(
+            "keel_history_bytes",
+            "gauge",
+            "Bytes of history kept, all channels (bounded by max_history_memory).",
+            self.history_bytes.to_string(),
         );
         one(
             "keel_connects_total",

@@ -201,6 +201,9 @@ macro_rules! delegate_rest {
         fn session_count(&self) -> usize {
             self.$inner.session_count()
         }
+        fn usage(&self) -> keel::broker::BrokerUsage {
+            self.$inner.usage()
+        }
         fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> keel::broker::Expiry {
             self.$inner.expire(rules)
         }

@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -26,8 +26,9 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use super::{
-    Broker, BrokerFuture, Deliver, DetachedSession, Expired, Expiry, History, HistoryQuery, NodeId,
-    PresenceEntry, Publication, SessionTake, StreamPosition, StreamPublication, StreamRules,
+    Broker, BrokerFuture, BrokerLimits, BrokerUsage, Deliver, DetachedSession, Expired, Expiry,
+    History, HistoryQuery, NodeId, PresenceEntry, Publication, SessionTake, StreamPosition,
+    StreamPublication, StreamRules,
 };
 use crate::error::{Error, ErrorKind};
 
@@ -46,6 +47,8 @@ struct StreamState {
     epoch: Arc<str>,
     /// With the instant each was kept, for `history_ttl`.
     history: VecDeque<(Instant, Arc<StreamPublication>)>,
+    /// What `history` costs, as `history_cost` counts it.
+    history_bytes: usize,
     interest: Vec<Interest>,
     /// Who is present, with when each entry expires.
     presence: HashMap<Arc<str>, (serde_json::Value, Instant)>,
@@ -72,10 +75,16 @@ pub struct MemoryBroker {
     next_node: AtomicU64,
     /// One-use tickets: value and expiry.
     tickets: Mutex<HashMap<String, (String, Instant)>>,
+    limits: BrokerLimits,
+    /// Streams in the registry.
+    streams: AtomicUsize,
+    /// History kept, all streams.
+    history_bytes: AtomicUsize,
+    /// Held by the one publisher that trims history down to its bound.
+    evicting: Mutex<()>,
     /// Detached sessions and their expiry. One lock: touched on disconnect,
     /// resume and once per sweep, never on the message path.
     sessions: Mutex<HashMap<Box<str>, (DetachedSession, Instant)>>,
-    max_tickets: usize,
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -109,13 +118,22 @@ impl MemoryBroker {
             next_node: AtomicU64::new(1),
             tickets: Mutex::default(),
             sessions: Mutex::default(),
-            max_tickets: MAX_TICKETS,
+            limits: BrokerLimits::default(),
+            streams: AtomicUsize::new(0),
+            history_bytes: AtomicUsize::new(0),
+            evicting: Mutex::new(()),
         }
+    }
+
+    /// This broker with `limits`.
+    pub fn with_limits(mut self, limits: BrokerLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// A broker that holds at most `max` tickets at once.
     pub fn with_max_tickets(mut self, max: usize) -> Self {
-        self.max_tickets = max;
+        self.limits.max_tickets = max;
         self
     }
 
@@ -128,12 +146,24 @@ impl MemoryBroker {
         self.shard(name).read().get(name).cloned()
     }
 
-    fn get_or_create(&self, name: &str) -> Arc<Stream> {
+    fn get_or_create(&self, name: &str) -> crate::Result<Arc<Stream>> {
         if let Some(s) = self.get(name) {
-            return s;
+            return Ok(s);
         }
         let mut shard = self.shard(name).write();
-        shard
+        if let Some(s) = shard.get(name) {
+            return Ok(s.clone());
+        }
+        if let Some(max) = self.limits.max_channels {
+            if self.streams.load(Ordering::Relaxed) >= max {
+                return Err(Error::new(
+                    ErrorKind::LimitExceeded,
+                    format!("at max_channels ({max})"),
+                ));
+            }
+        }
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        Ok(shard
             .entry(Arc::from(name))
             .or_insert_with_key(|key| {
                 Arc::new(Stream {
@@ -142,13 +172,14 @@ impl MemoryBroker {
                         offset: 0,
                         epoch: self.new_epoch().into(),
                         history: VecDeque::new(),
+                        history_bytes: 0,
                         interest: Vec::new(),
                         presence: HashMap::new(),
                         dead: false,
                     }),
                 })
             })
-            .clone()
+            .clone())
     }
 
     fn new_epoch(&self) -> String {
@@ -159,16 +190,21 @@ impl MemoryBroker {
         )
     }
 
-    /// Runs `f` on the live state of stream `name`, creating it if needed.
-    fn with_live<R>(&self, name: &str, f: impl FnOnce(&Stream, &mut StreamState) -> R) -> R {
+    /// Runs `f` on the live state of stream `name`, creating it if needed (and
+    /// the channel bound allows).
+    fn with_live<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Stream, &mut StreamState) -> R,
+    ) -> crate::Result<R> {
         loop {
-            let s = self.get_or_create(name);
+            let s = self.get_or_create(name)?;
             let mut st = s.state.lock();
             // Forgotten between lookup and lock: look it up again.
             if st.dead {
                 continue;
             }
-            return f(&s, &mut st);
+            return Ok(f(&s, &mut st));
         }
     }
 
@@ -182,24 +218,84 @@ impl MemoryBroker {
                 if Arc::ptr_eq(cur, s) {
                     shard.remove(&s.name);
                     st.dead = true;
+                    self.streams.fetch_sub(1, Ordering::Relaxed);
                 }
             }
         }
     }
 
-    fn trim(st: &mut StreamState, now: Instant, ttl: std::time::Duration) {
+    fn trim(&self, st: &mut StreamState, now: Instant, ttl: std::time::Duration) {
         while st
             .history
             .front()
             .is_some_and(|(at, _)| now.duration_since(*at) > ttl)
         {
-            st.history.pop_front();
+            self.pop_oldest(st);
         }
     }
 
-    fn subscribe_now(&self, node: NodeId, channel: &str) {
-        let Some(sink) = self.nodes.read().get(&node).cloned() else {
+    /// Drops the oldest publication of a stream's history, counting it out.
+    fn pop_oldest(&self, st: &mut StreamState) {
+        if let Some((_, p)) = st.history.pop_front() {
+            let cost = history_cost(&p);
+            st.history_bytes -= cost;
+            self.history_bytes.fetch_sub(cost, Ordering::Relaxed);
+        }
+    }
+
+    /// Keeps a publication in a stream's history, counting it in.
+    fn keep(&self, st: &mut StreamState, p: Arc<StreamPublication>) {
+        let cost = history_cost(&p);
+        st.history_bytes += cost;
+        self.history_bytes.fetch_add(cost, Ordering::Relaxed);
+        st.history.push_back((Instant::now(), p));
+    }
+
+    /// Brings history back under `max_history_bytes` (to nine tenths of it, so
+    /// this runs rarely): one publication at a time, the oldest of the stream
+    /// holding most (of equals, the one whose oldest is oldest). One caller at a
+    /// time; the others go on.
+    fn evict_history(&self, max: usize) {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        let Some(_one) = self.evicting.try_lock() else {
             return;
+        };
+        let target = max / 10 * 9;
+        let over = || self.history_bytes.load(Ordering::Relaxed) > target;
+        let mut streams: Vec<Arc<Stream>> = Vec::new();
+        let mut heap = BinaryHeap::new();
+        for shard in self.shards.iter() {
+            for s in shard.read().values() {
+                let st = s.state.lock();
+                if let Some((at, _)) = st.history.front() {
+                    heap.push((st.history_bytes, Reverse(*at), streams.len()));
+                    streams.push(s.clone());
+                }
+            }
+        }
+        while over() {
+            let Some((_, _, i)) = heap.pop() else {
+                return;
+            };
+            let s = &streams[i];
+            let next = {
+                let mut st = s.state.lock();
+                self.pop_oldest(&mut st);
+                st.history
+                    .front()
+                    .map(|(at, _)| (st.history_bytes, Reverse(*at), i))
+            };
+            match next {
+                Some(entry) => heap.push(entry),
+                None => self.forget_if_idle(s),
+            }
+        }
+    }
+
+    fn subscribe_now(&self, node: NodeId, channel: &str) -> crate::Result<()> {
+        let Some(sink) = self.nodes.read().get(&node).cloned() else {
+            return Ok(());
         };
         self.with_live(channel, |_, st| {
             match st.interest.iter_mut().find(|i| i.node == node) {
@@ -210,7 +306,7 @@ impl MemoryBroker {
                     sink,
                 }),
             }
-        });
+        })
     }
 
     fn unsubscribe_now(&self, node: NodeId, channel: &str) {
@@ -238,8 +334,8 @@ impl MemoryBroker {
         data: &RawValue,
         publisher: Option<&str>,
         rules: StreamRules,
-    ) -> Publication {
-        self.with_live(channel, |s, st| {
+    ) -> crate::Result<Publication> {
+        let published = self.with_live(channel, |s, st| {
             st.offset += 1;
             let publication = Arc::new(StreamPublication {
                 channel: s.name.clone(),
@@ -250,9 +346,9 @@ impl MemoryBroker {
                 data: data.to_owned(),
             });
             if rules.history_size > 0 {
-                st.history.push_back((Instant::now(), publication.clone()));
+                self.keep(st, publication.clone());
                 while st.history.len() > rules.history_size {
-                    st.history.pop_front();
+                    self.pop_oldest(st);
                 }
             }
             let (mut delivered, mut dropped) = (0, 0);
@@ -267,7 +363,13 @@ impl MemoryBroker {
                 delivered,
                 dropped,
             }
-        })
+        })?;
+        if let Some(max) = self.limits.max_history_bytes {
+            if self.history_bytes.load(Ordering::Relaxed) > max {
+                self.evict_history(max);
+            }
+        }
+        Ok(published)
     }
 
     fn history_now(&self, channel: &str, q: HistoryQuery<'_>, rules: StreamRules) -> History {
@@ -280,7 +382,7 @@ impl MemoryBroker {
             };
         };
         let mut st = s.state.lock();
-        Self::trim(&mut st, Instant::now(), rules.history_ttl);
+        self.trim(&mut st, Instant::now(), rules.history_ttl);
         let position = StreamPosition {
             offset: st.offset,
             epoch: st.epoch.to_string(),
@@ -315,7 +417,7 @@ impl MemoryBroker {
         channel: &str,
         entry: &PresenceEntry,
         ttl: std::time::Duration,
-    ) -> bool {
+    ) -> crate::Result<bool> {
         let until = Instant::now() + ttl;
         self.with_live(channel, |_, st| {
             let now = Instant::now();
@@ -384,9 +486,9 @@ impl MemoryBroker {
     ) -> crate::Result<()> {
         let now = Instant::now();
         let mut map = self.tickets.lock();
-        if map.len() >= self.max_tickets {
+        if map.len() >= self.limits.max_tickets {
             map.retain(|_, (_, exp)| *exp > now);
-            if map.len() >= self.max_tickets {
+            if map.len() >= self.limits.max_tickets {
                 return Err(Error::new(
                     ErrorKind::LimitExceeded,
                     "too many outstanding tickets",
@@ -452,8 +554,7 @@ impl Broker for MemoryBroker {
     }
 
     fn subscribe(&self, node: NodeId, channel: &str) -> BrokerFuture<'_, ()> {
-        self.subscribe_now(node, channel);
-        ready(())
+        Box::pin(std::future::ready(self.subscribe_now(node, channel)))
     }
 
     fn unsubscribe(&self, node: NodeId, channel: &str) -> BrokerFuture<'_, ()> {
@@ -468,7 +569,9 @@ impl Broker for MemoryBroker {
         publisher: Option<&str>,
         rules: StreamRules,
     ) -> BrokerFuture<'_, Publication> {
-        ready(self.publish_now(channel, data, publisher, rules))
+        Box::pin(std::future::ready(
+            self.publish_now(channel, data, publisher, rules),
+        ))
     }
 
     fn history(
@@ -486,7 +589,9 @@ impl Broker for MemoryBroker {
         entry: &PresenceEntry,
         ttl: std::time::Duration,
     ) -> BrokerFuture<'_, bool> {
-        ready(self.presence_add_now(channel, entry, ttl))
+        Box::pin(std::future::ready(
+            self.presence_add_now(channel, entry, ttl),
+        ))
     }
 
     fn presence_remove(
@@ -536,7 +641,16 @@ impl Broker for MemoryBroker {
     }
 
     fn channel_count(&self) -> usize {
-        self.shards.iter().map(|s| s.read().len()).sum()
+        self.streams.load(Ordering::Relaxed)
+    }
+
+    fn usage(&self) -> BrokerUsage {
+        BrokerUsage {
+            channels: self.streams.load(Ordering::Relaxed),
+            history_bytes: self.history_bytes.load(Ordering::Relaxed),
+            sessions: self.sessions.lock().len(),
+            tickets: self.tickets.lock().len(),
+        }
     }
 
     fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> Expiry {
@@ -547,7 +661,7 @@ impl Broker for MemoryBroker {
             for s in streams {
                 let idle = {
                     let mut st = s.state.lock();
-                    Self::trim(&mut st, now, rules(&s.name).history_ttl);
+                    self.trim(&mut st, now, rules(&s.name).history_ttl);
                     if !st.presence.is_empty() {
                         let gone: Vec<Arc<str>> = st
                             .presence
@@ -589,4 +703,11 @@ impl Broker for MemoryBroker {
             sessions,
         }
     }
+}
+
+/// What one publication in history costs: its data and publisher, and the
+/// fixed parts (the publication, its `Arc`, the entry in the history queue).
+fn history_cost(p: &StreamPublication) -> usize {
+    const FIXED: usize = std::mem::size_of::<StreamPublication>() + 16 + 24;
+    FIXED + p.data.get().len() + p.publisher.as_ref().map_or(0, |s| s.len())
 }

@@ -185,6 +185,44 @@ pub struct Expiry {
     pub sessions: usize,
 }
 
+/// Bounds a broker keeps on what clients can make it hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerLimits {
+    /// Most bytes of history in all channels together (`None`: unbounded). Past
+    /// it the oldest publications of the channels holding most go first; a later
+    /// recovery that needed them answers "not complete", truthfully.
+    pub max_history_bytes: Option<usize>,
+    /// Most channels with a stream (`None`: unbounded). Past it a publish,
+    /// subscribe or presence that would create one is refused with
+    /// [`ErrorKind::LimitExceeded`](crate::ErrorKind::LimitExceeded).
+    pub max_channels: Option<usize>,
+    /// Most one-use tickets held at once.
+    pub max_tickets: usize,
+}
+
+impl Default for BrokerLimits {
+    fn default() -> Self {
+        BrokerLimits {
+            max_history_bytes: None,
+            max_channels: None,
+            max_tickets: MAX_TICKETS,
+        }
+    }
+}
+
+/// What a broker holds now, for stats and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BrokerUsage {
+    /// Channels with a stream.
+    pub channels: usize,
+    /// Bytes of history kept, all channels (data plus per-publication overhead).
+    pub history_bytes: usize,
+    /// Detached sessions held.
+    pub sessions: usize,
+    /// One-use tickets held.
+    pub tickets: usize,
+}
+
 /// Identifies one node's sink within a broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NodeId(pub u64);
@@ -247,8 +285,9 @@ pub trait Broker: Send + Sync + 'static {
     ) -> BrokerFuture<'_, History>;
 
     /// Adds `entry` to `channel`'s presence, or refreshes it, for `ttl` from now
-    /// (a presence keeps its channel's stream, and so its epoch). Returns whether
-    /// the client was not present before: a join.
+    /// (a presence keeps its channel's stream, and so its epoch; creating one is
+    /// subject to the channel bound). Returns whether the client was not present
+    /// before: a join.
     fn presence_add(
         &self,
         channel: &str,
@@ -298,6 +337,9 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Channels with a stream (interest, history or presence).
     fn channel_count(&self) -> usize;
+
+    /// What the broker holds now (for a shared broker, the cluster's).
+    fn usage(&self) -> BrokerUsage;
 
     /// Drops expired history, presence, tickets and sessions and forgets streams
     /// nobody holds; says which presence entries expired (for their leave events)

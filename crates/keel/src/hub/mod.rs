@@ -36,8 +36,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::PresenceEntry;
 use crate::broker::{
-    Broker, Deliver, Delivered, DetachedSession, History, HistoryQuery, MemoryBroker, NodeId,
-    Publication, StreamPosition, StreamPublication, StreamRules,
+    Broker, BrokerLimits, Deliver, Delivered, DetachedSession, History, HistoryQuery, MemoryBroker,
+    NodeId, Publication, StreamPosition, StreamPublication, StreamRules,
 };
 use crate::config::Config;
 use crate::conn::queue::Limits;
@@ -155,7 +155,13 @@ impl Hub {
 
     /// A Hub whose connections call `handler`'s hooks.
     pub fn with_handler(config: Config, handler: impl Handler) -> Self {
-        let broker = Arc::new(MemoryBroker::new(config.num_shards));
+        let broker = Arc::new(
+            MemoryBroker::new(config.num_shards).with_limits(BrokerLimits {
+                max_history_bytes: config.max_history_memory,
+                max_channels: config.max_channels,
+                ..BrokerLimits::default()
+            }),
+        );
         Self::with_broker(config, handler, broker)
     }
 
@@ -973,9 +979,10 @@ impl Hub {
         // Read before the registry's locks: while those are held, only each
         // connection's queue lock is taken, and nothing holding a queue lock ever
         // waits on the registry.
-        let channels = self.inner.broker.channel_count();
+        let broker = self.inner.broker.usage();
+        let channels = broker.channels;
         let user_data_bytes = self.inner.user_data_bytes.load(Ordering::Relaxed);
-        let sessions = self.inner.broker.session_count();
+        let sessions = broker.sessions;
         let shards: Vec<_> = self.inner.shards.iter().map(|s| s.read()).collect();
         MetricsSnapshot::collect(
             &self.inner.metrics,
@@ -984,6 +991,7 @@ impl Hub {
             user_data_bytes,
             sessions,
             self.inner.delivery.dropped_counts(),
+            broker.history_bytes,
         )
     }
 
