@@ -156,7 +156,7 @@ pub async fn history_is_complete_or_nothing(make: Make<'_>) {
         .await
         .unwrap();
     assert_eq!(none.position, None);
-    assert_eq!(broker.channel_count(), 1);
+    assert_eq!(broker.usage().channels, 1);
 }
 
 /// Publications keep their data byte for byte, and their publisher.
@@ -425,28 +425,12 @@ pub async fn presence_joins_refreshes_and_leaves(make: Make<'_>) {
     );
     // A stream exists for the channel and keeps its epoch while anyone is there.
     let first = broker
-        .publish(
-            "room",
-            &raw("1"),
-            None,
-            StreamRules {
-                history_size: 0,
-                history_ttl: ttl,
-            },
-        )
+        .publish("room", &raw("1"), None, keep(0))
         .await
         .unwrap();
     broker.expire(&|_| keep(0));
     let second = broker
-        .publish(
-            "room",
-            &raw("2"),
-            None,
-            StreamRules {
-                history_size: 0,
-                history_ttl: ttl,
-            },
-        )
+        .publish("room", &raw("2"), None, keep(0))
         .await
         .unwrap();
     assert_eq!((second.epoch, second.offset), (first.epoch, 2));
@@ -562,7 +546,7 @@ pub async fn a_session_is_resumed_once(make: Make<'_>) {
         .session_put("s1", session("alice", 3), ttl)
         .await
         .unwrap();
-    assert_eq!(broker.session_count(), 1);
+    assert_eq!(broker.usage().sessions, 1);
     let wrong = broker.session_take("s1", Some(("alice", 2))).await.unwrap();
     assert_eq!(wrong, SessionTake::Mismatch, "an old token's generation");
     let other = broker
@@ -570,7 +554,7 @@ pub async fn a_session_is_resumed_once(make: Make<'_>) {
         .await
         .unwrap();
     assert_eq!(other, SessionTake::Mismatch, "another client");
-    assert_eq!(broker.session_count(), 1, "a mismatch leaves it");
+    assert_eq!(broker.usage().sessions, 1, "a mismatch leaves it");
     let takers: Vec<_> = (0..8)
         .map(|_| {
             let broker = broker.clone();
@@ -586,7 +570,7 @@ pub async fn a_session_is_resumed_once(make: Make<'_>) {
         }
     }
     assert_eq!(won, vec![session("alice", 3)]);
-    assert_eq!(broker.session_count(), 0);
+    assert_eq!(broker.usage().sessions, 0);
     assert_eq!(
         broker.session_take("s1", None).await.unwrap(),
         SessionTake::Missing
@@ -620,7 +604,7 @@ pub async fn a_session_expires(make: Make<'_>) {
         broker.session_take("s3", Some(("carol", 1))).await.unwrap(),
         SessionTake::Missing
     );
-    assert_eq!(broker.session_count(), 1);
+    assert_eq!(broker.usage().sessions, 1);
 }
 
 /// A factory of fresh brokers with the given limits.
@@ -711,7 +695,7 @@ pub async fn channels_stay_within_their_bound(make: MakeLimited<'_>) {
         )
         .await
         .unwrap();
-    assert_eq!(broker.channel_count(), 3);
+    assert_eq!(broker.usage().channels, 3);
     let limited = |e: keel::Error| assert_eq!(e.kind(), &keel::ErrorKind::LimitExceeded);
     limited(
         broker
@@ -736,7 +720,7 @@ pub async fn channels_stay_within_their_bound(make: MakeLimited<'_>) {
     // When one is forgotten, there is room again.
     broker.unsubscribe(node, "b").await.unwrap();
     broker.expire(&|_| keep(0));
-    assert_eq!(broker.channel_count(), 2);
+    assert_eq!(broker.usage().channels, 2);
     broker
         .publish("d", &raw("1"), None, keep(10))
         .await

@@ -97,21 +97,27 @@ async fn tokens_name_their_session_and_resume_checks_the_authenticated_client() 
     assert_eq!(next.generation, claims.generation + 1);
 }
 
+/// A Hub for a test that moves tokio's clock: presence lasts `presence_ttl`,
+/// sessions 10 min, and no heartbeat round falls within the test's span of
+/// virtual time.
+fn on_a_paused_clock(presence_ttl: &str) -> Config {
+    let mut c = Config::default();
+    c.set("reconnect_secret", "library-test-secret-0123456789ab")
+        .unwrap();
+    c.set("reconnect_token_ttl", "10m").unwrap();
+    c.set("presence_ttl", presence_ttl).unwrap();
+    c.set("heartbeat_interval", "1h").unwrap();
+    c.set("heartbeat_timeout", "1h").unwrap();
+    c
+}
+
 /// The Hub reads tokio's clock: a vanished client's presence and its detached
 /// session end on that clock, so the test moves it instead of sleeping through
 /// a 30 s presence TTL and a 10 min session TTL.
 #[tokio::test]
 async fn lingering_presence_and_detached_sessions_end_on_the_hubs_clock() {
     use std::time::Duration;
-    let mut c = Config::default();
-    c.set("reconnect_secret", "library-test-secret-0123456789ab")
-        .unwrap();
-    c.set("reconnect_token_ttl", "10m").unwrap();
-    c.set("presence_ttl", "30s").unwrap();
-    // No heartbeat round within the test's span of virtual time.
-    c.set("heartbeat_interval", "1h").unwrap();
-    c.set("heartbeat_timeout", "1h").unwrap();
-    let hub = Hub::new(c);
+    let hub = Hub::new(on_a_paused_clock("30s"));
     let addr = serve(&hub).await;
     let alice = connect(addr, "alice").await;
     eventually("alice registered", || hub.connection("alice").is_some()).await;
@@ -134,11 +140,10 @@ async fn lingering_presence_and_detached_sessions_end_on_the_hubs_clock() {
     tokio::time::advance(Duration::from_secs(2)).await;
     assert!(present(&hub).await.is_empty(), "gone after presence_ttl");
 
-    // 9 min 31 s after the disconnect: the session is still there.
-    tokio::time::advance(Duration::from_secs(9 * 60)).await;
-    for _ in 0..3 {
-        tokio::task::yield_now().await;
-    }
+    // 9 min 21 s after the disconnect, with the sweeper (a tick of 7.5 s here)
+    // having run since the clock got there: the session is still there.
+    tokio::time::advance(Duration::from_secs(9 * 60 - 20)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(hub.detached_session_count(), 1);
     // Past the 10 min TTL the sweeper (a tick of a quarter of the shortest
     // TTL) reclaims it; virtual sleeps let its timer fire.
@@ -159,11 +164,8 @@ async fn lingering_presence_and_detached_sessions_end_on_the_hubs_clock() {
 #[tokio::test]
 async fn a_silent_member_leaves_and_joins_again_when_it_speaks() {
     use std::time::Duration;
-    let mut c = Config::default();
-    c.set("presence_ttl", "30s").unwrap();
+    let mut c = on_a_paused_clock("30s");
     c.set("presence_events", "true").unwrap();
-    c.set("heartbeat_interval", "1h").unwrap();
-    c.set("heartbeat_timeout", "1h").unwrap();
     let hub = Hub::new(c);
     let addr = serve(&hub).await;
     let _quiet = connect(addr, "quiet").await;

@@ -90,7 +90,7 @@ pub struct MemoryBroker {
 impl std::fmt::Debug for MemoryBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryBroker")
-            .field("channels", &self.channel_count())
+            .field("channels", &self.streams.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -128,12 +128,6 @@ impl MemoryBroker {
     /// This broker with `limits`.
     pub fn with_limits(mut self, limits: BrokerLimits) -> Self {
         self.limits = limits;
-        self
-    }
-
-    /// A broker that holds at most `max` tickets at once.
-    pub fn with_max_tickets(mut self, max: usize) -> Self {
-        self.limits.max_tickets = max;
         self
     }
 
@@ -634,14 +628,6 @@ impl Broker for MemoryBroker {
         expect: Option<(&str, u64)>,
     ) -> BrokerFuture<'_, SessionTake> {
         ready(self.session_take_now(session_id, expect))
-    }
-
-    fn session_count(&self) -> usize {
-        self.sessions.lock().len()
-    }
-
-    fn channel_count(&self) -> usize {
-        self.streams.load(Ordering::Relaxed)
     }
 
     fn usage(&self) -> BrokerUsage {

@@ -332,13 +332,9 @@ pub trait Broker: Send + Sync + 'static {
         expect: Option<(&str, u64)>,
     ) -> BrokerFuture<'_, SessionTake>;
 
-    /// Detached sessions held.
-    fn session_count(&self) -> usize;
-
-    /// Channels with a stream (interest, history or presence).
-    fn channel_count(&self) -> usize;
-
-    /// What the broker holds now (for a shared broker, the cluster's).
+    /// What the broker holds now (for a shared broker, the cluster's): channels
+    /// with a stream (interest, history or presence), history bytes, detached
+    /// sessions, tickets.
     fn usage(&self) -> BrokerUsage;
 
     /// Drops expired history, presence, tickets and sessions and forgets streams

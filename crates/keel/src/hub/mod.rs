@@ -45,9 +45,9 @@ use crate::conn::{AuthState, Connection, Delivery, DisconnectReason, UserData};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hub::fanout::{Fanout, Subscribed};
 use crate::hub::handler::{Handler, NoopHandler};
-use crate::hub::sessions::Sessions;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::policy::auth::Identity;
+use crate::policy::token::TokenSigner;
 use crate::transport::Socket;
 use crate::transport::{Outgoing, Transport, Upgrade};
 
@@ -70,8 +70,8 @@ pub(crate) struct HubInner {
     pub(crate) broker: Arc<dyn Broker>,
     /// This Hub's sink in the broker.
     node: NodeId,
-    /// Detached sessions and the reconnect-token key.
-    pub(crate) sessions: Sessions,
+    /// The key reconnect tokens are signed with.
+    pub(crate) signer: TokenSigner,
     pub(crate) metrics: Metrics,
     transport: Transport,
     /// Connections registered plus upgrades answered but not yet registered; what
@@ -186,10 +186,7 @@ impl Hub {
                 fanout: Fanout::new(shards),
                 broker,
                 node,
-                sessions: Sessions::new(
-                    config.reconnect_secret.as_deref(),
-                    config.reconnect_token_ttl,
-                ),
+                signer: TokenSigner::new(config.reconnect_secret.as_deref()),
                 metrics: Metrics::default(),
                 transport: Transport::new(&config),
                 reserved: AtomicUsize::new(0),
@@ -726,7 +723,7 @@ impl Hub {
             channels: channels.iter().map(|c| c.to_string()).collect(),
         };
         let key = uuid::Uuid::from_u128(ident.session_id).to_string();
-        let ttl = self.inner.sessions.ttl;
+        let ttl = self.inner.config.reconnect_token_ttl;
         let broker = self.inner.broker.clone();
         run_detached(Box::pin(async move {
             if let Err(e) = broker.session_put(&key, session, ttl).await {

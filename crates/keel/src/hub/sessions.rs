@@ -18,7 +18,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use std::sync::atomic::Ordering;
 
@@ -28,23 +27,7 @@ use crate::broker::{SessionTake, StreamPosition};
 use crate::conn::{Connection, UserData};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hub::Hub;
-use crate::policy::token::{self, ReconnectClaims, TokenSigner};
-
-/// What a Hub needs for sessions besides the broker that keeps detached ones:
-/// the key tokens are signed with and how long a session lives.
-pub(crate) struct Sessions {
-    pub(crate) signer: TokenSigner,
-    pub(crate) ttl: Duration,
-}
-
-impl Sessions {
-    pub(crate) fn new(secret: Option<&str>, ttl: Duration) -> Self {
-        Sessions {
-            signer: TokenSigner::new(secret),
-            ttl,
-        }
-    }
-}
+use crate::policy::token::{self, ReconnectClaims};
 
 impl UserData {
     /// User data restored from a detached session, counted again.
@@ -75,11 +58,12 @@ impl Hub {
 
     fn token_for(&self, conn: &Connection) -> String {
         let ident = conn.ident();
-        self.inner.sessions.signer.sign(&ReconnectClaims {
+        self.inner.signer.sign(&ReconnectClaims {
             client_id: ident.client_id.to_string(),
             session_id: uuid::Uuid::from_u128(ident.session_id).to_string(),
             generation: ident.generation,
-            expires_at_ms: token::unix_ms() + self.inner.sessions.ttl.as_millis() as u64,
+            expires_at_ms: token::unix_ms()
+                + self.inner.config.reconnect_token_ttl.as_millis() as u64,
             authenticated: conn.is_authenticated(),
         })
     }
@@ -90,13 +74,13 @@ impl Hub {
     /// nothing about whether it was already used (that is [`resume`](Self::resume)'s
     /// business).
     pub fn validate_reconnect_token(&self, token: &str) -> Result<ReconnectClaims> {
-        self.inner.sessions.signer.verify(token, token::unix_ms())
+        self.inner.signer.verify(token, token::unix_ms())
     }
 
     /// Detached sessions waiting for a resume (in the broker: with a shared
     /// broker, every node's).
     pub fn detached_session_count(&self) -> usize {
-        self.inner.broker.session_count()
+        self.inner.broker.usage().sessions
     }
 
     /// Resumes the session `token` names on connection `conn`: `conn` takes the
@@ -168,8 +152,7 @@ impl Hub {
         for (channel, _) in positions {
             self.check_channel_name(channel)?;
         }
-        let sessions = &self.inner.sessions;
-        let claims = sessions.signer.verify_signature(token)?;
+        let claims = self.inner.signer.verify_signature(token)?;
         let invalid = |why: &str| Error::new(ErrorKind::InvalidToken, why.to_string());
         let session_uuid = uuid::Uuid::parse_str(&claims.session_id)
             .map_err(|_| invalid("invalid reconnect token"))?;

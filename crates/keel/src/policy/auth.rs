@@ -290,7 +290,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_ticket_is_redeemed_once_even_under_concurrent_attempts() {
-        let broker = Arc::new(crate::MemoryBroker::new(1).with_max_tickets(10));
+        let limits = crate::broker::BrokerLimits {
+            max_tickets: 10,
+            ..Default::default()
+        };
+        let broker = Arc::new(crate::MemoryBroker::new(1).with_limits(limits));
         let t = Arc::new(Tickets::new(broker, Duration::from_secs(30)));
         let id = Identity {
             client_id: "c".into(),
