@@ -22,7 +22,7 @@ if [ "$bin" = bun ]; then
   PORT=$port taskset -c "$sc" bench/peers/node_modules/.bin/bun bench/peers/bun/server.ts >"/tmp/ab-$name.log" 2>&1 &
   proto=trivial
 else
-  KEEL_API_KEY=bench KEEL_LOG_LEVEL=warn taskset -c "$sc" "$bin" serve --listen 127.0.0.1:$port >"/tmp/ab-$name.log" 2>&1 &
+  KEEL_API_KEY=bench KEEL_LOG_LEVEL=warn KEEL_RATE_LIMIT_MESSAGES=0 taskset -c "$sc" "$bin" serve --listen 127.0.0.1:$port >"/tmp/ab-$name.log" 2>&1 &
   proto=keel
 fi
 pid=$!

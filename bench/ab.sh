@@ -19,7 +19,7 @@ sc=${SERVER_CORES:-0} lc=${LOADGEN_CORES:-1}
 port=${PORT:-9310}
 ulimit -n 20000 2>/dev/null || true
 mkdir -p bench/results
-KEEL_API_KEY=bench KEEL_LOG_LEVEL=warn taskset -c "$sc" "$bin" serve --listen 127.0.0.1:$port >"/tmp/ab-$name.log" 2>&1 &
+KEEL_API_KEY=bench KEEL_LOG_LEVEL=warn KEEL_RATE_LIMIT_MESSAGES=0 taskset -c "$sc" "$bin" serve --listen 127.0.0.1:$port >"/tmp/ab-$name.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 status=0

@@ -58,7 +58,7 @@ start_server() { # name -> sets SERVER_PID and PROTOCOL
   local name=$1 log=bench/results/$RUN.$1.log
   case $name in
     keel)
-      KEEL_API_KEY=bench KEEL_LOG_LEVEL=warn taskset -c "$SERVER_CORES" \
+      KEEL_API_KEY=bench KEEL_LOG_LEVEL=warn KEEL_RATE_LIMIT_MESSAGES=0 taskset -c "$SERVER_CORES" \
         ./target/release/keel serve --listen 127.0.0.1:$PORT >"$log" 2>&1 &
       PROTOCOL=keel ;;
     bun)

@@ -59,21 +59,21 @@ async fn main() -> std::io::Result<()> {
     hub.start();
     let app = Router::new().route("/ws", get(ws)).with_state(hub.clone());
     // keel::Listener: TCP_NODELAY, each 101 goes out with the first message, and
-    // `route_upgrades` answers plain upgrades without hyper.
+    // `route_upgrades` answers plain upgrades without hyper. The Hub's gate times
+    // out connections that never finish their handshake.
+    let gate = hub.gate();
     let listener = keel::Listener::bind("127.0.0.1:3000")
         .await?
-        .route_upgrades(app.clone());
+        .route_upgrades(app.clone())
+        .gate(gate.clone());
     println!("chat on ws://{}/ws?name=you", listener.local_addr()?);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<keel::Peer>(),
-    )
-    .with_graceful_shutdown(async move {
+    keel::listener::serve(listener, app, gate, async move {
         let _ = tokio::signal::ctrl_c().await;
         let report = hub
             .graceful_shutdown(std::time::Duration::from_secs(10))
             .await;
         println!("{report:?}");
     })
-    .await
+    .await;
+    Ok(())
 }

@@ -45,12 +45,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.set("max_message_size", "67108864")?;
     config.set("send_queue_max_bytes", "268435456")?;
     config.set("send_queue_max_messages", "1000000")?;
+    // Autobahn sends thousands of messages a second on one connection.
+    config.set("rate_limit_messages", "0")?;
     config.set("compression", &compression)?;
     // Heartbeats as Ping frames only: a JSON `ping` is Keel's protocol, and an echo
     // peer would see it as an unexpected message.
     config.set("heartbeat_mode", "ws")?;
     let hub = Hub::with_handler(config, Echo);
     hub.start();
+    let gate = hub.gate();
     let app = Router::new()
         .route("/", get(ws))
         .route("/ws", get(ws))
@@ -59,9 +62,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Autobahn suite goes down both paths.
     let listener = keel::Listener::bind(&addr)
         .await?
-        .route_upgrades(app.clone());
+        .route_upgrades(app.clone())
+        .gate(gate.clone());
     println!("echo listening on {}", listener.local_addr()?);
-    let app = app.into_make_service_with_connect_info::<keel::Peer>();
-    axum::serve(listener, app).await?;
+    keel::listener::serve(listener, app, gate, std::future::pending()).await;
     Ok(())
 }

@@ -244,7 +244,17 @@ async fn publisher(
                 while let Some(f) = c.next_frame() {
                     match f.opcode {
                         9 => wire::encode(&mut out, 10, f.payload),
-                        1 => if let Answer::Text(a) = d.answer(f.payload) { wire::encode(&mut out, 1, a) },
+                        1 => {
+                            if f.payload.windows(12).any(|w| w == b"rate_limited") {
+                                // Keel's default per-connection rate (100/s) would
+                                // drop most of the load and measure nothing.
+                                anyhow::bail!(
+                                    "the server rate-limits the publisher: start keel with \
+                                     KEEL_RATE_LIMIT_MESSAGES=0 (bench/run.sh does)"
+                                );
+                            }
+                            if let Answer::Text(a) = d.answer(f.payload) { wire::encode(&mut out, 1, a) }
+                        }
                         _ => {}
                     }
                 }

@@ -144,17 +144,14 @@ pub async fn start(mut config: Settings) -> anyhow::Result<Running> {
         let server_stop = Arc::new(Notify::new());
         let server_stop2 = server_stop.clone();
         let until = async move { server_stop2.notified().await };
+        let gate = hub2.gate();
         let server = match tls {
             // TCP_NODELAY is set by the TLS listener before the handshake.
             Some(acceptor) => {
-                let listener = crate::tls::TlsListener::new(listener, acceptor);
+                let listener = crate::tls::TlsListener::new(listener, acceptor, gate.clone());
                 tokio::spawn(async move {
                     match listener {
-                        // Wrap: the 101 rides with the `welcome` above TLS too (one
-                        // TLS record and one write fewer per connect).
-                        Ok(l) => {
-                            serve_on::<_, keel::Peer>(keel::listener::Wrap(l), app, until).await
-                        }
+                        Ok(l) => keel::listener::serve(l, app, gate, until).await,
                         Err(e) => tracing::error!(error = %e, "TLS listener failed"),
                     }
                 })
@@ -165,9 +162,12 @@ pub async fn start(mut config: Settings) -> anyhow::Result<Running> {
             // the `welcome`.
             // It also answers plain upgrades itself, without hyper (HTTP requests
             // and upgrades offering permessage-deflate still go through hyper).
-            None => tokio::spawn(serve_on::<_, keel::Peer>(
-                keel::Listener::from(listener).route_upgrades(app.clone()),
+            None => tokio::spawn(keel::listener::serve(
+                keel::Listener::from(listener)
+                    .route_upgrades(app.clone())
+                    .gate(gate.clone()),
                 app,
+                gate,
                 until,
             )),
         };
@@ -186,22 +186,6 @@ pub async fn start(mut config: Settings) -> anyhow::Result<Running> {
     })
 }
 
-/// Serves `app` on `listener` until `until` resolves, with each connection's
-/// connect info `C` available to handlers (per-address limits need the peer's
-/// address; [`keel::Peer`] also lets an upgrade's 101 ride with the `welcome`).
-async fn serve_on<L, C>(
-    listener: L,
-    app: Router,
-    until: impl std::future::Future<Output = ()> + Send + 'static,
-) where
-    L: axum::serve::Listener<Addr = SocketAddr>,
-    C: for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
-{
-    let _ = axum::serve(listener, app.into_make_service_with_connect_info::<C>())
-        .with_graceful_shutdown(until)
-        .await;
-}
-
 fn rand_u32() -> u32 {
     rand::random()
 }
@@ -216,6 +200,8 @@ fn router(state: AppState, ws_path: &str, metrics_on: bool) -> Router {
         .route("/api/presence/{channel}", get(api_presence))
         .route("/api/history/{channel}", get(api_history))
         .route("/admin/drain", post(admin_drain))
+        // Inside the key check: a caller without the key is refused unread.
+        .route_layer(middleware::from_fn_with_state(state.clone(), body_deadline))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -246,6 +232,38 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
     } else {
         StatusCode::UNAUTHORIZED.into_response()
     }
+}
+
+/// The largest `/api` or `/admin` request body (axum's own default bound).
+const MAX_API_BODY: usize = 2 * 1024 * 1024;
+
+/// Reads a request's body whole within `handshake_timeout` of the handler being
+/// reached (408 otherwise; 413 past [`MAX_API_BODY`]), so that a caller who sends
+/// headers and then trickles the body, or stops, holds neither a connection nor
+/// a handler for longer than that.
+async fn body_deadline(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let deadline = state.hub.config().handshake_timeout;
+    let bytes = match tokio::time::timeout(deadline, axum::body::to_bytes(body, MAX_API_BODY)).await
+    {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body over {MAX_API_BODY} bytes, or cut short"),
+            )
+            .into_response()
+        }
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body did not arrive within handshake_timeout",
+            )
+            .into_response()
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -1,15 +1,17 @@
 //! `wss://` without a terminating proxy: rustls in front of the gateway's HTTP
 //! server, configured by `tls_cert` and `tls_key` (PEM files).
 //!
-//! Handshakes run in their own tasks, bounded by a timeout, so a client that
-//! opens a socket and says nothing cannot hold up anyone else's accept; finished
-//! ones are handed to the HTTP server through a channel. This module only
+//! Handshakes run in their own tasks, bounded by `handshake_timeout`, so a client
+//! that opens a socket and says nothing cannot hold up anyone else's accept;
+//! finished ones are handed to the HTTP server through a channel. Accepting goes
+//! through the Hub's [`keel::Gate`]: a connection holds its ticket from the TCP
+//! accept until it is a WebSocket, so handshakes count against
+//! `max_pending_connections`. This module only
 //! terminates TLS: it knows nothing of WebSockets or of the protocol. Keys are
 //! read once at start; a bad file stops start-up with the option's name.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
@@ -19,13 +21,6 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-
-/// How long a client may take over its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Handshakes in flight at most; past it, new sockets wait in the kernel's
-/// backlog.
-const MAX_HANDSHAKES: usize = 1024;
 
 /// The acceptor for `cert` (a PEM chain) and `key` (a PEM private key).
 pub fn acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<TlsAcceptor> {
@@ -48,47 +43,43 @@ pub fn acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// A connection with TLS terminated, as the HTTP server gets it.
+type Conn = keel::listener::Stream<TlsStream<TcpStream>>;
+
 /// A listener whose connections arrive with TLS already terminated.
 pub struct TlsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    rx: mpsc::Receiver<(Conn, SocketAddr)>,
     local: SocketAddr,
 }
 
 impl TlsListener {
-    /// Accepts on `tcp`, handshakes with `acceptor`, hands the results over.
-    /// The accept task ends when the listener is dropped.
-    pub fn new(tcp: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<Self> {
+    /// Accepts on `tcp` through `gate`, handshakes with `acceptor`, hands the
+    /// results over. The accept task ends when the listener is dropped.
+    pub fn new(tcp: TcpListener, acceptor: TlsAcceptor, gate: keel::Gate) -> std::io::Result<Self> {
         let local = tcp.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
-                let accepted = tokio::select! {
+                let (stream, peer, ticket) = tokio::select! {
                     _ = tx.closed() => return,
-                    a = tcp.accept() => a,
-                };
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors, typically: back off a little.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+                    a = gate.accept(&tcp) => a,
                 };
                 let _ = stream.set_nodelay(true);
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let (acceptor, tx, gate) = (acceptor.clone(), tx.clone(), gate.clone());
                 tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    let timeout = gate.handshake_timeout();
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
+                            // The 101 rides with the `welcome` above TLS too (one TLS
+                            // record and one write fewer per connect).
+                            let conn = keel::listener::Stream::accepted(tls, Vec::new(), ticket);
+                            let _ = tx.send((conn, peer)).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Err(_) => {
+                            gate.timed_out();
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                        }
                     }
                 });
             }
@@ -98,7 +89,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Conn;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

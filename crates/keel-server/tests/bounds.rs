@@ -24,6 +24,8 @@ async fn spraying_large_publications_over_new_channels_keeps_history_and_rss_bou
     const CHANNELS: usize = 2000;
     let mut cfg = config();
     cfg.set("max_history_memory", &BOUND.to_string()).unwrap();
+    // One client sprays as fast as it can: past the default message rate.
+    cfg.set("rate_limit_messages", "0").unwrap();
     let gw = gateway(cfg).await;
     let mut c = Client::connect(gw.addr).await;
     let payload = "x".repeat(60_000);

@@ -40,6 +40,11 @@ async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
     for (k, v) in env {
         cmd.env(k, v);
     }
+    start(cmd).await
+}
+
+/// Starts `cmd` (a `keel serve`) and waits for `listening on ADDR`.
+async fn start(mut cmd: Command) -> Proc {
     let mut child = cmd.spawn().expect("keel starts");
     let lines = Arc::new(Mutex::new(Vec::new()));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SocketAddr>();
@@ -427,4 +432,97 @@ async fn tokens_and_tickets_never_reach_the_logs_at_any_level() {
             "a credential leaked into the logs"
         );
     }
+}
+
+/// CPU time (user + system) of process `pid`, from `/proc/PID/stat`, in clock
+/// ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command (which may hold spaces) start after its ')'.
+    let rest = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_it_logs_once_counts_backs_off_and_serves_again() {
+    // 64 descriptors: a few for the runtime and the listener, the rest for sockets.
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "ulimit -n 64 && exec \"$0\" serve --listen 127.0.0.1:0 --api-key k",
+        env!("CARGO_BIN_EXE_keel"),
+    ])
+    .env_clear()
+    .env("PATH", std::env::var("PATH").unwrap_or_default())
+    // Long enough that the held sockets stay for the whole test; no cap, so that
+    // they reach the descriptor limit.
+    .env("KEEL_HANDSHAKE_TIMEOUT", "60s")
+    .env("KEEL_MAX_PENDING_CONNECTIONS", "0")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    let p = start(cmd).await;
+    let pid = p.child.id().unwrap();
+
+    // Hold more sockets than the process has descriptors: the kernel completes
+    // the connections (the backlog), the gateway cannot accept them all.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(tokio::net::TcpStream::connect(p.addr).await.unwrap());
+    }
+    eventually("the failed accept is logged", || {
+        p.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("accept failed"))
+    })
+    .await;
+    // Out of descriptors, it waits instead of spinning on accept: over a second
+    // (100 ticks) it spends a small part of one.
+    let before = cpu_ticks(pid);
+    let t0 = std::time::Instant::now();
+    // One more connection waiting meanwhile: accept keeps failing on it.
+    let probe = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let ticks_per_s = 100.0 * t0.elapsed().as_secs_f64();
+    let spent = cpu_ticks(pid) - before;
+    assert!(
+        (spent as f64) < 0.2 * ticks_per_s,
+        "{spent} ticks of CPU in {ticks_per_s:.0} while out of descriptors"
+    );
+    let logged = p
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("accept failed"))
+        .count();
+    assert_eq!(logged, 1, "one line for many failed accepts");
+
+    // Descriptors free up: it serves again, with no restart.
+    drop(held);
+    drop(probe);
+    let (s, body) = tokio::time::timeout(WAIT, async {
+        loop {
+            let (s, body) = http(p.addr, "GET", "/metrics", None, None).await;
+            if s == 200 {
+                return (s, body);
+            }
+        }
+    })
+    .await
+    .expect("served again once descriptors are free");
+    assert_eq!(s, 200);
+    let errors: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("keel_accept_errors_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no keel_accept_errors_total in {body}"));
+    assert!(errors >= 1, "{body}");
+    let mut c = Client::connect(p.addr).await;
+    let r = c.subscribe("after").await;
+    assert_eq!(r["type"], "subscribe_response", "{r}");
 }

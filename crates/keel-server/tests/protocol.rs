@@ -306,6 +306,8 @@ async fn slow_reader_does_not_slow_others_and_stays_bounded() {
     let mut c = config();
     c.set("send_queue_max_messages", "64").unwrap();
     c.set("send_queue_max_bytes", "262144").unwrap();
+    // The publisher sends 2,000 messages as fast as the fast reader takes them.
+    c.set("rate_limit_messages", "0").unwrap();
     let gw = gateway(c).await;
     // The slow one subscribes, then never reads again.
     let mut slow = Client::connect(gw.addr).await;

@@ -152,3 +152,54 @@ async fn bad_tls_files_stop_start_up_naming_the_option() {
     let e = keel_server::start(c).await.err().unwrap();
     assert!(format!("{e:#}").contains("tls_key"), "{e:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_socket_and_a_silent_tls_session_are_closed_in_time() {
+    let p = pki("silent");
+    let mut c = tls_config(&p);
+    c.set("handshake_timeout", "1s").unwrap();
+    let gw = gateway(c).await;
+    let t0 = std::time::Instant::now();
+    // No TLS handshake at all.
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // A TLS session that never sends its request.
+    let mut quiet = tls_connect(gw.addr, &p).await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, silent.read(&mut buf))
+        .await
+        .expect("closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let first = t0.elapsed();
+    let n = tokio::time::timeout(WAIT, quiet.read(&mut buf))
+        .await
+        .expect("closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let second = t0.elapsed();
+    // Each within the timeout plus a second (the session's request gets its own
+    // timeout after the TLS handshake).
+    assert!(
+        first >= std::time::Duration::from_millis(900)
+            && first <= std::time::Duration::from_secs(2),
+        "{first:?}"
+    );
+    assert!(second <= std::time::Duration::from_secs(3), "{second:?}");
+    assert_eq!(gw.hub.metrics_snapshot().handshake_timeouts_total, 2);
+    // And a client that speaks is served.
+    let mut ok = tls_connect(gw.addr, &p).await;
+    ok.write_all(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, ok.read_to_end(&mut out))
+        .await
+        .expect("answered")
+        .ok();
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    gw.shutdown().await;
+}

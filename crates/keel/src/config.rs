@@ -260,6 +260,10 @@ declare_options! {
             max_channel_name_length: usize = "255", parse::channel_name_length;
             /// Deepest nesting of arrays and objects in a publication's `data`; deeper is refused (`invalid_message`, HTTP 400) before anyone receives it: many clients' JSON parsers stop near 100 levels and could never read it.
             max_data_depth: usize = "64", parse::positive;
+            /// How long a new connection may take from its accept to a whole request head (a TLS handshake gets as long again before it), and an HTTP keep-alive connection may stay idle; past it the connection is closed, so silent sockets cannot hold descriptors.
+            handshake_timeout: Duration = "10s", parse::positive_duration;
+            /// Most connections open at once that are not WebSockets (handshaking, or plain HTTP; 0: unlimited); past it accepting waits until one upgrades, closes or times out, so they cannot take the descriptors WebSockets need.
+            max_pending_connections: Option<usize> = "2048", parse::optional_count;
             /// Most connections one client address may hold (0: unlimited); past it upgrades get 503.
             max_connections_per_ip: Option<usize> = "0", parse::optional_count;
             /// New connections per second one client address may open (0: no limit); over it upgrades get 429.
@@ -268,10 +272,10 @@ declare_options! {
             connection_burst_per_ip: u32 = "20", parse::positive_u32;
             /// Comma-separated addresses or CIDR blocks of proxies whose `X-Forwarded-For` names the client; from anyone else the header is ignored.
             trusted_proxies: Vec<Cidr> = "", parse::cidrs;
-            /// Messages per second one connection may send (token bucket; 0: no limit). Over it: `error rate_limited` and the message is dropped.
-            rate_limit_messages: u32 = "0", parse::count_u32;
-            /// Depth of the bucket: messages a connection may send at once above the rate.
-            rate_limit_burst: u32 = "50", parse::positive_u32;
+            /// Messages per second one connection may send (token bucket; 0: no limit). Over it: `error rate_limited` and the message is dropped. The default is above what an interactive client sends and stops one connection from flooding; load generators raise it.
+            rate_limit_messages: u32 = "100", parse::count_u32;
+            /// Depth of the bucket: messages a connection may send at once above the rate (a client resubscribing to hundreds of channels after a reconnect fits).
+            rate_limit_burst: u32 = "500", parse::positive_u32;
             /// A connection that keeps exceeding the rate this long is closed with 4003.
             rate_limit_close_after: Duration = "10s", parse::positive_duration;
             /// Clients' reconnect delays after a shutdown are spread uniformly over this window.

@@ -28,18 +28,20 @@
 //! # async fn run() {
 //! let hub = Hub::new(Config::default());
 //! hub.start();
+//! let gate = hub.gate();
 //! let app: Router = Router::new().route("/ws", get(ws)).with_state(hub);
 //! // keel::Listener sets TCP_NODELAY on accepted sockets, sends each upgrade's
 //! // 101 with its first message and (route_upgrades) answers plain upgrades
-//! // without hyper; `Peer` is the connect info that links the two (and gives
-//! // per-address limits the client's address).
+//! // without hyper. The Hub's gate bounds connections until they are
+//! // WebSockets: handshake_timeout, max_pending_connections, and what happens
+//! // when accept runs out of descriptors; keel::listener::serve is axum::serve
+//! // with those deadlines (and `Peer` as each request's connect info).
 //! let listener = keel::Listener::bind("127.0.0.1:3000")
 //!     .await
 //!     .unwrap()
-//!     .route_upgrades(app.clone());
-//! axum::serve(listener, app.into_make_service_with_connect_info::<keel::Peer>())
-//!     .await
-//!     .unwrap();
+//!     .route_upgrades(app.clone())
+//!     .gate(gate.clone());
+//! keel::listener::serve(listener, app, gate, std::future::pending()).await;
 //! # }
 //! ```
 //!
@@ -53,9 +55,11 @@
 //!   option the library reads) and the library's clock (tokio's, so tests can
 //!   pause it). Leaves: they import nothing else of the crate.
 //! - [`listener`] and `transport` (internal): the I/O edge. A TCP [`Listener`]
-//!   for `axum::serve` that sends an upgrade's 101 with the connection's first
-//!   message and can answer plain upgrades without hyper; WebSocket framing (our
-//!   own for connections without an extension, yawc for permessage-deflate).
+//!   that sends an upgrade's 101 with the connection's first message and can
+//!   answer plain upgrades without hyper, the [`Gate`] that bounds connections
+//!   until they are WebSockets, and the HTTP serve loop that keeps its
+//!   deadlines; WebSocket framing (our own for connections without an
+//!   extension, yawc for permessage-deflate).
 //! - [`broker`]: the [`Broker`] trait and the embedded [`MemoryBroker`]: what
 //!   the nodes of a cluster share (channel streams with offsets, epochs and
 //!   history as data, node interest and delivery, presence with TTLs, one-use
@@ -100,7 +104,7 @@ pub use hub::sessions::Resumed;
 pub use hub::shutdown::ShutdownReport;
 pub use hub::user_data::MemoryUsage;
 pub use hub::{BroadcastResult, Hub};
-pub use listener::{Listener, Peer};
+pub use listener::{Gate, Listener, Peer};
 pub use metrics::MetricsSnapshot;
 pub use policy::auth::{Authenticator, Identity, Tickets};
 pub use policy::permissions::Action;

@@ -9,7 +9,9 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::broker::BrokerUsage;
 use crate::conn::{ConnStats, DisconnectReason};
+use crate::listener::GateStats;
 
 /// Hub-wide counters.
 #[derive(Default)]
@@ -91,22 +93,36 @@ pub struct MetricsSnapshot {
     pub sessions_detached: usize,
     /// Detached sessions freed at the end of their TTL.
     pub sessions_expired_total: u64,
+    /// One-use connection tickets waiting to be used.
+    pub tickets: usize,
+    /// Connections accepted that are not WebSockets (yet): handshaking, or plain HTTP.
+    pub pending_connections: usize,
+    /// Connections closed for not sending a request within `handshake_timeout`.
+    pub handshake_timeouts_total: u64,
+    /// Accepts that failed (out of file descriptors, typically).
+    pub accept_errors_total: u64,
+    /// Times accepting paused at `max_pending_connections`.
+    pub accept_paused_total: u64,
 }
 
 impl MetricsSnapshot {
     pub(crate) fn collect<'a>(
         m: &Metrics,
         live: impl Iterator<Item = &'a crate::Connection>,
-        channels: usize,
         user_data_bytes: usize,
-        sessions_detached: usize,
         (dropped_oldest, dropped_newest): (u64, u64),
-        history_bytes: usize,
+        broker: &BrokerUsage,
+        gate: GateStats,
     ) -> Self {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut s = MetricsSnapshot {
-            channels,
-            history_bytes,
+            channels: broker.channels,
+            history_bytes: broker.history_bytes,
+            tickets: broker.tickets,
+            pending_connections: gate.pending,
+            handshake_timeouts_total: gate.handshake_timeouts_total,
+            accept_errors_total: gate.accept_errors_total,
+            accept_paused_total: gate.accept_paused_total,
             connects_total: r(&m.connects),
             disconnects_total: DisconnectReason::ALL
                 .iter()
@@ -135,7 +151,7 @@ impl MetricsSnapshot {
                 .zip(&m.resumes)
                 .map(|(l, v)| (*l, r(v)))
                 .collect(),
-            sessions_detached,
+            sessions_detached: broker.sessions,
             sessions_expired_total: r(&m.sessions_expired),
             ..Default::default()
         };
@@ -254,6 +270,36 @@ impl MetricsSnapshot {
             "counter",
             "Detached sessions freed unresumed at the end of reconnect_token_ttl.",
             self.sessions_expired_total.to_string(),
+        );
+        one(
+            "keel_tickets",
+            "gauge",
+            "One-use connection tickets waiting to be used.",
+            self.tickets.to_string(),
+        );
+        one(
+            "keel_pending_connections",
+            "gauge",
+            "Connections accepted that are not WebSockets yet (bounded by max_pending_connections).",
+            self.pending_connections.to_string(),
+        );
+        one(
+            "keel_handshake_timeouts_total",
+            "counter",
+            "Connections closed for sending no whole request within handshake_timeout.",
+            self.handshake_timeouts_total.to_string(),
+        );
+        one(
+            "keel_accept_errors_total",
+            "counter",
+            "Accepts that failed (out of file descriptors, typically).",
+            self.accept_errors_total.to_string(),
+        );
+        one(
+            "keel_accept_paused_total",
+            "counter",
+            "Times accepting waited at max_pending_connections.",
+            self.accept_paused_total.to_string(),
         );
         let mut labelled = |name: &str, help: &str, label: &str, rows: &[(&str, u64)]| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");

@@ -73,6 +73,8 @@ pub(crate) struct HubInner {
     /// The key reconnect tokens are signed with.
     pub(crate) signer: TokenSigner,
     pub(crate) metrics: Metrics,
+    /// The bounds on connections until they are WebSockets, for its listener.
+    gate: crate::listener::Gate,
     transport: Transport,
     /// Connections registered plus upgrades answered but not yet registered; what
     /// `max_connections` is checked against.
@@ -188,6 +190,10 @@ impl Hub {
                 node,
                 signer: TokenSigner::new(config.reconnect_secret.as_deref()),
                 metrics: Metrics::default(),
+                gate: crate::listener::Gate::new(
+                    config.handshake_timeout,
+                    config.max_pending_connections,
+                ),
                 transport: Transport::new(&config),
                 reserved: AtomicUsize::new(0),
                 user_data_bytes: AtomicUsize::new(0),
@@ -230,6 +236,14 @@ impl Hub {
     /// The application's hooks (borrowed: no reference count touched per message).
     pub(crate) fn handler(&self) -> &dyn Handler {
         &*self.inner.handler
+    }
+
+    /// The bounds its listener keeps on connections until they are WebSockets
+    /// (`handshake_timeout`, `max_pending_connections`), whose counters this Hub's
+    /// metrics report: give it to [`Listener::gate`](crate::Listener::gate) and
+    /// [`serve`](crate::listener::serve).
+    pub fn gate(&self) -> crate::listener::Gate {
+        self.inner.gate.clone()
     }
 
     /// The broker that holds this Hub's channel streams.
@@ -977,18 +991,16 @@ impl Hub {
         // connection's queue lock is taken, and nothing holding a queue lock ever
         // waits on the registry.
         let broker = self.inner.broker.usage();
-        let channels = broker.channels;
         let user_data_bytes = self.inner.user_data_bytes.load(Ordering::Relaxed);
-        let sessions = broker.sessions;
+        let gate = self.inner.gate.stats();
         let shards: Vec<_> = self.inner.shards.iter().map(|s| s.read()).collect();
         MetricsSnapshot::collect(
             &self.inner.metrics,
             shards.iter().flat_map(|s| s.values()),
-            channels,
             user_data_bytes,
-            sessions,
             self.inner.delivery.dropped_counts(),
-            broker.history_bytes,
+            &broker,
+            gate,
         )
     }
 

@@ -11,15 +11,15 @@
 //!
 //! What it must not do: answer anything it is not sure of, or lose a byte. A
 //! request it does not take (not a `GET` upgrade to HTTP/1.1 with no extension
-//! and no body, a head over 8 KiB or one that does not parse, a client silent
-//! for 30 s) goes to `axum::serve` with everything read so far still to be read,
-//! so hyper answers it exactly as it would have. Error answers to an upgrade (a
+//! and no body, a head over 8 KiB or one that does not parse) goes to hyper with
+//! everything read so far still to be read, so hyper answers it exactly as it
+//! would have. A client that has not sent its whole head within the gate's
+//! `handshake_timeout` of its accept is closed. Error answers to an upgrade (a
 //! limit's 503, a rejection's 400) are written here with `connection: close`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
@@ -30,13 +30,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tower_service::Service;
 
-use super::{Peer, Stream};
+use super::{Gate, Peer, Stream, Ticket};
 
 /// The largest request head read here; a longer one goes to hyper.
 const MAX_HEAD: usize = 8 * 1024;
-/// How long a new connection may take to send its head before it goes to hyper
-/// (whose own timeouts then apply).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Headers parsed here; a request with more goes to hyper.
 const MAX_HEADERS: usize = 48;
 /// The largest error body written here (they are a line of text).
@@ -68,12 +65,13 @@ impl Direct {
     }
 
     /// Reads and answers `tcp`'s first request in a task of its own, or hands the
-    /// connection on to axum.
-    pub(super) fn answer(&self, tcp: TcpStream, addr: SocketAddr) {
+    /// connection on to hyper.
+    pub(super) fn answer(&self, tcp: TcpStream, addr: SocketAddr, gate: &Gate, ticket: Ticket) {
         let app = self.app.clone();
         let hand_on = self.hand_on.clone();
+        let gate = gate.clone();
         tokio::spawn(async move {
-            if let Some(stream) = answer(app, tcp, addr).await {
+            if let Some(stream) = answer(app, tcp, addr, gate, ticket).await {
                 // Fails only once the listener is gone (the server stopped).
                 let _ = hand_on.send((stream, addr));
             }
@@ -120,17 +118,30 @@ pub(crate) struct DirectUpgrade(pub(crate) Arc<Handoff>);
 
 /// Reads `tcp`'s request head and answers it if it is a plain upgrade; otherwise
 /// returns the connection, with what was read still to be read, for hyper.
-/// `None`: answered, or nothing left to serve.
-async fn answer(mut app: axum::Router, mut tcp: TcpStream, addr: SocketAddr) -> Option<Stream> {
+/// `None`: answered, closed for silence, or nothing left to serve.
+async fn answer(
+    mut app: axum::Router,
+    mut tcp: TcpStream,
+    addr: SocketAddr,
+    gate: Gate,
+    ticket: Ticket,
+) -> Option<Stream> {
     let mut buf = Vec::with_capacity(1024);
-    let read = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut tcp, &mut buf)).await;
+    let timeout = gate.handshake_timeout();
+    let read = tokio::time::timeout(timeout, read_head(&mut tcp, &mut buf)).await;
     let (mut request, head_len) = match read {
         Ok(Ok(Head::Upgrade(request, len))) => (request, len),
-        Ok(Ok(Head::Other)) | Err(_) => return Some(Stream::with_unread(tcp, buf)),
+        Ok(Ok(Head::Other)) => return Some(Stream::accepted(tcp, buf, ticket)),
+        Err(_) => {
+            // Silent, or a head sent a byte at a time: the descriptor is worth more.
+            gate.timed_out();
+            tracing::debug!(%addr, "closed: no request within handshake_timeout");
+            return None;
+        }
         Ok(Ok(Head::Closed)) | Ok(Err(_)) => return None,
     };
     // A client may send frames right behind its handshake: they are read first.
-    let mut stream = Stream::with_unread(tcp, buf.split_off(head_len));
+    let mut stream = Stream::accepted(tcp, buf.split_off(head_len), ticket);
     drop(buf);
     let handoff = Arc::new(Handoff::default());
     let ext = request.extensions_mut();
@@ -152,7 +163,7 @@ async fn answer(mut app: axum::Router, mut tcp: TcpStream, addr: SocketAddr) -> 
             if let Some(start) = start {
                 start(None);
             }
-            let _ = tokio::time::timeout(HEAD_TIMEOUT, write_response(stream, response)).await;
+            let _ = tokio::time::timeout(timeout, write_response(stream, response)).await;
         }
     }
     None

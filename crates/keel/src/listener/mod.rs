@@ -1,6 +1,7 @@
-//! A TCP listener for `axum::serve` that sends a WebSocket's `101 Switching
-//! Protocols` and its first message in one write, and can answer plain upgrades
-//! without hyper.
+//! A TCP listener that sends a WebSocket's `101 Switching Protocols` and its
+//! first message in one write and can answer plain upgrades without hyper; the
+//! [`Gate`] that bounds connections until they are WebSockets; and [`serve`], the
+//! HTTP serve loop that keeps the gate's deadlines.
 //!
 //! Without it, a new connection costs the server two writes before the client has
 //! anything to act on: hyper writes the 101 and flushes it, and only then does the
@@ -33,14 +34,20 @@
 //! hold sits above TLS, so the 101 and the first message share a TLS record).
 //!
 //! ```no_run
-//! # async fn run(app: axum::Router) -> std::io::Result<()> {
+//! # async fn run(app: axum::Router, hub: keel::Hub) -> std::io::Result<()> {
+//! let gate = hub.gate();
 //! let listener = keel::Listener::bind("127.0.0.1:3000")
 //!     .await?
-//!     .route_upgrades(app.clone());
-//! axum::serve(listener, app.into_make_service_with_connect_info::<keel::Peer>()).await?;
+//!     .route_upgrades(app.clone())
+//!     .gate(gate.clone());
+//! keel::listener::serve(listener, app, gate, std::future::pending()).await;
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! `axum::serve(listener, app.into_make_service_with_connect_info::<keel::Peer>())`
+//! works too, but hyper then runs without a timer: an HTTP connection (one the
+//! listener handed on) has no header or keep-alive deadline.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -54,8 +61,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 
 mod direct;
+mod gate;
+mod serve;
 
 pub(crate) use direct::{DirectUpgrade, Handoff};
+pub use gate::{Gate, GateStats, Ticket};
+pub use serve::serve;
 
 /// Accepts TCP connections for `axum::serve`, with `TCP_NODELAY` set, as
 /// [`Stream`]s that can send an upgrade's 101 together with the first message.
@@ -69,6 +80,8 @@ pub struct Listener {
     /// Set by [`route_upgrades`](Self::route_upgrades): the app that answers
     /// upgrades here, and the connections handed on to axum.
     direct: Option<direct::Direct>,
+    /// The bounds on connections until they are WebSockets.
+    gate: Gate,
 }
 
 impl Listener {
@@ -98,6 +111,15 @@ impl Listener {
         self.direct = Some(direct::Direct::new(app));
         self
     }
+
+    /// Bounds its connections until they are WebSockets with `gate` (see
+    /// [`Gate`]); usually the Hub's, [`Hub::gate`](crate::Hub::gate), so that its
+    /// metrics count them. Without it, a default [`Gate`] applies: a 10 s
+    /// `handshake_timeout` and no cap.
+    pub fn gate(mut self, gate: Gate) -> Self {
+        self.gate = gate;
+        self
+    }
 }
 
 impl From<TcpListener> for Listener {
@@ -105,6 +127,7 @@ impl From<TcpListener> for Listener {
         Listener {
             inner,
             direct: None,
+            gate: Gate::default(),
         }
     }
 }
@@ -114,23 +137,28 @@ impl axum::serve::Listener for Listener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Stream, SocketAddr) {
-        let Listener { inner, direct } = self;
+        let Listener {
+            inner,
+            direct,
+            gate,
+        } = self;
         loop {
-            // axum's own loop: it logs and backs off on errors (EMFILE included).
-            let (tcp, addr) = match direct {
-                None => axum::serve::Listener::accept(inner).await,
+            // The gate waits below its cap of pending connections, and counts, logs
+            // and backs off when accepting fails (out of descriptors).
+            let (tcp, addr, ticket) = match direct {
+                None => gate.accept(inner).await,
                 Some(d) => tokio::select! {
                     biased;
                     Some(handed_on) = d.handed_on.recv() => return handed_on,
-                    accepted = axum::serve::Listener::accept(inner) => accepted,
+                    accepted = gate.accept(inner) => accepted,
                 },
             };
             // Without TCP_NODELAY, Nagle holds a small write back while an earlier
             // one is unacknowledged, and the client's delayed ACK turns that into 40 ms.
             let _ = tcp.set_nodelay(true);
             match direct {
-                None => return (Stream::new(tcp), addr),
-                Some(d) => d.answer(tcp, addr),
+                None => return (Stream::accepted(tcp, Vec::new(), ticket), addr),
+                Some(d) => d.answer(tcp, addr, gate, ticket),
             }
         }
     }
@@ -164,6 +192,9 @@ pub(crate) struct Hold {
     /// the listener read, or what a client sent behind it): read before the
     /// socket is.
     unread: Mutex<Vec<u8>>,
+    /// The connection's place under its [`Gate`]'s cap: given back when the hold
+    /// goes (the connection is a WebSocket, or closed).
+    _ticket: Ticket,
 }
 
 impl Hold {
@@ -263,19 +294,23 @@ pub struct Stream<S = TcpStream> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Stream<S> {
     fn new(io: S) -> Self {
-        Stream {
-            io,
-            hold: Some(Arc::new(Hold::default())),
-        }
+        Stream::accepted(io, Vec::new(), Ticket::default())
     }
 
-    /// A stream that reads `unread` before its socket.
-    fn with_unread(io: S, unread: Vec<u8>) -> Self {
-        let s = Stream::new(io);
-        if let Some(hold) = &s.hold {
-            *hold.unread.lock() = unread;
+    /// A stream over a connection just accepted under a [`Gate`] (a listener
+    /// that terminates TLS makes its streams with this): `ticket` is given back
+    /// once the connection is a WebSocket or closed, and `unread` (bytes read off
+    /// the connection already) is read before the connection is.
+    pub fn accepted(io: S, unread: Vec<u8>, ticket: Ticket) -> Self {
+        Stream {
+            io,
+            hold: Some(Arc::new(Hold {
+                state: AtomicU8::new(IDLE),
+                held: Mutex::default(),
+                unread: Mutex::new(unread),
+                _ticket: ticket,
+            })),
         }
-        s
     }
 
     /// Keeps `response` back, to go out in front of the next write (or at the
@@ -659,7 +694,7 @@ mod tests {
             max: usize::MAX,
             writes: 0,
         };
-        let mut s = Stream::with_unread(chunky, b"GET / HTTP/1.1\r\n".to_vec());
+        let mut s = Stream::accepted(chunky, b"GET / HTTP/1.1\r\n".to_vec(), Ticket::default());
         let shared = s.hold.clone().expect("a handle");
         peer.write_all(b"\r\n").await.expect("write");
         let mut got = vec![0u8; 5];
@@ -685,7 +720,7 @@ mod tests {
             max: usize::MAX,
             writes: 0,
         };
-        let mut s = Stream::with_unread(chunky, b"frame".to_vec());
+        let mut s = Stream::accepted(chunky, b"frame".to_vec(), Ticket::default());
         let mut got = [0u8; 5];
         s.read_exact(&mut got).await.expect("read");
         assert_eq!(&got, b"frame");
