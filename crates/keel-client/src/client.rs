@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::backoff::ReconnectOptions;
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::Event;
+use crate::event::{Event, INVALID_FRAME};
 use crate::stream::{Action, Publication, Tracker};
 use crate::transport::{Incoming, Socket};
 
@@ -561,8 +561,21 @@ impl Task {
                     last_heard = Instant::now();
                     match frame {
                         Incoming::Text(text) => {
-                            let Ok(v) = serde_json::from_slice::<Value>(&text) else {
-                                continue;
+                            let v = match serde_json::from_slice::<Value>(&text) {
+                                Ok(v) => v,
+                                Err(e) => {
+                                    // Not JSON, or nested past the parser's limit: the
+                                    // application hears of it and the connection stays.
+                                    self.emit(Event::Error {
+                                        code: INVALID_FRAME.into(),
+                                        detail: format!(
+                                            "a {}-byte text frame the client could not parse: {e}",
+                                            text.len()
+                                        ),
+                                    })
+                                    .await;
+                                    continue;
+                                }
                             };
                             if v["type"] == "welcome" && !end.welcomed {
                                 end.welcomed = true;

@@ -68,9 +68,11 @@ pub enum Event {
         /// The server's jittered hint.
         delay: Duration,
     },
-    /// An `error` the server sent that answers no request of the application.
+    /// An `error` the server sent that answers no request of the application,
+    /// or a frame the client could not parse (code [`INVALID_FRAME`]; the
+    /// connection stays up and the frame is skipped).
     Error {
-        /// The protocol error code.
+        /// The protocol error code, or [`INVALID_FRAME`].
         code: String,
         /// The detail.
         detail: String,
@@ -82,3 +84,7 @@ pub enum Event {
         reason: String,
     },
 }
+
+/// The [`Event::Error`] code for a text frame the client could not parse (not
+/// JSON, or nested deeper than its parser goes).
+pub const INVALID_FRAME: &str = "invalid_frame";
