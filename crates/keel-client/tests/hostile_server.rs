@@ -87,10 +87,15 @@ async fn frames_it_cannot_parse_are_reported_and_the_connection_stays() {
             match events.next().await.expect("events open") {
                 Event::Error { code, detail } if code == "invalid_frame" => invalid.push(detail),
                 Event::Error { code, detail } => {
-                    assert_eq!((code.as_str(), detail.as_str()), ("internal", "after the garbage"));
+                    assert_eq!(
+                        (code.as_str(), detail.as_str()),
+                        ("internal", "after the garbage")
+                    );
                     break;
                 }
-                e @ (Event::Disconnected { .. } | Event::Closed { .. } | Event::Reconnecting { .. }) => {
+                e @ (Event::Disconnected { .. }
+                | Event::Closed { .. }
+                | Event::Reconnecting { .. }) => {
                     panic!("the connection must stay: {e:?}")
                 }
                 _ => {}

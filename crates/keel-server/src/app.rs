@@ -186,6 +186,13 @@ pub async fn start(mut config: Settings) -> anyhow::Result<Running> {
     })
 }
 
+/// This process's resident set, from `/proc/self/statm` (Linux; `None` elsewhere).
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
 fn rand_u32() -> u32 {
     rand::random()
 }
@@ -525,11 +532,31 @@ async fn api_ticket(State(state): State<AppState>, body: bytes::Bytes) -> Respon
 async fn api_stats(State(state): State<AppState>) -> Response {
     let hub = &state.hub;
     let m = hub.metrics_snapshot();
+    let mut memory = serde_json::to_value(hub.memory_usage()).unwrap_or_default();
+    if let Some(o) = memory.as_object_mut() {
+        // Each part clients can make the gateway hold, with its bound's option.
+        o.insert(
+            "parts".into(),
+            json!({
+                "user_data_bytes": m.user_data_bytes,
+                "send_queue_bytes": m.send_queue_bytes,
+                "history_bytes": m.history_bytes,
+                "channels": m.channels,
+                "sessions_detached": m.sessions_detached,
+                "presence_entries": m.presence_entries,
+                "tickets": m.tickets,
+                "pending_connections": m.pending_connections,
+            }),
+        );
+        if let Some(rss) = rss_bytes() {
+            o.insert("rss_bytes".into(), rss.into());
+        }
+    }
     Json(json!({
         "connections": m.connections,
         "channels": m.channels,
         "history_bytes": m.history_bytes,
-        "memory": hub.memory_usage(),
+        "memory": memory,
         "node": &*state.node_id,
         "dropped_messages": hub.dropped_total(),
         "send_queue_bytes": m.send_queue_bytes,

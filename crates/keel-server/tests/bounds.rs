@@ -88,3 +88,78 @@ async fn spraying_large_publications_over_new_channels_keeps_history_and_rss_bou
     );
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_and_presence_stay_within_their_bounds_and_stats_show_each_part() {
+    let mut cfg = config();
+    cfg.set("max_detached_sessions", "20").unwrap();
+    cfg.set("max_presence_entries", "30").unwrap();
+    let gw = gateway(cfg).await;
+    // Clients that connect and vanish, in a loop: each leaves a detached session
+    // behind.
+    for _ in 0..60 {
+        drop(Client::connect(gw.addr).await);
+    }
+    eventually("every session detached", || {
+        gw.hub.metrics_snapshot().connections == 0
+    })
+    .await;
+    let m = gw.hub.metrics_snapshot();
+    assert!(m.sessions_detached <= 20, "{m:?}");
+    assert!(
+        m.sessions_detached >= 18,
+        "dropped far more than needed: {m:?}"
+    );
+    // Presence: one client fills it, the next subscribe that needs an entry is
+    // refused; a channel it already has goes on.
+    let mut c = Client::connect(gw.addr).await;
+    let mut refused = None;
+    for i in 0..40 {
+        let r = c
+            .request("subscribe", json!({"channel": format!("p{i}")}))
+            .await;
+        if r["type"] == "error" {
+            refused = Some((i, r));
+            break;
+        }
+    }
+    let (at, r) = refused.expect("presence is bounded");
+    assert_eq!(r["payload"]["code"], "limit_exceeded", "{r}");
+    assert!(
+        r["payload"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("max_presence_entries"),
+        "{r}"
+    );
+    assert!(at <= 30, "refused at {at}");
+    let (s, body) = http(
+        gw.addr,
+        "GET",
+        "/api/stats",
+        Some(keel_testkit::gateway::API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let parts = &stats["memory"]["parts"];
+    assert_eq!(parts["presence_entries"], 30, "{stats}");
+    assert_eq!(parts["sessions_detached"], m.sessions_detached, "{stats}");
+    for key in [
+        "history_bytes",
+        "user_data_bytes",
+        "send_queue_bytes",
+        "tickets",
+        "channels",
+    ] {
+        assert!(parts[key].is_u64(), "{key} in {stats}");
+    }
+    assert!(
+        stats["memory"]["rss_bytes"].as_u64().unwrap() > 1 << 20,
+        "{stats}"
+    );
+    let text = gw.hub.metrics_text();
+    assert!(text.contains("keel_presence_entries 30"), "{text}");
+    gw.shutdown().await;
+}

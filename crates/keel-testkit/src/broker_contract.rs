@@ -31,6 +31,7 @@ fn keep(n: usize) -> StreamRules {
     StreamRules {
         history_size: n,
         history_ttl: Duration::from_secs(300),
+        history_bytes: 0,
     }
 }
 
@@ -256,6 +257,7 @@ pub async fn epoch_changes_when_the_stream_is_lost(make: Make<'_>) {
     let no_history = StreamRules {
         history_size: 0,
         history_ttl: Duration::from_secs(300),
+        history_bytes: 0,
     };
     let first = broker
         .publish("e", &raw("1"), None, no_history)
@@ -362,6 +364,7 @@ pub async fn history_expires_after_its_ttl(make: Make<'_>) {
     let rules = StreamRules {
         history_size: 100,
         history_ttl: Duration::from_secs(60),
+        history_bytes: 0,
     };
     let first = broker.publish("t", &raw("1"), None, rules).await.unwrap();
     tokio::time::advance(Duration::from_secs(45)).await;
@@ -607,6 +610,53 @@ pub async fn a_session_expires(make: Make<'_>) {
     assert_eq!(broker.usage().sessions, 1);
 }
 
+/// A channel keeps at most `history_bytes` of history: its oldest publications
+/// go first, a recovery that needed them says so, and a publication larger than
+/// the bound is not kept at all.
+pub async fn history_stays_within_its_bytes_per_channel(make: Make<'_>) {
+    let broker = make();
+    let rules = StreamRules {
+        history_bytes: 5_000,
+        ..keep(100)
+    };
+    let kb = raw(&format!("\"{}\"", "x".repeat(1_000)));
+    let mut last = None;
+    for _ in 0..10 {
+        last = Some(broker.publish("b", &kb, None, rules).await.unwrap());
+    }
+    let last = last.unwrap();
+    let kept = broker
+        .history("b", all_after(0, None), rules)
+        .await
+        .unwrap();
+    let n = kept.publications.len();
+    assert!((2..=4).contains(&n), "{n} of 1 KB each within 5,000 bytes");
+    assert_eq!(
+        kept.publications.last().unwrap().offset,
+        10,
+        "the newest stay"
+    );
+    let r = broker
+        .history("b", all_after(0, Some(&last.epoch)), rules)
+        .await
+        .unwrap();
+    assert!(!r.complete, "a recovery from the start needed what went");
+    let r = broker
+        .history("b", all_after(9, Some(&last.epoch)), rules)
+        .await
+        .unwrap();
+    assert!(r.complete);
+    assert_eq!(r.publications.len(), 1);
+    // Larger than the bound: not kept, and a recovery across it says so.
+    let huge = raw(&format!("\"{}\"", "y".repeat(6_000)));
+    broker.publish("b", &huge, None, rules).await.unwrap();
+    let r = broker
+        .history("b", all_after(10, Some(&last.epoch)), rules)
+        .await
+        .unwrap();
+    assert!(!r.complete && r.publications.is_empty(), "{r:?}");
+}
+
 /// A factory of fresh brokers with the given limits.
 pub type MakeLimited<'a> = &'a (dyn Fn(BrokerLimits) -> Arc<dyn Broker> + Sync);
 
@@ -725,4 +775,72 @@ pub async fn channels_stay_within_their_bound(make: MakeLimited<'_>) {
         .publish("d", &raw("1"), None, keep(10))
         .await
         .unwrap();
+}
+
+/// No more than `max_sessions` detached sessions: past it the ones closest to
+/// expiry go first, and the newest is always kept.
+pub async fn sessions_stay_within_their_bound(make: MakeLimited<'_>) {
+    let broker = make(BrokerLimits {
+        max_sessions: Some(10),
+        ..BrokerLimits::default()
+    });
+    for i in 0..25u64 {
+        broker
+            .session_put(
+                &format!("s{i}"),
+                session("alice", i),
+                Duration::from_secs(600 + i),
+            )
+            .await
+            .unwrap();
+        assert!(broker.usage().sessions <= 10, "over the bound at {i}");
+    }
+    assert_eq!(
+        broker.session_take("s24", None).await.unwrap(),
+        SessionTake::Taken(session("alice", 24)),
+        "the newest is kept"
+    );
+    assert_eq!(
+        broker.session_take("s0", None).await.unwrap(),
+        SessionTake::Missing,
+        "the one closest to expiry went"
+    );
+}
+
+/// No more than `max_presence` presence entries in all channels: a new entry
+/// past it is refused with `LimitExceeded`; refreshing one is not; a leave makes
+/// room.
+pub async fn presence_stays_within_its_bound(make: MakeLimited<'_>) {
+    let broker = make(BrokerLimits {
+        max_presence: Some(3),
+        ..BrokerLimits::default()
+    });
+    let ttl = Duration::from_secs(60);
+    let v = serde_json::Value::Null;
+    for (ch, id) in [("p1", "a"), ("p1", "b"), ("p2", "a")] {
+        assert!(broker
+            .presence_add(ch, &entry(id, v.clone()), ttl)
+            .await
+            .unwrap());
+    }
+    assert_eq!(broker.usage().presence, 3);
+    let e = broker
+        .presence_add("p2", &entry("c", v.clone()), ttl)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), &keel::ErrorKind::LimitExceeded);
+    assert!(
+        !broker
+            .presence_add("p1", &entry("a", v.clone()), ttl)
+            .await
+            .unwrap(),
+        "a refresh is not refused"
+    );
+    broker.presence_remove("p1", "b").await.unwrap();
+    assert_eq!(broker.usage().presence, 2);
+    assert!(broker
+        .presence_add("p2", &entry("c", v), ttl)
+        .await
+        .unwrap());
+    assert_eq!(broker.usage().presence, 3);
 }

@@ -95,3 +95,18 @@ async fn history_stays_within_its_bound() {
 async fn channels_stay_within_their_bound() {
     contract::channels_stay_within_their_bound(&make_limited).await;
 }
+
+#[tokio::test]
+async fn history_stays_within_its_bytes_per_channel() {
+    contract::history_stays_within_its_bytes_per_channel(&make).await;
+}
+
+#[tokio::test]
+async fn sessions_stay_within_their_bound() {
+    contract::sessions_stay_within_their_bound(&make_limited).await;
+}
+
+#[tokio::test]
+async fn presence_stays_within_its_bound() {
+    contract::presence_stays_within_its_bound(&make_limited).await;
+}

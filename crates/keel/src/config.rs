@@ -88,6 +88,8 @@ pub struct Namespace {
     pub history_size: Option<usize>,
     /// History TTL (`None`: the top-level `history_ttl`).
     pub history_ttl: Option<Duration>,
+    /// History bytes per channel (`None`: the top-level `history_max_bytes`).
+    pub history_max_bytes: Option<usize>,
 }
 
 impl Namespace {
@@ -102,6 +104,7 @@ impl Namespace {
             presence_events: None,
             history_size: None,
             history_ttl: None,
+            history_max_bytes: None,
         }
     }
 }
@@ -226,10 +229,16 @@ declare_options! {
             memory_check_interval: Duration = "60s", parse::positive_duration;
             /// Publications kept per channel for recovery.
             history_size: usize = "100", parse::count;
+            /// Most bytes of history one channel keeps (0: only `history_size` bounds it); past it its oldest publications go first. Without it, `history_size` messages near `max_message_size` would be 100 MiB in one channel.
+            history_max_bytes: usize = "4194304", parse::count;
             /// Most bytes of history in all channels together (0: unbounded); past it the oldest publications of the channels holding most go first, and a recovery that needed them answers `recovered: false`.
             max_history_memory: Option<usize> = "268435456", parse::optional_count;
             /// Most channels at once (with subscribers, history or presence; 0: unbounded); past it a subscribe or publish that would create one gets `limit_exceeded`.
             max_channels: Option<usize> = "100000", parse::optional_count;
+            /// Most detached sessions kept for a resume (0: unbounded); past it the ones closest to expiry go first (their resume answers `token_expired`), so clients that connect and vanish in a loop cannot fill memory for `reconnect_token_ttl`.
+            max_detached_sessions: Option<usize> = "100000", parse::optional_count;
+            /// Most presence entries in all channels together (0: unbounded); past it a subscribe that would add one gets `limit_exceeded`.
+            max_presence_entries: Option<usize> = "1000000", parse::optional_count;
             /// How long a publication stays in history.
             history_ttl: Duration = "5m", parse::positive_duration;
             /// How long presence outlives a client's last sign of life when it vanished without a clean close.
@@ -387,6 +396,7 @@ impl Config {
             Some("presence_events") => n.presence_events = Some(parse::boolean(v)?),
             Some("history_size") => n.history_size = Some(parse::count(v)?),
             Some("history_ttl") => n.history_ttl = Some(parse::positive_duration(v)?),
+            Some("history_max_bytes") => n.history_max_bytes = Some(parse::count(v)?),
             Some(other) => return Err(format!("unknown namespace setting `{other}`")),
         }
         Ok(())

@@ -95,6 +95,8 @@ pub struct MetricsSnapshot {
     pub sessions_expired_total: u64,
     /// One-use connection tickets waiting to be used.
     pub tickets: usize,
+    /// Presence entries, all channels.
+    pub presence_entries: usize,
     /// Connections accepted that are not WebSockets (yet): handshaking, or plain HTTP.
     pub pending_connections: usize,
     /// Connections closed for not sending a request within `handshake_timeout`.
@@ -119,6 +121,7 @@ impl MetricsSnapshot {
             channels: broker.channels,
             history_bytes: broker.history_bytes,
             tickets: broker.tickets,
+            presence_entries: broker.presence,
             pending_connections: gate.pending,
             handshake_timeouts_total: gate.handshake_timeouts_total,
             accept_errors_total: gate.accept_errors_total,
@@ -262,7 +265,7 @@ impl MetricsSnapshot {
         one(
             "keel_sessions_detached",
             "gauge",
-            "Sessions kept for a resume after their connection ended.",
+            "Sessions kept for a resume after their connection ended (bounded by max_detached_sessions).",
             self.sessions_detached.to_string(),
         );
         one(
@@ -276,6 +279,12 @@ impl MetricsSnapshot {
             "gauge",
             "One-use connection tickets waiting to be used.",
             self.tickets.to_string(),
+        );
+        one(
+            "keel_presence_entries",
+            "gauge",
+            "Presence entries, all channels (bounded by max_presence_entries).",
+            self.presence_entries.to_string(),
         );
         one(
             "keel_pending_connections",

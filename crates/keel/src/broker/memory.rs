@@ -80,6 +80,8 @@ pub struct MemoryBroker {
     streams: AtomicUsize,
     /// History kept, all streams.
     history_bytes: AtomicUsize,
+    /// Presence entries, all streams.
+    presence_entries: AtomicUsize,
     /// Held by the one publisher that trims history down to its bound.
     evicting: Mutex<()>,
     /// Detached sessions and their expiry. One lock: touched on disconnect,
@@ -121,6 +123,7 @@ impl MemoryBroker {
             limits: BrokerLimits::default(),
             streams: AtomicUsize::new(0),
             history_bytes: AtomicUsize::new(0),
+            presence_entries: AtomicUsize::new(0),
             evicting: Mutex::new(()),
         }
     }
@@ -341,7 +344,9 @@ impl MemoryBroker {
             });
             if rules.history_size > 0 {
                 self.keep(st, publication.clone());
-                while st.history.len() > rules.history_size {
+                while st.history.len() > rules.history_size
+                    || (rules.history_bytes > 0 && st.history_bytes > rules.history_bytes)
+                {
                     self.pop_oldest(st);
                 }
             }
@@ -422,17 +427,26 @@ impl MemoryBroker {
                     if *info != entry.info {
                         *info = entry.info.clone();
                     }
-                    !was_present
+                    Ok(!was_present)
                 }
                 None => {
+                    if let Some(max) = self.limits.max_presence {
+                        if self.presence_entries.load(Ordering::Relaxed) >= max {
+                            return Err(Error::new(
+                                ErrorKind::LimitExceeded,
+                                format!("presence is full ({max} entries, max_presence_entries)"),
+                            ));
+                        }
+                    }
+                    self.presence_entries.fetch_add(1, Ordering::Relaxed);
                     st.presence.insert(
                         Arc::from(entry.client_id.as_str()),
                         (entry.info.clone(), until),
                     );
-                    true
+                    Ok(true)
                 }
             }
-        })
+        })?
     }
 
     fn presence_remove_now(&self, channel: &str, client_id: &str) -> Option<PresenceEntry> {
@@ -442,6 +456,9 @@ impl MemoryBroker {
             let was = st
                 .presence
                 .remove(client_id)
+                .inspect(|_| {
+                    self.presence_entries.fetch_sub(1, Ordering::Relaxed);
+                })
                 .filter(|(_, exp)| *exp > Instant::now())
                 .map(|(info, _)| PresenceEntry {
                     client_id: client_id.to_string(),
@@ -615,10 +632,14 @@ impl Broker for MemoryBroker {
         session: DetachedSession,
         ttl: std::time::Duration,
     ) -> BrokerFuture<'_, ()> {
-        let until = Instant::now() + ttl;
-        self.sessions
-            .lock()
-            .insert(Box::from(session_id), (session, until));
+        let now = Instant::now();
+        let mut map = self.sessions.lock();
+        if let Some(max) = self.limits.max_sessions {
+            if map.len() >= max && !map.contains_key(session_id) {
+                make_room(&mut map, max, now);
+            }
+        }
+        map.insert(Box::from(session_id), (session, now + ttl));
         ready(())
     }
 
@@ -636,6 +657,7 @@ impl Broker for MemoryBroker {
             history_bytes: self.history_bytes.load(Ordering::Relaxed),
             sessions: self.sessions.lock().len(),
             tickets: self.tickets.lock().len(),
+            presence: self.presence_entries.load(Ordering::Relaxed),
         }
     }
 
@@ -657,6 +679,7 @@ impl Broker for MemoryBroker {
                             .collect();
                         for id in gone {
                             if let Some((info, _)) = st.presence.remove(&id) {
+                                self.presence_entries.fetch_sub(1, Ordering::Relaxed);
                                 expired.push(Expired {
                                     channel: s.name.clone(),
                                     entry: PresenceEntry {
@@ -689,6 +712,35 @@ impl Broker for MemoryBroker {
             sessions,
         }
     }
+}
+
+/// Makes room in a full map of detached sessions: drops the expired ones and,
+/// if that is not a tenth of `max`, the ones closest to expiry down to nine
+/// tenths of it (so a flood of disconnects pays for this once per tenth).
+fn make_room(map: &mut HashMap<Box<str>, (DetachedSession, Instant)>, max: usize, now: Instant) {
+    map.retain(|_, (_, exp)| *exp > now);
+    let target = max - max.div_ceil(10);
+    if map.len() <= target {
+        return;
+    }
+    let mut expiries: Vec<Instant> = map.values().map(|(_, exp)| *exp).collect();
+    let cut = map.len() - target;
+    let (_, nth, _) = expiries.select_nth_unstable(cut - 1);
+    let cutoff = *nth;
+    let mut left = cut;
+    map.retain(|_, (_, exp)| {
+        if left > 0 && *exp <= cutoff {
+            left -= 1;
+            false
+        } else {
+            true
+        }
+    });
+    tracing::warn!(
+        max,
+        dropped = cut - left,
+        "max_detached_sessions reached: the sessions closest to expiry were dropped"
+    );
 }
 
 /// What one publication in history costs: its data and publisher, and the

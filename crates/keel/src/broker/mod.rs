@@ -88,6 +88,10 @@ pub struct StreamRules {
     pub history_size: usize,
     /// How long a publication is kept.
     pub history_ttl: Duration,
+    /// Most bytes of history kept (0: only `history_size` bounds it); past it the
+    /// oldest publications go first. One publication larger than this is not
+    /// kept at all.
+    pub history_bytes: usize,
 }
 
 /// What [`Broker::publish`] did.
@@ -198,6 +202,14 @@ pub struct BrokerLimits {
     pub max_channels: Option<usize>,
     /// Most one-use tickets held at once.
     pub max_tickets: usize,
+    /// Most detached sessions (`None`: unbounded). Past it the ones closest to
+    /// their expiry go first; their `session_take` then finds nothing.
+    pub max_sessions: Option<usize>,
+    /// Most presence entries in all channels (`None`: unbounded). Past it a
+    /// `presence_add` of a new entry is refused with
+    /// [`ErrorKind::LimitExceeded`](crate::ErrorKind::LimitExceeded); refreshing
+    /// one is not.
+    pub max_presence: Option<usize>,
 }
 
 impl Default for BrokerLimits {
@@ -206,6 +218,8 @@ impl Default for BrokerLimits {
             max_history_bytes: None,
             max_channels: None,
             max_tickets: MAX_TICKETS,
+            max_sessions: None,
+            max_presence: None,
         }
     }
 }
@@ -221,6 +235,8 @@ pub struct BrokerUsage {
     pub sessions: usize,
     /// One-use tickets held.
     pub tickets: usize,
+    /// Presence entries held, all channels.
+    pub presence: usize,
 }
 
 /// Identifies one node's sink within a broker.

@@ -161,6 +161,8 @@ impl Hub {
             MemoryBroker::new(config.num_shards).with_limits(BrokerLimits {
                 max_history_bytes: config.max_history_memory,
                 max_channels: config.max_channels,
+                max_sessions: config.max_detached_sessions,
+                max_presence: config.max_presence_entries,
                 ..BrokerLimits::default()
             }),
         );
@@ -265,6 +267,9 @@ impl Hub {
             stream: StreamRules {
                 history_size: ns.and_then(|n| n.history_size).unwrap_or(c.history_size),
                 history_ttl: ns.and_then(|n| n.history_ttl).unwrap_or(c.history_ttl),
+                history_bytes: ns
+                    .and_then(|n| n.history_max_bytes)
+                    .unwrap_or(c.history_max_bytes),
             },
             presence_events: ns
                 .and_then(|n| n.presence_events)
