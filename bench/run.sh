@@ -17,6 +17,10 @@ cd "$(dirname "$0")/.."
 SERVERS=${SERVERS:-"keel bun node-ws socketio fastapi"}
 SCENARIOS=${SCENARIOS:-"idle:conns=1000,hold=30s idle:conns=10000,hold=30s fanout:subs=1000,rate=100,duration=10s fanout:subs=10000,rate=100,duration=10s slow:subs=1000,rate=100,slow-fraction=0.1,duration=10s churn:rate=2000,total=20000"}
 SERVER_CORES=${SERVER_CORES:-0}
+# Keel's environment beyond its defaults: its per-connection message rate (100/s
+# by default) would cap every load scenario. KEEL_ENV= runs it at its defaults
+# (the abuse scenario does).
+KEEL_ENV=${KEEL_ENV-KEEL_RATE_LIMIT_MESSAGES=0}
 LOADGEN_CORES=${LOADGEN_CORES:-1}
 PORT=${PORT:-9100}
 RUN=${RUN:-$(date -u +%Y%m%dT%H%M%SZ)}
@@ -58,7 +62,7 @@ start_server() { # name -> sets SERVER_PID and PROTOCOL
   local name=$1 log=bench/results/$RUN.$1.log
   case $name in
     keel)
-      KEEL_API_KEY=bench KEEL_LOG_LEVEL=warn KEEL_RATE_LIMIT_MESSAGES=0 taskset -c "$SERVER_CORES" \
+      env $KEEL_ENV KEEL_API_KEY=bench KEEL_LOG_LEVEL=warn taskset -c "$SERVER_CORES" \
         ./target/release/keel serve --listen 127.0.0.1:$PORT >"$log" 2>&1 &
       PROTOCOL=keel ;;
     bun)

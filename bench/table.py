@@ -48,6 +48,46 @@ def fmt(v):
     return f"{v:,}"
 
 
+def outcome(p):
+    """What the attack of one abuse phase came to, in a few words."""
+    ph = p["phase"]
+    if ph == "spray":
+        if "accepted" not in p:
+            return p.get("attack", "-")
+        refused = ", ".join(f"{v:,} {k}" for k, v in (p.get("refused") or {}).items())
+        return f"{p['accepted']:,} accepted" + (f"; refused: {refused}" if refused else "")
+    if ph == "slowloris":
+        closed = p.get("slow_closed_by_server", 0)
+        after = p.get("slow_closed_after_max_s")
+        when = f", the last after {after:.1f} s" if after else ""
+        return f"{closed:,} of {p.get('slow_opened', 0):,} closed by the server{when}"
+    if ph == "flood":
+        acc = p.get("flood_accepted")
+        acc = f", {acc:,} accepted" if acc is not None else ""
+        return f"{p.get('flood_sent', 0):,} sent{acc}; ended: {p.get('flood_ended')}"
+    if ph == "nesting":
+        ref = p.get("deep_refused")
+        ref = f"{ref} refused, " if ref is not None else ""
+        return f"{ref}{p.get('probe_deep_received', 0)} reached the probe"
+    return ""
+
+
+def abuse_table(by_server):
+    """One row per server and phase of the abuse scenario."""
+    print("\n### abuse: a hostile client against each server at its defaults\n")
+    print("| server | phase | RSS end / peak (MB) | CPU % | probe p50 / p99 (ms) | probe received | attack |")
+    print("|---|---|---|---|---|---|---|")
+    for server, r in by_server.items():
+        for p in r["phases"]:
+            lost = f" ({p['probe_lost']})" if p.get("probe_lost") else ""
+            one = lambda v: "-" if v is None else f"{v:.0f}"
+            print(
+                f"| {server} | {p['phase']} | {one(p.get('rss_mb_end'))} / {one(p.get('rss_mb_peak'))} "
+                f"| {one(p.get('cpu_pct'))} | {p['probe_p50_us'] / 1000:.1f} / {p['probe_p99_us'] / 1000:.1f} "
+                f"| {p['probe_received']} of {p['probe_sent']}{lost} | {outcome(p)} |"
+            )
+
+
 def main(path):
     rows = [json.loads(l) for l in open(path) if l.strip()]
     groups = defaultdict(dict)
@@ -57,6 +97,8 @@ def main(path):
             errors.append(r)
             continue
         groups[key(r)][r["label"]] = r
+    if "abuse" in groups:
+        abuse_table(groups.pop("abuse"))
     for title, by_server in groups.items():
         scenario = next(iter(by_server.values()))["scenario"]
         cols = COLUMNS.get(scenario, [])

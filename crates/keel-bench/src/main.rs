@@ -7,6 +7,7 @@
 //! keel-bench rooms  --addr ... --rooms 100 --per-room 10 --rate 1
 //! keel-bench churn  --addr ... --rate 2000 --total 100000
 //! keel-bench resume --addr ... --cuts 1000
+//! keel-bench abuse  --addr ... --phase 15s --spray-conns 20 --spray-size 60000 --slow 2000
 //! ```
 //!
 //! Each run prints one JSON object (and appends it to `--json FILE`, tagged with
@@ -15,6 +16,7 @@
 //! and runs every scenario against every server. This tool only generates load and
 //! measures; it never starts or stops a server.
 
+mod abuse;
 mod dialect;
 mod resume;
 mod scenarios;
@@ -27,14 +29,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-const USAGE: &str = "usage: keel-bench <idle|fanout|slow|rooms|churn|resume> --addr HOST:PORT [--protocol keel|trivial|socketio] [--pid PID] [options]
+const USAGE: &str = "usage: keel-bench <idle|fanout|slow|rooms|churn|resume|abuse> --addr HOST:PORT [--protocol keel|trivial|socketio] [--pid PID] [options]
   common:  --sources N (spread over 127.0.0.2..; default 64)  --ramp-rate N/s (default 5000)  --json FILE  --label NAME
   idle:    --conns N (1000)  --hold DURATION (30s)
   fanout:  --subs N (1000)  --rate MSG/S (100)  --size BYTES (100)  --duration D (10s)
   slow:    as fanout, plus --slow-fraction F (0.1)
   rooms:   --rooms R (100)  --per-room K (10)  --rate MSG/S per member (1)  --duration D (10s)
   churn:   --rate CYCLES/S (2000)  --total N (100000); the storm runs twice (a leak grows both times)
-  resume:  --cuts N (1000): reset a subscriber, reconnect, resume; time to resume_response (keel only)";
+  resume:  --cuts N (1000): reset a subscriber, reconnect, resume; time to resume_response (keel only)
+  abuse:   --phase D (15s)  --spray-conns N (20)  --spray-size BYTES (60000)  --slow N (2000): a hostile client's
+           phases (spray, slowloris, flood, nesting) between a before and an after, a well-behaved probe throughout";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -141,6 +145,18 @@ fn main() -> anyhow::Result<()> {
                 .await
             }
             "resume" => resume::resume(&target, num("cuts", "1000")? as usize).await,
+            "abuse" => {
+                abuse::abuse(
+                    &target,
+                    &abuse::Abuse {
+                        phase: dur("phase", "15s")?,
+                        spray_conns: num("spray-conns", "20")? as usize,
+                        spray_size: num("spray-size", "60000")? as usize,
+                        slow: num("slow", "2000")? as usize,
+                    },
+                )
+                .await
+            }
             other => bail!("unknown scenario `{other}`\n{USAGE}"),
         }
     })?;

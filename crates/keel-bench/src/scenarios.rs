@@ -269,7 +269,7 @@ async fn publisher(
 }
 
 /// CPU and RSS of the server over a window.
-struct Window {
+pub(crate) struct Window {
     pid: Option<u32>,
     cpu0: Option<Duration>,
     me0: Option<Duration>,
@@ -277,7 +277,7 @@ struct Window {
 }
 
 impl Window {
-    fn start(pid: Option<u32>) -> Self {
+    pub(crate) fn start(pid: Option<u32>) -> Self {
         Window {
             pid,
             cpu0: pid.and_then(stats::cpu_time),
@@ -287,7 +287,7 @@ impl Window {
     }
 
     /// (wall seconds, server CPU seconds, server CPU %, load generator CPU %)
-    fn finish(&self) -> (f64, Option<f64>, Option<f64>, Option<f64>) {
+    pub(crate) fn finish(&self) -> (f64, Option<f64>, Option<f64>, Option<f64>) {
         let wall = self.t0.elapsed().as_secs_f64();
         let cpu = match (self.pid.and_then(stats::cpu_time), self.cpu0) {
             (Some(a), Some(b)) => Some((a - b).as_secs_f64()),

@@ -362,6 +362,8 @@ async fn calls_made_offline_are_sent_after_reconnecting_up_to_the_bound() {
 async fn gap_from_slow_consumer_drops_is_repaired_from_history() {
     let mut cfg = config();
     cfg.set("history_size", "1000").unwrap();
+    // 600 x 16 KiB: past the default 4 MiB a channel keeps.
+    cfg.set("history_max_bytes", "0").unwrap();
     cfg.set("send_queue_max_messages", "8").unwrap();
     cfg.set("slow_consumer_policy", "drop_oldest").unwrap();
     let gw = gateway(cfg).await;

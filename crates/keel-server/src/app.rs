@@ -88,7 +88,7 @@ pub async fn start(mut config: Settings) -> anyhow::Result<Running> {
             k
         }
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listener = keel::listener::bind_tcp(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("option `listen`: cannot bind {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;

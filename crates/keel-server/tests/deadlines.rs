@@ -46,7 +46,7 @@ async fn wait_closed(tcp: &mut TcpStream, t0: Instant) -> Duration {
         match tokio::time::timeout(deadline, tcp.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return t0.elapsed(),
             Ok(Ok(_)) => continue,
-            Err(_) => panic!("still open {deadline:?} after it was opened"),
+            Err(_) => panic!("still open {deadline:?} after it was opened ({tcp:?})"),
         }
     }
 }
@@ -77,7 +77,10 @@ async fn silent_and_half_sent_connections_close_in_time_while_others_are_served(
                 h
             }
         };
-        bad.spawn(async move { (i % 3, closed_after(addr, first).await) });
+        bad.spawn(async move {
+            let took = closed_after(addr, first).await;
+            (i % 3, took)
+        });
     }
     // A keep-alive connection that asks once and then idles.
     let idle = tokio::spawn(async move {

@@ -221,12 +221,12 @@ declare_options! {
             max_concurrent_broadcast: usize = "1000", parse::positive;
             /// Most bytes of user data one connection may hold (0: unlimited); over it `set_user_data` fails.
             max_memory_per_connection: Option<usize> = "0", parse::optional_count;
-            /// Most bytes of user data plus queued output in all (0: unlimited); over it connections are evicted (1013).
-            max_total_memory: Option<usize> = "0", parse::optional_count;
+            /// Most bytes of user data plus queued output in all (0: unlimited); over it connections are evicted (1013) by `memory_eviction_policy`. Without it, 19,000 slow readers with full 512 KiB queues would hold 9.7 GB.
+            max_total_memory: Option<usize> = "1073741824", parse::optional_count;
             /// `lru` (least recent inbound frame), `fifo` (first connected) or `oldest` (oldest user data).
             memory_eviction_policy: EvictionPolicy = "lru", parse::eviction_policy;
             /// How often total memory is checked.
-            memory_check_interval: Duration = "60s", parse::positive_duration;
+            memory_check_interval: Duration = "10s", parse::positive_duration;
             /// Publications kept per channel for recovery.
             history_size: usize = "100", parse::count;
             /// Most bytes of history one channel keeps (0: only `history_size` bounds it); past it its oldest publications go first. Without it, `history_size` messages near `max_message_size` would be 100 MiB in one channel.

@@ -85,9 +85,10 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds to `addr`, like `tokio::net::TcpListener::bind`.
+    /// Binds to `addr` like `tokio::net::TcpListener::bind`, with a listen
+    /// backlog of [`BACKLOG`] (see [`bind_tcp`]).
     pub async fn bind(addr: impl ToSocketAddrs) -> io::Result<Self> {
-        TcpListener::bind(addr).await.map(Listener::from)
+        bind_tcp(addr).await.map(Listener::from)
     }
 
     /// The address it is bound to.
@@ -120,6 +121,33 @@ impl Listener {
         self.gate = gate;
         self
     }
+}
+
+/// The listen backlog [`bind_tcp`] asks for (the kernel caps it at
+/// `net.core.somaxconn`, 4096 on current Linux). The standard library's 128 is
+/// too short for a reconnection storm, or for clients waiting while accepting
+/// pauses at `max_pending_connections`: past it the kernel drops handshakes, and
+/// clients retry only after 1 s, 3 s, 7 s.
+pub const BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener to the first address `addr` resolves to that binds, with
+/// `SO_REUSEADDR` (a restarted server need not wait out `TIME_WAIT`) and a
+/// backlog of [`BACKLOG`].
+pub async fn bind_tcp(addr: impl ToSocketAddrs) -> io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind")))
 }
 
 impl From<TcpListener> for Listener {
@@ -595,6 +623,23 @@ mod tests {
             got.extend_from_slice(&buf[..n]);
         }
         got
+    }
+
+    #[tokio::test]
+    async fn the_backlog_holds_a_burst_of_connects_while_nobody_accepts() {
+        // With the standard library's backlog of 128, connects past it wait for
+        // the kernel's SYN retry (1 s): they would miss the deadline.
+        let l = bind_tcp("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let connects = (0..1000).map(|_| {
+            tokio::time::timeout(
+                std::time::Duration::from_millis(500),
+                TcpStream::connect(addr),
+            )
+        });
+        let done = futures::future::join_all(connects).await;
+        let ok = done.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+        assert_eq!(ok, 1000, "connects completed while nobody accepted");
     }
 
     #[tokio::test]
