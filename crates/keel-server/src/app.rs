@@ -73,9 +73,6 @@ impl Running {
 
 /// Binds, starts the Hub and serves until [`Running::shutdown`] (or its stopper).
 pub async fn start(mut config: Settings) -> anyhow::Result<Running> {
-    if config.broker == BrokerKind::Redis {
-        anyhow::bail!("option `broker`: redis is not available in this build yet; use `memory`");
-    }
     if config.node_id.is_empty() {
         config.node_id = format!("keel-{:08x}", rand_u32());
     }
@@ -103,13 +100,32 @@ pub async fn start(mut config: Settings) -> anyhow::Result<Running> {
     let ws_path = config.ws_path.clone();
     let metrics_on = config.enable_metrics;
     let settings = Arc::new(config);
-    let hub = Hub::with_handler(
-        settings.keel.clone(),
-        Gateway {
-            node_id: node_id.to_string(),
-            auth: auth.clone(),
-        },
-    );
+    let gateway = Gateway {
+        node_id: node_id.to_string(),
+        auth: auth.clone(),
+    };
+    let hub = match settings.broker {
+        BrokerKind::Memory => Hub::with_handler(settings.keel.clone(), gateway),
+        BrokerKind::Redis => {
+            let k = &settings.keel;
+            let broker = keel_redis::RedisBroker::connect(&settings.redis_url, "keel")
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "option `redis_url`: cannot reach {}: {e}",
+                        settings.redis_url
+                    )
+                })?
+                .with_limits(keel::broker::BrokerLimits {
+                    max_history_bytes: k.max_history_memory,
+                    max_channels: k.max_channels,
+                    max_sessions: k.max_detached_sessions,
+                    max_presence: k.max_presence_entries,
+                    ..Default::default()
+                });
+            Hub::with_broker(settings.keel.clone(), gateway, Arc::new(broker))
+        }
+    };
     hub.start();
     let tickets = Arc::new(Tickets::new(hub.broker().clone(), settings.auth_ticket_ttl));
     let state = AppState {
@@ -415,15 +431,38 @@ async fn health(State(state): State<AppState>) -> Response {
 }
 
 async fn health_broker(State(state): State<AppState>) -> Response {
-    // The in-memory broker's round trip: a lookup through the channel registry.
+    // A round trip to where the broker keeps its state (for the memory broker,
+    // a lookup through the channel registry).
     let t = Instant::now();
+    let broker = state.hub.broker();
+    let checked = tokio::time::timeout(Duration::from_secs(2), broker.check()).await;
     let _ = state.hub.channel_position("__keel_health").await;
-    Json(json!({
-        "overall": "healthy",
-        "broker": "memory",
-        "latency_ms": t.elapsed().as_secs_f64() * 1000.0,
-    }))
-    .into_response()
+    let latency_ms = t.elapsed().as_secs_f64() * 1000.0;
+    match checked {
+        Ok(Ok(())) => Json(json!({
+            "overall": "healthy",
+            "broker": broker.kind(),
+            "latency_ms": latency_ms,
+        }))
+        .into_response(),
+        Ok(Err(e)) => broker_down(broker.kind(), e.detail(), latency_ms),
+        Err(_) => broker_down(broker.kind(), "no answer within 2 s", latency_ms),
+    }
+}
+
+/// 503 with the reason: the broker cannot serve. Readiness (`/health`) stays
+/// 200, so that one broker outage does not empty the whole load balancer.
+fn broker_down(kind: &str, reason: &str, latency_ms: f64) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({
+            "overall": "unhealthy",
+            "broker": kind,
+            "error": reason,
+            "latency_ms": latency_ms,
+        })),
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -447,7 +486,9 @@ struct PublishBody {
 async fn api_publish(State(state): State<AppState>, body: Json<PublishBody>) -> Response {
     match state.hub.publish(&body.channel, &body.data, None).await {
         Ok(p) => Json(json!({"channel": body.channel, "offset": p.offset, "epoch": p.epoch, "delivered": p.delivered})).into_response(),
-        Err(e) => bad_request(e.detail()),
+        // Its own status: 400 for a bad channel or data, 503 when the broker
+        // cannot answer, 429 or 403 where those apply.
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 

@@ -120,7 +120,7 @@ keel::declare_options! {
             tls_cert: Option<PathBuf> = "", parse::optional_path;
             /// PEM private key of `tls_cert`.
             tls_key: Option<PathBuf> = "", parse::optional_path;
-            /// `memory` (one node) or `redis` (cluster; arrives with the Redis broker).
+            /// `memory` (one node) or `redis` (nodes sharing streams, presence, tickets and sessions through `redis_url`).
             broker: BrokerKind = "memory", broker_kind;
             /// Redis URL for `broker = "redis"`.
             redis_url: String = "redis://127.0.0.1:6379", redis_url;

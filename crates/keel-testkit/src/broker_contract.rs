@@ -157,7 +157,7 @@ pub async fn history_is_complete_or_nothing(make: Make<'_>) {
         .await
         .unwrap();
     assert_eq!(none.position, None);
-    assert_eq!(broker.usage().channels, 1);
+    assert_eq!(broker.usage().await.unwrap().channels, 1);
 }
 
 /// Publications keep their data byte for byte, and their publisher.
@@ -549,7 +549,7 @@ pub async fn a_session_is_resumed_once(make: Make<'_>) {
         .session_put("s1", session("alice", 3), ttl)
         .await
         .unwrap();
-    assert_eq!(broker.usage().sessions, 1);
+    assert_eq!(broker.usage().await.unwrap().sessions, 1);
     let wrong = broker.session_take("s1", Some(("alice", 2))).await.unwrap();
     assert_eq!(wrong, SessionTake::Mismatch, "an old token's generation");
     let other = broker
@@ -557,7 +557,11 @@ pub async fn a_session_is_resumed_once(make: Make<'_>) {
         .await
         .unwrap();
     assert_eq!(other, SessionTake::Mismatch, "another client");
-    assert_eq!(broker.usage().sessions, 1, "a mismatch leaves it");
+    assert_eq!(
+        broker.usage().await.unwrap().sessions,
+        1,
+        "a mismatch leaves it"
+    );
     let takers: Vec<_> = (0..8)
         .map(|_| {
             let broker = broker.clone();
@@ -573,7 +577,7 @@ pub async fn a_session_is_resumed_once(make: Make<'_>) {
         }
     }
     assert_eq!(won, vec![session("alice", 3)]);
-    assert_eq!(broker.usage().sessions, 0);
+    assert_eq!(broker.usage().await.unwrap().sessions, 0);
     assert_eq!(
         broker.session_take("s1", None).await.unwrap(),
         SessionTake::Missing
@@ -607,7 +611,7 @@ pub async fn a_session_expires(make: Make<'_>) {
         broker.session_take("s3", Some(("carol", 1))).await.unwrap(),
         SessionTake::Missing
     );
-    assert_eq!(broker.usage().sessions, 1);
+    assert_eq!(broker.usage().await.unwrap().sessions, 1);
 }
 
 /// A channel keeps at most `history_bytes` of history: its oldest publications
@@ -678,11 +682,11 @@ pub async fn history_stays_within_its_bound(make: MakeLimited<'_>) {
             .await
             .unwrap();
         assert!(
-            broker.usage().history_bytes <= max + 20_000,
+            broker.usage().await.unwrap().history_bytes <= max + 20_000,
             "over the bound at {i}"
         );
     }
-    let usage = broker.usage();
+    let usage = broker.usage().await.unwrap();
     assert!(usage.history_bytes <= max, "{usage:?}");
     assert!(
         usage.history_bytes > max / 2,
@@ -745,7 +749,7 @@ pub async fn channels_stay_within_their_bound(make: MakeLimited<'_>) {
         )
         .await
         .unwrap();
-    assert_eq!(broker.usage().channels, 3);
+    assert_eq!(broker.usage().await.unwrap().channels, 3);
     let limited = |e: keel::Error| assert_eq!(e.kind(), &keel::ErrorKind::LimitExceeded);
     limited(
         broker
@@ -770,7 +774,7 @@ pub async fn channels_stay_within_their_bound(make: MakeLimited<'_>) {
     // When one is forgotten, there is room again.
     broker.unsubscribe(node, "b").await.unwrap();
     broker.expire(&|_| keep(0));
-    assert_eq!(broker.usage().channels, 2);
+    assert_eq!(broker.usage().await.unwrap().channels, 2);
     broker
         .publish("d", &raw("1"), None, keep(10))
         .await
@@ -793,7 +797,10 @@ pub async fn sessions_stay_within_their_bound(make: MakeLimited<'_>) {
             )
             .await
             .unwrap();
-        assert!(broker.usage().sessions <= 10, "over the bound at {i}");
+        assert!(
+            broker.usage().await.unwrap().sessions <= 10,
+            "over the bound at {i}"
+        );
     }
     assert_eq!(
         broker.session_take("s24", None).await.unwrap(),
@@ -823,7 +830,7 @@ pub async fn presence_stays_within_its_bound(make: MakeLimited<'_>) {
             .await
             .unwrap());
     }
-    assert_eq!(broker.usage().presence, 3);
+    assert_eq!(broker.usage().await.unwrap().presence, 3);
     let e = broker
         .presence_add("p2", &entry("c", v.clone()), ttl)
         .await
@@ -837,10 +844,10 @@ pub async fn presence_stays_within_its_bound(make: MakeLimited<'_>) {
         "a refresh is not refused"
     );
     broker.presence_remove("p1", "b").await.unwrap();
-    assert_eq!(broker.usage().presence, 2);
+    assert_eq!(broker.usage().await.unwrap().presence, 2);
     assert!(broker
         .presence_add("p2", &entry("c", v), ttl)
         .await
         .unwrap());
-    assert_eq!(broker.usage().presence, 3);
+    assert_eq!(broker.usage().await.unwrap().presence, 3);
 }

@@ -14,6 +14,7 @@
 //! - [`ws`]: masked client frames of every length form, and waiting for a
 //!   Close, for tests that speak WebSocket below a well-behaved client.
 //! - [`gateway`]: a `keel serve` in the test's process on 127.0.0.1 port 0.
+//! - [`redis`]: a real `redis-server` on a free port, stopped when dropped.
 //!
 //! What it must not do: sleep in place of waiting for an event, or hold state
 //! between tests (every function builds what it uses).
@@ -22,6 +23,7 @@
 
 pub mod broker_contract;
 pub mod gateway;
+pub mod redis;
 pub mod ws;
 
 use std::sync::Arc;

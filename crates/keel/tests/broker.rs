@@ -141,7 +141,7 @@ async fn hubs_sharing_a_broker_share_channels_like_nodes_of_a_cluster() {
     assert_eq!(message(&recv(&mut on_a).await).0, 4);
     assert_eq!(message(&recv(&mut on_b).await).0, 4);
     // The stream is counted once, however many nodes use it.
-    assert_eq!(broker.usage().channels, 1);
+    assert_eq!(broker.usage().await.unwrap().channels, 1);
     // A Hub that goes away leaves the broker.
     drop(on_b);
     b.graceful_shutdown(std::time::Duration::from_secs(1)).await;
@@ -217,7 +217,7 @@ macro_rules! delegate_rest {
         ) -> BrokerFuture<'_, keel::broker::SessionTake> {
             self.$inner.session_take(session_id, expect)
         }
-        fn usage(&self) -> keel::broker::BrokerUsage {
+        fn usage(&self) -> BrokerFuture<'_, keel::broker::BrokerUsage> {
             self.$inner.usage()
         }
         fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> keel::broker::Expiry {

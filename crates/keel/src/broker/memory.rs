@@ -651,14 +651,14 @@ impl Broker for MemoryBroker {
         ready(self.session_take_now(session_id, expect))
     }
 
-    fn usage(&self) -> BrokerUsage {
-        BrokerUsage {
+    fn usage(&self) -> BrokerFuture<'_, BrokerUsage> {
+        ready(BrokerUsage {
             channels: self.streams.load(Ordering::Relaxed),
             history_bytes: self.history_bytes.load(Ordering::Relaxed),
             sessions: self.sessions.lock().len(),
             tickets: self.tickets.lock().len(),
             presence: self.presence_entries.load(Ordering::Relaxed),
-        }
+        })
     }
 
     fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> Expiry {

@@ -350,12 +350,25 @@ pub trait Broker: Send + Sync + 'static {
 
     /// What the broker holds now (for a shared broker, the cluster's): channels
     /// with a stream (interest, history or presence), history bytes, detached
-    /// sessions, tickets.
-    fn usage(&self) -> BrokerUsage;
+    /// sessions, tickets, presence entries. The memory broker answers on the
+    /// first poll; a broker that must ask another process may not, and the Hub
+    /// then reports the last answer it had (see `Hub::metrics_snapshot`).
+    fn usage(&self) -> BrokerFuture<'_, BrokerUsage>;
 
     /// Drops expired history, presence, tickets and sessions and forgets streams
     /// nobody holds; says which presence entries expired (for their leave events)
     /// and how many sessions. Called by each node's sweeper: with several nodes,
     /// each expiry is reported to one of them.
     fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> Expiry;
+
+    /// Its name, for health answers (`memory`, `redis`).
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    /// Whether it can serve now: a round trip to whatever it keeps its state
+    /// in. The memory broker always can.
+    fn check(&self) -> BrokerFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }

@@ -90,6 +90,8 @@ pub(crate) struct HubInner {
     /// The JSON `ping` envelope of the current heartbeat round, encoded once by the
     /// sweeper and shared by every connection that sends one.
     pub(crate) json_ping: parking_lot::Mutex<Bytes>,
+    /// The broker's last answer to `usage`, for a broker that cannot answer at once.
+    last_usage: parking_lot::Mutex<crate::broker::BrokerUsage>,
 }
 
 impl Drop for HubInner {
@@ -204,6 +206,7 @@ impl Hub {
                 tasks: TaskTracker::new(),
                 stop: CancellationToken::new(),
                 json_ping: parking_lot::Mutex::new(keel_protocol::encode::ping()),
+                last_usage: parking_lot::Mutex::default(),
                 config,
             }
         });
@@ -995,7 +998,7 @@ impl Hub {
         // Read before the registry's locks: while those are held, only each
         // connection's queue lock is taken, and nothing holding a queue lock ever
         // waits on the registry.
-        let broker = self.inner.broker.usage();
+        let broker = self.broker_usage();
         let user_data_bytes = self.inner.user_data_bytes.load(Ordering::Relaxed);
         let gate = self.inner.gate.stats();
         let shards: Vec<_> = self.inner.shards.iter().map(|s| s.read()).collect();
@@ -1007,6 +1010,27 @@ impl Hub {
             &broker,
             gate,
         )
+    }
+
+    /// What the broker holds: its answer if it has one at once (the memory
+    /// broker always does), else the last answer it gave, while a fresh one is
+    /// asked for in the background.
+    pub(crate) fn broker_usage(&self) -> crate::broker::BrokerUsage {
+        use futures::FutureExt;
+        if let Some(Ok(now)) = self.inner.broker.usage().now_or_never() {
+            *self.inner.last_usage.lock() = now;
+            return now;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&self.inner);
+            rt.spawn(async move {
+                let Some(inner) = weak.upgrade() else { return };
+                if let Ok(u) = inner.broker.usage().await {
+                    *inner.last_usage.lock() = u;
+                }
+            });
+        }
+        *self.inner.last_usage.lock()
     }
 
     /// The counters in Prometheus text format.

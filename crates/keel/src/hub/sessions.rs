@@ -80,7 +80,7 @@ impl Hub {
     /// Detached sessions waiting for a resume (in the broker: with a shared
     /// broker, every node's).
     pub fn detached_session_count(&self) -> usize {
-        self.inner.broker.usage().sessions
+        self.broker_usage().sessions
     }
 
     /// Resumes the session `token` names on connection `conn`: `conn` takes the

@@ -1,0 +1,835 @@
+//! Keel's [`Broker`] on Redis: what the nodes of a cluster share (channel
+//! streams with offsets, epochs and history, presence, one-use tickets,
+//! detached sessions) kept in one Redis (or Valkey), so that any node can serve
+//! any client.
+//!
+//! # Layout in Redis
+//!
+//! Every key starts with the broker's prefix (`keel` for the gateway; tests use
+//! a random one each). A channel's keys carry its name as a hash tag, `{name}`,
+//! so that a script touching them touches one Redis Cluster slot.
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:{ch}:m` | hash | `e`: the stream's epoch, `s`: its last offset |
+//! | `P:{ch}:h` | stream | history: entry id `offset-0`, fields `t` (ms), `p` (publisher), `d` (data) |
+//! | `P:{ch}:p` | pub/sub channel | every publication, as `offset\nepoch\nt\np\ndata` |
+//! | `P:{ch}:ph`, `P:{ch}:pz` | hash, sorted set | presence: client to info, client to expiry (ms) |
+//! | `P:t:key`, `P:tz` | string, sorted set | tickets, and their expiries (to count them) |
+//! | `P:s:id`, `P:sz` | hash, sorted set | detached sessions (`c` client, `g` generation, `d` data), and their expiries |
+//!
+//! Publishing is one Lua script (loaded once, called by SHA): it reads or sets
+//! the epoch, takes the next offset, appends to history (trimmed to
+//! `history_size`, expiring `history_ttl` after the last publication) and
+//! PUBLISHes, all in one atomic step, so publishers on different nodes never
+//! share or skip an offset and every node receives a channel's publications in
+//! offset order. When the meta hash is gone (Redis flushed, restarted without
+//! persistence, or the channel idle past its TTL), the next publication starts
+//! a new epoch and drops whatever history is left, so a recovery across it
+//! answers "not complete", truthfully.
+//!
+//! Each broker holds two connections: one for commands, pipelined by every
+//! caller, and one for pub/sub, subscribed only to the channels its nodes have
+//! interest in. Both reconnect by themselves (redis-rs's `ConnectionManager`);
+//! the pub/sub one subscribes again to everything it had. Publications arrive on
+//! the pub/sub connection's reader and are handed to the nodes' sinks there, in
+//! order, without a hop through another task.
+//!
+//! What it must not do: hold a lock across a round trip to Redis, block in the
+//! pub/sub reader, or answer a recovery with part of what was missed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel::broker::{
+    Broker, BrokerFuture, BrokerLimits, BrokerUsage, Deliver, DetachedSession, Expired, Expiry,
+    History, HistoryQuery, NodeId, PresenceEntry, Publication, SessionTake, StreamPosition,
+    StreamPublication, StreamRules,
+};
+use keel::{Error, ErrorKind};
+use parking_lot::{Mutex, RwLock};
+use redis::aio::ConnectionManager;
+use redis::{PushInfo, PushKind, Value};
+use serde_json::value::RawValue;
+use tokio::sync::OnceCell;
+
+mod scripts;
+
+/// Meta hashes outlive history by this much at least, so that an epoch stays
+/// while clients may still hold positions in it.
+const META_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Channels this broker's nodes want, and the Redis subscription behind each.
+#[derive(Default)]
+struct Interest {
+    /// Per channel: each node's count, and the Redis SUBSCRIBE, done once.
+    channels: HashMap<Arc<str>, Channel>,
+}
+
+struct Channel {
+    nodes: Vec<(NodeId, u32)>,
+    subscribed: Arc<OnceCell<()>>,
+}
+
+/// What the pub/sub reader and the broker share.
+struct Shared {
+    prefix: String,
+    nodes: RwLock<HashMap<NodeId, Arc<dyn Deliver>>>,
+    interest: Mutex<Interest>,
+    /// Set when the pub/sub connection was lost: publications may have been
+    /// missed meanwhile.
+    disconnections: AtomicU64,
+    /// Held across each SUBSCRIBE and UNSUBSCRIBE, with the interest checked
+    /// again under it, so that they reach Redis in the order interest changed.
+    sub_order: tokio::sync::Mutex<()>,
+}
+
+/// The [`Broker`] on Redis. See the [crate docs](crate).
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+    cmd: ConnectionManager,
+    sub: ConnectionManager,
+    next_node: AtomicU64,
+    limits: BrokerLimits,
+    /// Channels where this broker added presence: where `expire` looks.
+    presence_channels: Mutex<HashMap<Arc<str>, ()>>,
+    /// Presence entries found expired by the background sweep, for `expire`.
+    expired: Arc<Mutex<Vec<Expired>>>,
+    scripts: scripts::Scripts,
+    /// Pings the pub/sub connection every second: a command is what makes it
+    /// reconnect once its own retries are spent (a long outage), and the
+    /// reconnect is what subscribes again.
+    keepalive: tokio::task::AbortHandle,
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        self.keepalive.abort();
+    }
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("prefix", &self.shared.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> Error {
+    Error::new(ErrorKind::Unavailable, format!("redis: {e}"))
+}
+
+impl RedisBroker {
+    /// Connects to the Redis at `url` (`redis://host:port/db`), with every key
+    /// under `prefix`. Fails if Redis cannot be reached now; later outages are
+    /// ridden out (calls fail with [`ErrorKind::Unavailable`] meanwhile).
+    pub async fn connect(url: &str, prefix: &str) -> keel::Result<Self> {
+        let info = redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("redis_url: {e}")))?;
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(resp3)).map_err(unavailable)?;
+        let config = || {
+            redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(Duration::from_secs(5)))
+                .set_max_delay(Duration::from_secs(2))
+        };
+        let shared = Arc::new(Shared {
+            prefix: prefix.to_string(),
+            nodes: RwLock::default(),
+            interest: Mutex::default(),
+            disconnections: AtomicU64::new(0),
+            sub_order: tokio::sync::Mutex::new(()),
+        });
+        let cmd = client
+            .get_connection_manager_with_config(config())
+            .await
+            .map_err(unavailable)?;
+        let reader = shared.clone();
+        let sub = client
+            .get_connection_manager_with_config(
+                config()
+                    .set_automatic_resubscription()
+                    .set_push_sender(move |info: PushInfo| {
+                        reader.on_push(info);
+                        Ok::<(), redis::aio::SendError>(())
+                    }),
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut ping = sub.clone();
+        let keepalive = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let _: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut ping).await;
+            }
+        })
+        .abort_handle();
+        Ok(RedisBroker {
+            keepalive,
+            shared,
+            cmd,
+            sub,
+            next_node: AtomicU64::new(1),
+            limits: BrokerLimits::default(),
+            presence_channels: Mutex::default(),
+            expired: Arc::default(),
+            scripts: scripts::Scripts::new(),
+        })
+    }
+
+    /// The same broker with `limits`. Of them, the Redis broker keeps
+    /// `max_tickets`; history, channels, presence and sessions are bounded by
+    /// Redis itself here (TTLs, `history_size`, and `maxmemory`).
+    pub fn with_limits(mut self, limits: BrokerLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    fn key(&self, channel: &str, what: &str) -> String {
+        self.shared.key(channel, what)
+    }
+
+    async fn redis_subscribe(&self, channel: &str, cell: Arc<OnceCell<()>>) -> keel::Result<()> {
+        let name = self.key(channel, "p");
+        let mut sub = self.sub.clone();
+        let shared = self.shared.clone();
+        cell.get_or_try_init(|| async move {
+            let _order = shared.sub_order.lock().await;
+            sub.subscribe(name).await.map_err(unavailable)
+        })
+        .await
+        .map(drop)
+    }
+}
+
+/// Unsubscribes in Redis from `channel` unless a node has taken an interest in
+/// it again meanwhile.
+async fn redis_unsubscribe(
+    shared: &Shared,
+    mut sub: ConnectionManager,
+    channel: &str,
+) -> keel::Result<()> {
+    let _order = shared.sub_order.lock().await;
+    if shared.interest.lock().channels.contains_key(channel) {
+        return Ok(());
+    }
+    sub.unsubscribe(shared.key(channel, "p"))
+        .await
+        .map_err(unavailable)
+}
+
+impl Shared {
+    fn key(&self, channel: &str, what: &str) -> String {
+        format!("{}:{{{channel}}}:{what}", self.prefix)
+    }
+
+    /// The sorted set of channels by last use (ms), to count them.
+    fn channels_key(&self) -> String {
+        format!("{}:cz", self.prefix)
+    }
+
+    /// The channel a pub/sub channel name is for.
+    fn channel_of<'a>(&self, name: &'a str) -> Option<&'a str> {
+        name.strip_prefix(self.prefix.as_str())?
+            .strip_prefix(":{")?
+            .strip_suffix("}:p")
+    }
+
+    /// A message from the pub/sub connection: a publication for the nodes
+    /// interested in its channel, or news of a lost connection.
+    fn on_push(&self, info: PushInfo) {
+        match info.kind {
+            PushKind::Message => {
+                let [Value::BulkString(name), Value::BulkString(payload)] = info.data.as_slice()
+                else {
+                    return;
+                };
+                let Some(channel) = std::str::from_utf8(name)
+                    .ok()
+                    .and_then(|n| self.channel_of(n))
+                else {
+                    return;
+                };
+                let Some(publication) = decode(channel, payload) else {
+                    tracing::warn!(channel, "redis: a publication that does not parse");
+                    return;
+                };
+                let publication = Arc::new(publication);
+                let wanted: Vec<NodeId> = match self.interest.lock().channels.get(channel) {
+                    Some(ch) => ch.nodes.iter().map(|(n, _)| *n).collect(),
+                    None => return,
+                };
+                let nodes = self.nodes.read();
+                for n in wanted {
+                    if let Some(sink) = nodes.get(&n) {
+                        sink.deliver(&publication);
+                    }
+                }
+            }
+            PushKind::Disconnection => {
+                self.disconnections.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    "redis: the pub/sub connection was lost; it reconnects and subscribes again"
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The pub/sub form of a publication: `offset\nepoch\ntime\npublisher\ndata`,
+/// the publisher `-` for none and `p` + client id otherwise.
+fn decode(channel: &str, payload: &[u8]) -> Option<StreamPublication> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut parts = text.splitn(5, '\n');
+    let offset = parts.next()?.parse().ok()?;
+    let epoch = parts.next()?;
+    let time_ms = parts.next()?.parse().ok()?;
+    let publisher = parts.next()?;
+    let data = parts.next()?;
+    Some(StreamPublication {
+        channel: Arc::from(channel),
+        offset,
+        epoch: Arc::from(epoch),
+        publisher: publisher.strip_prefix('p').map(Arc::from),
+        time_ms,
+        data: RawValue::from_string(data.to_string()).ok()?,
+    })
+}
+
+fn publisher_field(publisher: Option<&str>) -> String {
+    publisher.map_or_else(|| "-".to_string(), |p| format!("p{p}"))
+}
+
+fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn now_ms() -> u64 {
+    keel_clock_ms()
+}
+
+/// Wall-clock milliseconds since the Unix epoch (Redis's clock is the wall's).
+fn keel_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().max(1) as u64
+}
+
+impl Broker for RedisBroker {
+    fn attach(&self, sink: Arc<dyn Deliver>) -> NodeId {
+        let node = NodeId(self.next_node.fetch_add(1, Ordering::Relaxed));
+        self.shared.nodes.write().insert(node, sink);
+        node
+    }
+
+    fn detach(&self, node: NodeId) {
+        self.shared.nodes.write().remove(&node);
+        let mut gone = Vec::new();
+        {
+            let mut interest = self.shared.interest.lock();
+            interest.channels.retain(|name, ch| {
+                ch.nodes.retain(|(n, _)| *n != node);
+                if ch.nodes.is_empty() {
+                    gone.push(name.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        if !gone.is_empty() {
+            let (sub, shared) = (self.sub.clone(), self.shared.clone());
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    for ch in gone {
+                        let _ = redis_unsubscribe(&shared, sub.clone(), &ch).await;
+                    }
+                });
+            }
+        }
+    }
+
+    fn subscribe(&self, node: NodeId, channel: &str) -> BrokerFuture<'_, ()> {
+        let cell = {
+            let mut interest = self.shared.interest.lock();
+            let ch = interest
+                .channels
+                .entry(Arc::from(channel))
+                .or_insert_with(|| Channel {
+                    nodes: Vec::new(),
+                    subscribed: Arc::default(),
+                });
+            match ch.nodes.iter_mut().find(|(n, _)| *n == node) {
+                Some((_, c)) => *c += 1,
+                None => ch.nodes.push((node, 1)),
+            }
+            ch.subscribed.clone()
+        };
+        let channel = channel.to_string();
+        Box::pin(async move {
+            self.redis_subscribe(&channel, cell).await?;
+            // The stream exists once subscribed: a subscriber's position has an
+            // epoch that the first publication keeps.
+            let mut inv = self.scripts.ensure.prepare_invoke();
+            inv.key(self.key(&channel, "m"))
+                .key(self.shared.channels_key())
+                .arg(new_epoch())
+                .arg(ms(META_TTL))
+                .arg(now_ms())
+                .arg(&channel);
+            let mut cmd = self.cmd.clone();
+            let _: String = inv.invoke_async(&mut cmd).await.map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn unsubscribe(&self, node: NodeId, channel: &str) -> BrokerFuture<'_, ()> {
+        let last = {
+            let mut interest = self.shared.interest.lock();
+            let Some(ch) = interest.channels.get_mut(channel) else {
+                return Box::pin(std::future::ready(Ok(())));
+            };
+            if let Some(k) = ch.nodes.iter().position(|(n, _)| *n == node) {
+                ch.nodes[k].1 -= 1;
+                if ch.nodes[k].1 == 0 {
+                    ch.nodes.swap_remove(k);
+                }
+            }
+            let last = ch.nodes.is_empty();
+            if last {
+                interest.channels.remove(channel);
+            }
+            last
+        };
+        let channel = channel.to_string();
+        Box::pin(async move {
+            if last {
+                redis_unsubscribe(&self.shared, self.sub.clone(), &channel).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn publish(
+        &self,
+        channel: &str,
+        data: &RawValue,
+        publisher: Option<&str>,
+        rules: StreamRules,
+    ) -> BrokerFuture<'_, Publication> {
+        let mut inv = self.scripts.publish.prepare_invoke();
+        inv.key(self.key(channel, "m"))
+            .key(self.key(channel, "h"))
+            .key(self.shared.channels_key())
+            .arg(new_epoch())
+            .arg(rules.history_size)
+            .arg(ms(rules.history_ttl))
+            .arg(ms(META_TTL.max(rules.history_ttl)))
+            .arg(now_ms())
+            .arg(publisher_field(publisher))
+            .arg(data.get())
+            .arg(self.key(channel, "p"))
+            .arg(channel);
+        let mut cmd = self.cmd.clone();
+        Box::pin(async move {
+            let (offset, epoch): (u64, String) =
+                inv.invoke_async(&mut cmd).await.map_err(unavailable)?;
+            Ok(Publication {
+                offset,
+                epoch,
+                delivered: 0,
+                dropped: 0,
+            })
+        })
+    }
+
+    fn history(
+        &self,
+        channel: &str,
+        query: HistoryQuery<'_>,
+        rules: StreamRules,
+    ) -> BrokerFuture<'_, History> {
+        let mut inv = self.scripts.history.prepare_invoke();
+        inv.key(self.key(channel, "m"))
+            .key(self.key(channel, "h"))
+            .arg(query.after)
+            .arg(query.limit.min(1_000_000))
+            .arg(now_ms().saturating_sub(ms(rules.history_ttl)));
+        let mut cmd = self.cmd.clone();
+        let channel: Arc<str> = Arc::from(channel);
+        let want_epoch = query.epoch.map(str::to_string);
+        let (after, limit) = (query.after, query.limit);
+        Box::pin(async move {
+            // [epoch or nil, top offset, first kept offset (0: none), entries...]
+            let reply: Vec<Value> = inv.invoke_async(&mut cmd).await.map_err(unavailable)?;
+            let mut it = reply.into_iter();
+            let epoch = match it.next() {
+                Some(Value::BulkString(b)) => String::from_utf8(b).unwrap_or_default(),
+                _ => {
+                    return Ok(History {
+                        position: None,
+                        complete: want_epoch.is_none() && after == 0,
+                        publications: Vec::new(),
+                    })
+                }
+            };
+            let top = int(it.next());
+            let first_kept = int(it.next());
+            let position = StreamPosition {
+                offset: top,
+                epoch: epoch.clone(),
+            };
+            let same_epoch = want_epoch.as_deref().is_none_or(|e| e == epoch);
+            let wanted = top.saturating_sub(after);
+            let complete = same_epoch
+                && after <= top
+                && (wanted == 0 || (first_kept > 0 && first_kept <= after + 1));
+            let publications = if complete || (want_epoch.is_none() && same_epoch) {
+                let epoch: Arc<str> = Arc::from(epoch.as_str());
+                it.filter_map(|entry| entry_publication(&channel, &epoch, entry))
+                    .take(limit)
+                    .map(Arc::new)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            Ok(History {
+                position: Some(position),
+                complete,
+                publications,
+            })
+        })
+    }
+
+    fn presence_add(
+        &self,
+        channel: &str,
+        entry: &PresenceEntry,
+        ttl: Duration,
+    ) -> BrokerFuture<'_, bool> {
+        self.presence_channels
+            .lock()
+            .entry(Arc::from(channel))
+            .or_default();
+        let mut inv = self.scripts.presence_add.prepare_invoke();
+        let now = now_ms();
+        inv.key(self.key(channel, "ph"))
+            .key(self.key(channel, "pz"))
+            .key(self.shared.channels_key())
+            .arg(&entry.client_id)
+            .arg(entry.info.to_string())
+            .arg(now + ms(ttl))
+            .arg(now)
+            .arg(ms(ttl) + 60_000)
+            .arg(channel);
+        let mut cmd = self.cmd.clone();
+        Box::pin(async move {
+            let joined: i64 = inv.invoke_async(&mut cmd).await.map_err(unavailable)?;
+            Ok(joined == 1)
+        })
+    }
+
+    fn presence_remove(
+        &self,
+        channel: &str,
+        client_id: &str,
+    ) -> BrokerFuture<'_, Option<PresenceEntry>> {
+        let mut inv = self.scripts.presence_remove.prepare_invoke();
+        inv.key(self.key(channel, "ph"))
+            .key(self.key(channel, "pz"))
+            .arg(client_id)
+            .arg(now_ms());
+        let mut cmd = self.cmd.clone();
+        let client_id = client_id.to_string();
+        Box::pin(async move {
+            let info: Option<String> = inv.invoke_async(&mut cmd).await.map_err(unavailable)?;
+            Ok(info.map(|info| PresenceEntry {
+                client_id,
+                info: serde_json::from_str(&info).unwrap_or_default(),
+            }))
+        })
+    }
+
+    fn presence(&self, channel: &str) -> BrokerFuture<'_, Vec<PresenceEntry>> {
+        let mut inv = self.scripts.presence_list.prepare_invoke();
+        inv.key(self.key(channel, "ph"))
+            .key(self.key(channel, "pz"))
+            .arg(now_ms());
+        let mut cmd = self.cmd.clone();
+        Box::pin(async move {
+            let flat: Vec<String> = inv.invoke_async(&mut cmd).await.map_err(unavailable)?;
+            Ok(flat
+                .chunks(2)
+                .filter_map(|p| match p {
+                    [id, info] => Some(PresenceEntry {
+                        client_id: id.clone(),
+                        info: serde_json::from_str(info).unwrap_or_default(),
+                    }),
+                    _ => None,
+                })
+                .collect())
+        })
+    }
+
+    fn ticket_put(&self, key: &str, value: &str, ttl: Duration) -> BrokerFuture<'_, ()> {
+        let mut inv = self.scripts.ticket_put.prepare_invoke();
+        let now = now_ms();
+        inv.key(format!("{}:t:{key}", self.shared.prefix))
+            .key(format!("{}:tz", self.shared.prefix))
+            .arg(value)
+            .arg(ms(ttl))
+            .arg(now + ms(ttl))
+            .arg(now)
+            .arg(self.limits.max_tickets)
+            .arg(key);
+        let mut cmd = self.cmd.clone();
+        Box::pin(async move {
+            let ok: i64 = inv.invoke_async(&mut cmd).await.map_err(unavailable)?;
+            if ok == 1 {
+                Ok(())
+            } else {
+                Err(Error::new(
+                    ErrorKind::LimitExceeded,
+                    "too many outstanding tickets",
+                ))
+            }
+        })
+    }
+
+    fn ticket_take(&self, key: &str) -> BrokerFuture<'_, Option<String>> {
+        let mut inv = self.scripts.ticket_take.prepare_invoke();
+        inv.key(format!("{}:t:{key}", self.shared.prefix))
+            .key(format!("{}:tz", self.shared.prefix))
+            .arg(key);
+        let mut cmd = self.cmd.clone();
+        Box::pin(async move { inv.invoke_async(&mut cmd).await.map_err(unavailable) })
+    }
+
+    fn session_put(
+        &self,
+        session_id: &str,
+        session: DetachedSession,
+        ttl: Duration,
+    ) -> BrokerFuture<'_, ()> {
+        let data = serde_json::json!({
+            "user_data": session.user_data,
+            "channels": session.channels,
+        })
+        .to_string();
+        let mut inv = self.scripts.session_put.prepare_invoke();
+        let now = now_ms();
+        inv.key(format!("{}:s:{session_id}", self.shared.prefix))
+            .key(format!("{}:sz", self.shared.prefix))
+            .arg(&session.client_id)
+            .arg(session.generation)
+            .arg(data)
+            .arg(ms(ttl))
+            .arg(now + ms(ttl))
+            .arg(session_id);
+        let mut cmd = self.cmd.clone();
+        Box::pin(async move {
+            let _: i64 = inv.invoke_async(&mut cmd).await.map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn session_take(
+        &self,
+        session_id: &str,
+        expect: Option<(&str, u64)>,
+    ) -> BrokerFuture<'_, SessionTake> {
+        let mut inv = self.scripts.session_take.prepare_invoke();
+        let (client, generation) = expect.map_or((String::new(), 0), |(c, g)| (c.to_string(), g));
+        inv.key(format!("{}:s:{session_id}", self.shared.prefix))
+            .key(format!("{}:sz", self.shared.prefix))
+            .arg(&client)
+            .arg(generation)
+            .arg(session_id);
+        let mut cmd = self.cmd.clone();
+        Box::pin(async move {
+            // [0] missing, [1] mismatch, [2, client, generation, data] taken
+            let reply: Vec<Value> = inv.invoke_async(&mut cmd).await.map_err(unavailable)?;
+            let mut it = reply.into_iter();
+            Ok(match int(it.next()) {
+                2 => {
+                    let client_id = string(it.next());
+                    let generation = string(it.next()).parse().unwrap_or(0);
+                    let data: serde_json::Value =
+                        serde_json::from_str(&string(it.next())).unwrap_or_default();
+                    SessionTake::Taken(DetachedSession {
+                        client_id,
+                        generation,
+                        user_data: serde_json::from_value(data["user_data"].clone())
+                            .unwrap_or_default(),
+                        channels: serde_json::from_value(data["channels"].clone())
+                            .unwrap_or_default(),
+                    })
+                }
+                1 => SessionTake::Mismatch,
+                _ => SessionTake::Missing,
+            })
+        })
+    }
+
+    fn usage(&self) -> BrokerFuture<'_, BrokerUsage> {
+        let mut pipe = redis::pipe();
+        let now = now_ms();
+        let since = now.saturating_sub(ms(META_TTL));
+        pipe.zcount(
+            format!("{}:sz", self.shared.prefix),
+            format!("({now}"),
+            "+inf",
+        )
+        .zcount(
+            format!("{}:tz", self.shared.prefix),
+            format!("({now}"),
+            "+inf",
+        )
+        .zcount(self.shared.channels_key(), format!("({since}"), "+inf");
+        let mut cmd = self.cmd.clone();
+        Box::pin(async move {
+            let (sessions, tickets, channels): (usize, usize, usize) =
+                pipe.query_async(&mut cmd).await.map_err(unavailable)?;
+            Ok(BrokerUsage {
+                channels,
+                history_bytes: 0,
+                sessions,
+                tickets,
+                presence: 0,
+            })
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn check(&self) -> BrokerFuture<'_, ()> {
+        let mut cmd = self.cmd.clone();
+        Box::pin(async move {
+            let pong: String = redis::cmd("PING")
+                .query_async(&mut cmd)
+                .await
+                .map_err(unavailable)?;
+            if pong == "PONG" {
+                Ok(())
+            } else {
+                Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("redis answered {pong}"),
+                ))
+            }
+        })
+    }
+
+    fn expire(&self, _rules: &dyn Fn(&str) -> StreamRules) -> Expiry {
+        // Presence that ran out, found by a sweep in the background: each entry is
+        // removed by one script on one node, so each leave is reported once in
+        // the cluster.
+        let channels: Vec<Arc<str>> = self.presence_channels.lock().keys().cloned().collect();
+        if !channels.is_empty() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let script = self.scripts.presence_expire.clone();
+                let mut cmd = self.cmd.clone();
+                let shared = self.shared.clone();
+                let found = self.expired.clone();
+                rt.spawn(async move {
+                    for ch in channels {
+                        let mut inv = script.prepare_invoke();
+                        inv.key(shared.key(&ch, "ph"))
+                            .key(shared.key(&ch, "pz"))
+                            .arg(now_ms());
+                        let Ok(flat) = inv.invoke_async::<Vec<String>>(&mut cmd).await else {
+                            return;
+                        };
+                        let mut found = found.lock();
+                        for p in flat.chunks(2) {
+                            if let [id, info] = p {
+                                found.push(Expired {
+                                    channel: ch.clone(),
+                                    entry: PresenceEntry {
+                                        client_id: id.clone(),
+                                        info: serde_json::from_str(info).unwrap_or_default(),
+                                    },
+                                });
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        Expiry {
+            presence: std::mem::take(&mut *self.expired.lock()),
+            // Redis drops expired sessions by itself; nobody counts them here.
+            sessions: 0,
+        }
+    }
+}
+
+fn int(v: Option<Value>) -> u64 {
+    match v {
+        Some(Value::Int(n)) => n.max(0) as u64,
+        Some(Value::BulkString(b)) => std::str::from_utf8(&b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn string(v: Option<Value>) -> String {
+    match v {
+        Some(Value::BulkString(b)) => String::from_utf8(b).unwrap_or_default(),
+        Some(Value::SimpleString(s)) => s,
+        Some(Value::Int(n)) => n.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// One XRANGE entry (`[id, [field, value, ...]]`) as a publication.
+fn entry_publication(
+    channel: &Arc<str>,
+    epoch: &Arc<str>,
+    entry: Value,
+) -> Option<StreamPublication> {
+    let Value::Array(parts) = entry else {
+        return None;
+    };
+    let mut parts = parts.into_iter();
+    let id = string(parts.next());
+    let offset = id.split('-').next()?.parse().ok()?;
+    let Some(Value::Array(fields)) = parts.next() else {
+        return None;
+    };
+    let (mut time_ms, mut publisher, mut data) = (0, None, None);
+    let mut f = fields.into_iter();
+    while let (Some(k), Some(v)) = (f.next(), f.next()) {
+        match string(Some(k)).as_str() {
+            "t" => time_ms = string(Some(v)).parse().unwrap_or(0),
+            "p" => publisher = string(Some(v)).strip_prefix('p').map(Arc::from),
+            "d" => data = RawValue::from_string(string(Some(v))).ok(),
+            _ => {}
+        }
+    }
+    Some(StreamPublication {
+        channel: channel.clone(),
+        offset,
+        epoch: epoch.clone(),
+        publisher,
+        time_ms,
+        data: data?,
+    })
+}
