@@ -68,9 +68,34 @@ struct Interest {
     channels: HashMap<Arc<str>, Channel>,
 }
 
+/// A channel's position: epoch and offset.
+type Seen = (Arc<str>, u64);
+
+/// A channel ready to catch up, and the last position its nodes saw.
+type Pending = (Arc<str>, Option<Seen>);
+
 struct Channel {
     nodes: Vec<(NodeId, u32)>,
     subscribed: Arc<OnceCell<()>>,
+    /// The last publication handed to the nodes.
+    seen: Option<Seen>,
+    /// Set while the channel catches up after the pub/sub connection was lost:
+    /// live publications wait here until history has filled the gap.
+    catching_up: Option<Vec<Arc<StreamPublication>>>,
+    /// Whether Redis confirmed the subscription again since it was lost.
+    resubscribed: bool,
+}
+
+impl Channel {
+    fn new() -> Self {
+        Channel {
+            nodes: Vec::new(),
+            subscribed: Arc::default(),
+            seen: None,
+            catching_up: None,
+            resubscribed: false,
+        }
+    }
 }
 
 /// What the pub/sub reader and the broker share.
@@ -84,6 +109,9 @@ struct Shared {
     /// Held across each SUBSCRIBE and UNSUBSCRIBE, with the interest checked
     /// again under it, so that they reach Redis in the order interest changed.
     sub_order: tokio::sync::Mutex<()>,
+    /// Woken when the pub/sub connection was lost: the catch-up task fills
+    /// the gap from history once Redis has the subscriptions again.
+    lost: Arc<tokio::sync::Notify>,
 }
 
 /// The [`Broker`] on Redis. See the [crate docs](crate).
@@ -98,15 +126,18 @@ pub struct RedisBroker {
     /// Presence entries found expired by the background sweep, for `expire`.
     expired: Arc<Mutex<Vec<Expired>>>,
     scripts: scripts::Scripts,
-    /// Pings the pub/sub connection every second: a command is what makes it
-    /// reconnect once its own retries are spent (a long outage), and the
-    /// reconnect is what subscribes again.
-    keepalive: tokio::task::AbortHandle,
+    /// The background tasks: one pings the pub/sub connection every second (a
+    /// command is what makes it reconnect once its own retries are spent, in a
+    /// long outage, and the reconnect is what subscribes again); one fills gaps
+    /// after a reconnect ([`catch_up`]). Ended with the broker.
+    tasks: [tokio::task::AbortHandle; 2],
 }
 
 impl Drop for RedisBroker {
     fn drop(&mut self) {
-        self.keepalive.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -146,6 +177,7 @@ impl RedisBroker {
             interest: Mutex::default(),
             disconnections: AtomicU64::new(0),
             sub_order: tokio::sync::Mutex::new(()),
+            lost: Arc::default(),
         });
         let cmd = client
             .get_connection_manager_with_config(config())
@@ -172,8 +204,15 @@ impl RedisBroker {
             }
         })
         .abort_handle();
+        let scripts = scripts::Scripts::new();
+        let catching_up = tokio::spawn(catch_up(
+            Arc::downgrade(&shared),
+            cmd.clone(),
+            scripts.history.clone(),
+        ))
+        .abort_handle();
         Ok(RedisBroker {
-            keepalive,
+            tasks: [keepalive, catching_up],
             shared,
             cmd,
             sub,
@@ -181,7 +220,7 @@ impl RedisBroker {
             limits: BrokerLimits::default(),
             presence_channels: Mutex::default(),
             expired: Arc::default(),
-            scripts: scripts::Scripts::new(),
+            scripts,
         })
     }
 
@@ -263,26 +302,176 @@ impl Shared {
                     return;
                 };
                 let publication = Arc::new(publication);
-                let wanted: Vec<NodeId> = match self.interest.lock().channels.get(channel) {
-                    Some(ch) => ch.nodes.iter().map(|(n, _)| *n).collect(),
-                    None => return,
+                let mut interest = self.interest.lock();
+                let Some(ch) = interest.channels.get_mut(channel) else {
+                    return;
                 };
-                let nodes = self.nodes.read();
-                for n in wanted {
-                    if let Some(sink) = nodes.get(&n) {
-                        sink.deliver(&publication);
-                    }
+                if let Some(waiting) = &mut ch.catching_up {
+                    waiting.push(publication);
+                    return;
+                }
+                ch.seen = Some((publication.epoch.clone(), publication.offset));
+                // Under the interest lock: the catch-up task delivers under it
+                // too, so a channel's publications reach the nodes in order.
+                self.deliver(&ch.nodes, &publication);
+            }
+            PushKind::Subscribe => {
+                let Some(Value::BulkString(name)) = info.data.first() else {
+                    return;
+                };
+                let Some(channel) = std::str::from_utf8(name)
+                    .ok()
+                    .and_then(|n| self.channel_of(n))
+                else {
+                    return;
+                };
+                if let Some(ch) = self.interest.lock().channels.get_mut(channel) {
+                    ch.resubscribed = true;
                 }
             }
             PushKind::Disconnection => {
                 self.disconnections.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
-                    "redis: the pub/sub connection was lost; it reconnects and subscribes again"
+                    "redis: the pub/sub connection was lost; it reconnects, subscribes again \
+                     and fills the gap from history"
                 );
+                for ch in self.interest.lock().channels.values_mut() {
+                    ch.catching_up.get_or_insert_with(Vec::new);
+                    ch.resubscribed = false;
+                }
+                self.lost.notify_one();
             }
             _ => {}
         }
     }
+
+    fn deliver(&self, to: &[(NodeId, u32)], publication: &Arc<StreamPublication>) {
+        let nodes = self.nodes.read();
+        for (n, _) in to {
+            if let Some(sink) = nodes.get(n) {
+                sink.deliver(publication);
+            }
+        }
+    }
+
+    /// Ends a channel's catch-up: hands the nodes what history had after the
+    /// last publication they saw, then what arrived live meanwhile, in offset
+    /// order and each once, then lets live publications through again.
+    fn finish_catch_up(&self, channel: &str, from_history: Vec<Arc<StreamPublication>>) {
+        let mut interest = self.interest.lock();
+        let Some(ch) = interest.channels.get_mut(channel) else {
+            return;
+        };
+        let mut all = from_history;
+        all.extend(ch.catching_up.take().unwrap_or_default());
+        // One epoch: the newest (a stream lost meanwhile starts again).
+        if let Some(last) = all.last().map(|p| p.epoch.clone()) {
+            all.retain(|p| p.epoch == last);
+        }
+        all.sort_by_key(|p| p.offset);
+        all.dedup_by_key(|p| p.offset);
+        for p in all {
+            let newer = match &ch.seen {
+                Some((e, o)) => *e != p.epoch || p.offset > *o,
+                None => true,
+            };
+            if newer {
+                ch.seen = Some((p.epoch.clone(), p.offset));
+                self.deliver(&ch.nodes, &p);
+            }
+        }
+    }
+}
+
+/// After the pub/sub connection was lost, fills each channel's gap from
+/// history once Redis has confirmed its subscription again (so that what is
+/// published from then on arrives live, and what was published before is in
+/// history). Runs until the broker is dropped; retries while Redis is away.
+async fn catch_up(
+    shared: std::sync::Weak<Shared>,
+    mut cmd: ConnectionManager,
+    script: Arc<redis::Script>,
+) {
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let notify = s.lost.clone();
+        let lost = notify.notified();
+        tokio::pin!(lost);
+        lost.as_mut().enable();
+        let busy = s
+            .interest
+            .lock()
+            .channels
+            .values()
+            .any(|c| c.catching_up.is_some());
+        drop(s);
+        if !busy {
+            lost.await;
+        }
+        loop {
+            let Some(s) = shared.upgrade() else { return };
+            let (ready, waiting): (Vec<Pending>, bool) = {
+                let interest = s.interest.lock();
+                let ready = interest
+                    .channels
+                    .iter()
+                    .filter(|(_, c)| c.catching_up.is_some() && c.resubscribed)
+                    .map(|(n, c)| (n.clone(), c.seen.clone()))
+                    .collect();
+                let waiting = interest
+                    .channels
+                    .values()
+                    .any(|c| c.catching_up.is_some() && !c.resubscribed);
+                (ready, waiting)
+            };
+            if ready.is_empty() && !waiting {
+                break;
+            }
+            for (channel, seen) in ready {
+                match read_after(&s, &mut cmd, &script, &channel, seen).await {
+                    Ok(pubs) => s.finish_catch_up(&channel, pubs),
+                    Err(e) => tracing::debug!(%channel, error = %e, "redis: catch-up waits"),
+                }
+            }
+            drop(s);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// What history holds after `seen` (all of the stream if its epoch changed).
+async fn read_after(
+    s: &Shared,
+    cmd: &mut ConnectionManager,
+    script: &redis::Script,
+    channel: &Arc<str>,
+    seen: Option<Seen>,
+) -> keel::Result<Vec<Arc<StreamPublication>>> {
+    let read = |after: u64| {
+        let mut inv = script.prepare_invoke();
+        inv.key(s.key(channel, "m"))
+            .key(s.key(channel, "h"))
+            .arg(after)
+            .arg(100_000)
+            .arg(0);
+        inv
+    };
+    let after = seen.as_ref().map_or(0, |(_, o)| *o);
+    let mut reply: Vec<Value> = read(after).invoke_async(cmd).await.map_err(unavailable)?;
+    let epoch = string(reply.first().cloned());
+    if seen.as_ref().is_some_and(|(e, _)| **e != *epoch) && after > 0 {
+        reply = read(0).invoke_async(cmd).await.map_err(unavailable)?;
+    }
+    if epoch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let epoch: Arc<str> = Arc::from(epoch.as_str());
+    Ok(reply
+        .into_iter()
+        .skip(3)
+        .filter_map(|e| entry_publication(channel, &epoch, e))
+        .map(Arc::new)
+        .collect())
 }
 
 /// The pub/sub form of a publication: `offset\nepoch\ntime\npublisher\ndata`,
@@ -368,10 +557,7 @@ impl Broker for RedisBroker {
             let ch = interest
                 .channels
                 .entry(Arc::from(channel))
-                .or_insert_with(|| Channel {
-                    nodes: Vec::new(),
-                    subscribed: Arc::default(),
-                });
+                .or_insert_with(Channel::new);
             match ch.nodes.iter_mut().find(|(n, _)| *n == node) {
                 Some((_, c)) => *c += 1,
                 None => ch.nodes.push((node, 1)),

@@ -190,3 +190,35 @@ async fn a_redis_outage_is_reported_and_ridden_out() {
     );
     n1.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_published_while_a_node_was_off_pubsub_arrives_from_history() {
+    let redis = RedisServer::start();
+    let (n1, n2) = (gateway(node(&redis)).await, gateway(node(&redis)).await);
+    let mut a = Client::connect(n1.addr).await;
+    a.subscribe("gap").await;
+    // Node 1 loses its pub/sub connection and cannot get it back for a while
+    // (connections already open keep working: node 2 publishes).
+    let mut admin = redis.admin();
+    assert_eq!(
+        admin.command("CONFIG SET requirepass a-password-for-a-while"),
+        "+OK"
+    );
+    let killed = admin.command("CLIENT KILL TYPE pubsub");
+    assert!(killed.starts_with(':') && killed != ":0", "{killed}");
+    for n in 1..=5 {
+        let raw = serde_json::value::to_raw_value(&json!({ "n": n })).unwrap();
+        n2.hub.publish("gap", &raw, None).await.unwrap();
+    }
+    // Node 1 reconnects, subscribes again and fills the gap: no later
+    // publication is needed for the subscriber to get all five, in order.
+    assert_eq!(admin.command("CONFIG SET requirepass \"\""), "+OK");
+    for n in 1..=5u64 {
+        let m = a.recv().await;
+        assert_eq!(m["type"], "message", "{m}");
+        assert_eq!(m["payload"]["offset"], n, "{m}");
+        assert_eq!(m["payload"]["data"]["n"], n);
+    }
+    n1.shutdown().await;
+    n2.shutdown().await;
+}

@@ -66,6 +66,14 @@ impl RedisServer {
         panic!("redis-server on {} did not answer PING", self.addr);
     }
 
+    /// A connection for the test's own commands; it stays authorized when the
+    /// test sets a password that locks others out.
+    pub fn admin(&self) -> Admin {
+        let tcp = TcpStream::connect(self.addr).expect("redis is running");
+        let _ = tcp.set_read_timeout(Some(crate::WAIT));
+        Admin(tcp)
+    }
+
     fn ping(&self) -> bool {
         let Ok(mut tcp) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) else {
             return false;
@@ -82,5 +90,25 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A test's own connection to its Redis.
+pub struct Admin(TcpStream);
+
+impl Admin {
+    /// Sends one command (inline form: words separated by spaces) and returns
+    /// the first line of the answer.
+    pub fn command(&mut self, line: &str) -> String {
+        self.0
+            .write_all(format!("{line}\r\n").as_bytes())
+            .expect("command sent");
+        let mut buf = [0u8; 512];
+        let n = self.0.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
     }
 }
