@@ -45,8 +45,8 @@ use std::time::Duration;
 
 use keel::broker::{
     Broker, BrokerFuture, BrokerLimits, BrokerUsage, Deliver, DetachedSession, Expired, Expiry,
-    History, HistoryQuery, NodeId, PresenceEntry, Publication, SessionTake, StreamPosition,
-    StreamPublication, StreamRules,
+    History, HistoryQuery, NodeId, NodeInfo, PresenceEntry, Publication, SessionTake,
+    StreamPosition, StreamPublication, StreamRules,
 };
 use keel::{Error, ErrorKind};
 use parking_lot::{Mutex, RwLock};
@@ -131,6 +131,8 @@ pub struct RedisBroker {
     /// long outage, and the reconnect is what subscribes again); one fills gaps
     /// after a reconnect ([`catch_up`]). Ended with the broker.
     tasks: [tokio::task::AbortHandle; 2],
+    /// The TTL of node announcements (the last `announce` said).
+    node_ttl_ms: AtomicU64,
 }
 
 impl Drop for RedisBroker {
@@ -213,6 +215,7 @@ impl RedisBroker {
         .abort_handle();
         Ok(RedisBroker {
             tasks: [keepalive, catching_up],
+            node_ttl_ms: AtomicU64::new(10_000),
             shared,
             cmd,
             sub,
@@ -918,6 +921,51 @@ impl Broker for RedisBroker {
                     format!("redis answered {pong}"),
                 ))
             }
+        })
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn announce(&self, name: &str, connections: usize, ttl: Duration) -> BrokerFuture<'_, ()> {
+        let mut inv = self.scripts.nodes.prepare_invoke();
+        inv.key(format!("{}:nodes", self.shared.prefix))
+            .key(format!("{}:nodeconn", self.shared.prefix))
+            .arg(now_ms())
+            .arg(ms(ttl))
+            .arg(name)
+            .arg(connections);
+        // Remembered for `nodes`, which drops what is older than this.
+        self.node_ttl_ms.store(ms(ttl), Ordering::Relaxed);
+        let mut cmd = self.cmd.clone();
+        Box::pin(async move {
+            let _: Vec<String> = inv.invoke_async(&mut cmd).await.map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn nodes(&self) -> BrokerFuture<'_, Vec<NodeInfo>> {
+        let mut inv = self.scripts.nodes.prepare_invoke();
+        let now = now_ms();
+        inv.key(format!("{}:nodes", self.shared.prefix))
+            .key(format!("{}:nodeconn", self.shared.prefix))
+            .arg(now)
+            .arg(self.node_ttl_ms.load(Ordering::Relaxed));
+        let mut cmd = self.cmd.clone();
+        Box::pin(async move {
+            let flat: Vec<String> = inv.invoke_async(&mut cmd).await.map_err(unavailable)?;
+            Ok(flat
+                .chunks(3)
+                .filter_map(|c| match c {
+                    [node, conns, seen] => Some(NodeInfo {
+                        node: node.clone(),
+                        connections: conns.parse().unwrap_or(0),
+                        seen_ms_ago: now.saturating_sub(seen.parse().unwrap_or(now)),
+                    }),
+                    _ => None,
+                })
+                .collect())
         })
     }
 

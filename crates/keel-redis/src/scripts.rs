@@ -22,6 +22,7 @@ pub(crate) struct Scripts {
     pub(crate) session_put: Arc<Script>,
     pub(crate) session_take: Arc<Script>,
     pub(crate) ensure: Arc<Script>,
+    pub(crate) nodes: Arc<Script>,
 }
 
 impl Scripts {
@@ -39,6 +40,7 @@ impl Scripts {
             session_put: s(SESSION_PUT),
             session_take: s(SESSION_TAKE),
             ensure: s(ENSURE),
+            nodes: s(NODES),
         }
     }
 }
@@ -208,4 +210,27 @@ if redis.call('HSETNX', KEYS[1], 'e', ARGV[1]) == 1 then
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return redis.call('HGET', KEYS[1], 'e')
+";
+
+/// KEYS: node zset (last seen, ms), node hash (connections). ARGV: now (ms),
+/// TTL (ms), and optionally a node and its connections to announce. Drops the
+/// nodes not seen within the TTL; returns {node, connections, last seen, ...}.
+const NODES: &str = r"
+local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+if ARGV[3] then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+end
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl)) do
+  redis.call('ZREM', KEYS[1], gone)
+  redis.call('HDEL', KEYS[2], gone)
+end
+local out = {}
+local live = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for i = 1, #live, 2 do
+  out[#out + 1] = live[i]
+  out[#out + 1] = redis.call('HGET', KEYS[2], live[i]) or '0'
+  out[#out + 1] = live[i + 1]
+end
+return out
 ";

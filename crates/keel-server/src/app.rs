@@ -153,6 +153,25 @@ pub async fn start(mut config: Settings) -> anyhow::Result<Running> {
         );
     }
 
+    if hub.broker().shared() {
+        // The node's heartbeat in the cluster registry: its name and its
+        // connections, every second, lasting NODE_TTL.
+        let hub = hub.clone();
+        let name = state.node_id.to_string();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if hub.is_draining() && hub.connection_count() == 0 {
+                    return;
+                }
+                let _ = hub
+                    .broker()
+                    .announce(&name, hub.connection_count(), NODE_TTL)
+                    .await;
+            }
+        });
+    }
     let stop = Arc::new(Notify::new());
     let stop2 = stop.clone();
     let hub2 = hub.clone();
@@ -256,6 +275,10 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
         StatusCode::UNAUTHORIZED.into_response()
     }
 }
+
+/// How long a node's announcement in the cluster registry lasts: a node dead
+/// this long (killed, cut off) drops out of `/api/stats`.
+const NODE_TTL: Duration = Duration::from_secs(5);
 
 /// The largest `/api` or `/admin` request body (axum's own default bound).
 const MAX_API_BODY: usize = 2 * 1024 * 1024;
@@ -593,7 +616,7 @@ async fn api_stats(State(state): State<AppState>) -> Response {
             o.insert("rss_bytes".into(), rss.into());
         }
     }
-    Json(json!({
+    let mut stats = json!({
         "connections": m.connections,
         "channels": m.channels,
         "history_bytes": m.history_bytes,
@@ -602,8 +625,17 @@ async fn api_stats(State(state): State<AppState>) -> Response {
         "dropped_messages": hub.dropped_total(),
         "send_queue_bytes": m.send_queue_bytes,
         "draining": hub.is_draining(),
-    }))
-    .into_response()
+    });
+    let broker = hub.broker();
+    if broker.shared() {
+        // Every node that announced itself within NODE_TTL; a broker that
+        // cannot answer leaves the section out rather than fail the stats.
+        if let Ok(Ok(nodes)) = tokio::time::timeout(Duration::from_secs(2), broker.nodes()).await {
+            let total: usize = nodes.iter().map(|n| n.connections).sum();
+            stats["cluster"] = json!({"connections": total, "nodes": nodes});
+        }
+    }
+    Json(stats).into_response()
 }
 
 async fn api_presence(State(state): State<AppState>, Path(channel): Path<String>) -> Response {

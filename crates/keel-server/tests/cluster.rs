@@ -222,3 +222,61 @@ async fn what_was_published_while_a_node_was_off_pubsub_arrives_from_history() {
     n1.shutdown().await;
     n2.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_show_this_node_and_the_cluster_and_a_gone_node_drops_out() {
+    let redis = RedisServer::start();
+    let mut s1 = node(&redis);
+    s1.set("node_id", "node-one").unwrap();
+    let mut s2 = node(&redis);
+    s2.set("node_id", "node-two").unwrap();
+    let (n1, n2) = (gateway(s1).await, gateway(s2).await);
+    let _a = Client::connect(n1.addr).await;
+    let _b = Client::connect(n2.addr).await;
+    let _c = Client::connect(n2.addr).await;
+    let stats = |addr| async move {
+        let (s, body) = http(addr, "GET", "/api/stats", Some(API_KEY), None).await;
+        assert_eq!(s, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    let st = loop {
+        let st = stats(n1.addr).await;
+        if st["cluster"]["connections"] == 3 {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "{st}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(st["node"], "node-one");
+    assert_eq!(st["connections"], 1, "this node's own");
+    let mut nodes: Vec<(String, u64)> = st["cluster"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            assert!(n["seen_ms_ago"].as_u64().unwrap() < 5_000, "{n}");
+            (
+                n["node"].as_str().unwrap().to_string(),
+                n["connections"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, vec![("node-one".into(), 1), ("node-two".into(), 2)]);
+
+    // Node two goes away: it stops announcing, and drops out after its TTL.
+    drop((_b, _c));
+    n2.shutdown().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let st = stats(n1.addr).await;
+        if st["cluster"]["nodes"].as_array().map(Vec::len) == Some(1) {
+            assert_eq!(st["cluster"]["connections"], 1, "{st}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{st}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    n1.shutdown().await;
+}

@@ -371,4 +371,33 @@ pub trait Broker: Send + Sync + 'static {
     fn check(&self) -> BrokerFuture<'_, ()> {
         Box::pin(std::future::ready(Ok(())))
     }
+
+    /// Whether its state is shared by other processes (nodes of a cluster).
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Announces node `name` with `connections` open; the announcement lasts
+    /// `ttl` unless renewed, so a dead node drops out by itself. A broker that
+    /// is not shared keeps nothing.
+    fn announce(&self, name: &str, connections: usize, ttl: Duration) -> BrokerFuture<'_, ()> {
+        let _ = (name, connections, ttl);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// The nodes whose announcement is still good, by name.
+    fn nodes(&self) -> BrokerFuture<'_, Vec<NodeInfo>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+}
+
+/// A node of a cluster, as its last announcement told.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeInfo {
+    /// Its name (`node_id`).
+    pub node: String,
+    /// Connections it had open.
+    pub connections: usize,
+    /// Milliseconds since it announced itself.
+    pub seen_ms_ago: u64,
 }
