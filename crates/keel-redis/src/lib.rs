@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use keel::broker::{
     Broker, BrokerFuture, BrokerLimits, BrokerUsage, Deliver, DetachedSession, Expired, Expiry,
-    History, HistoryQuery, NodeId, NodeInfo, PresenceEntry, Publication, SessionTake,
+    History, HistoryQuery, NodeId, NodeInfo, PresenceEntry, Publication, SessionTake, Signal,
     StreamPosition, StreamPublication, StreamRules,
 };
 use keel::{Error, ErrorKind};
@@ -197,6 +197,11 @@ impl RedisBroker {
             )
             .await
             .map_err(unavailable)?;
+        let mut signals = sub.clone();
+        signals
+            .subscribe(shared.signals_channel())
+            .await
+            .map_err(unavailable)?;
         let mut ping = sub.clone();
         let keepalive = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -285,8 +290,14 @@ impl Shared {
             .strip_suffix("}:p")
     }
 
+    /// The pub/sub channel of signals to every node.
+    fn signals_channel(&self) -> String {
+        format!("{}:signals", self.prefix)
+    }
+
     /// A message from the pub/sub connection: a publication for the nodes
-    /// interested in its channel, or news of a lost connection.
+    /// interested in its channel, a signal for every node, or news of a lost
+    /// connection.
     fn on_push(&self, info: PushInfo) {
         match info.kind {
             PushKind::Message => {
@@ -294,6 +305,17 @@ impl Shared {
                 else {
                     return;
                 };
+                if name.as_slice() == self.signals_channel().as_bytes() {
+                    match serde_json::from_slice::<Signal>(payload) {
+                        Ok(signal) => {
+                            for sink in self.nodes.read().values() {
+                                sink.signal(&signal);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "redis: a signal that does not parse"),
+                    }
+                    return;
+                }
                 let Some(channel) = std::str::from_utf8(name)
                     .ok()
                     .and_then(|n| self.channel_of(n))
@@ -926,6 +948,22 @@ impl Broker for RedisBroker {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn signal(&self, signal: Signal) -> BrokerFuture<'_, ()> {
+        let channel = self.shared.signals_channel();
+        let mut cmd = self.cmd.clone();
+        Box::pin(async move {
+            let text = serde_json::to_string(&signal)
+                .map_err(|e| Error::new(ErrorKind::InvalidArgument, e.to_string()))?;
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(text)
+                .query_async(&mut cmd)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
     }
 
     fn announce(&self, name: &str, connections: usize, ttl: Duration) -> BrokerFuture<'_, ()> {

@@ -545,8 +545,18 @@ async fn api_disconnect(State(state): State<AppState>, body: Json<DisconnectBody
         return bad_request("code must be 1000 or 3000-4999");
     }
     let reason = body.reason.as_deref().unwrap_or("disconnected by server");
-    match state.hub.disconnect_with(&body.client_id, code, reason) {
-        Ok(()) => Json(json!({"disconnected": true})).into_response(),
+    match state
+        .hub
+        .disconnect_anywhere(&body.client_id, code, reason)
+        .await
+    {
+        Ok(true) => Json(json!({"disconnected": true})).into_response(),
+        // Not on this node: every node of the cluster was asked.
+        Ok(false) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"disconnected": "requested", "detail": "not on this node; every node was asked"})),
+        )
+            .into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
 }

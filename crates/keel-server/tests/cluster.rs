@@ -280,3 +280,34 @@ async fn stats_show_this_node_and_the_cluster_and_a_gone_node_drops_out() {
     }
     n1.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_asked_of_one_node_closes_the_client_on_the_other() {
+    let redis = RedisServer::start();
+    let (n1, n2) = (gateway(node(&redis)).await, gateway(node(&redis)).await);
+    let mut far = Client::connect(n2.addr).await;
+    let (s, body) = http(
+        n1.addr,
+        "POST",
+        "/api/disconnect",
+        Some(API_KEY),
+        Some(json!({"client_id": far.client_id(), "code": 4100, "reason": "bye from node one"})),
+    )
+    .await;
+    assert_eq!(s, 202, "{body}");
+    assert!(body.contains("requested"), "{body}");
+    assert_eq!(far.expect_close().await, 4100);
+    // A client on the asked node itself is closed there, and says so.
+    let near = Client::connect(n1.addr).await;
+    let (s, body) = http(
+        n1.addr,
+        "POST",
+        "/api/disconnect",
+        Some(API_KEY),
+        Some(json!({"client_id": near.client_id()})),
+    )
+    .await;
+    assert_eq!((s, body.as_str()), (200, r#"{"disconnected":true}"#));
+    n1.shutdown().await;
+    n2.shutdown().await;
+}

@@ -223,6 +223,9 @@ macro_rules! delegate_rest {
         fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> keel::broker::Expiry {
             self.$inner.expire(rules)
         }
+        fn signal(&self, signal: keel::broker::Signal) -> BrokerFuture<'_, ()> {
+            self.$inner.signal(signal)
+        }
     };
 }
 

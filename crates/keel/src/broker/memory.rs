@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use super::{
     Broker, BrokerFuture, BrokerLimits, BrokerUsage, Deliver, DetachedSession, Expired, Expiry,
-    History, HistoryQuery, NodeId, PresenceEntry, Publication, SessionTake, StreamPosition,
+    History, HistoryQuery, NodeId, PresenceEntry, Publication, SessionTake, Signal, StreamPosition,
     StreamPublication, StreamRules,
 };
 use crate::error::{Error, ErrorKind};
@@ -659,6 +659,14 @@ impl Broker for MemoryBroker {
             tickets: self.tickets.lock().len(),
             presence: self.presence_entries.load(Ordering::Relaxed),
         })
+    }
+
+    fn signal(&self, signal: Signal) -> BrokerFuture<'_, ()> {
+        let sinks: Vec<Arc<dyn Deliver>> = self.nodes.read().values().cloned().collect();
+        for s in sinks {
+            s.signal(&signal);
+        }
+        ready(())
     }
 
     fn expire(&self, rules: &dyn Fn(&str) -> StreamRules) -> Expiry {

@@ -257,6 +257,27 @@ pub struct Delivered {
 pub trait Deliver: Send + Sync + 'static {
     /// One publication of a channel this node is interested in.
     fn deliver(&self, publication: &Arc<StreamPublication>) -> Delivered;
+
+    /// A [`Signal`] sent to every node. Must not block either.
+    fn signal(&self, signal: &Signal) {
+        let _ = signal;
+    }
+}
+
+/// A message for every node of a cluster, about a client that may be on any.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Signal {
+    /// Close `client_id`'s connection, wherever it is, with `code` and `reason`.
+    Disconnect {
+        /// The client.
+        client_id: String,
+        /// The close code.
+        code: u16,
+        /// The close reason.
+        reason: String,
+    },
 }
 
 /// The shared state of channel streams. See the module docs for the contract;
@@ -376,6 +397,10 @@ pub trait Broker: Send + Sync + 'static {
     fn shared(&self) -> bool {
         false
     }
+
+    /// Hands `signal` to every node's sink (on every process sharing the
+    /// broker), this one's included.
+    fn signal(&self, signal: Signal) -> BrokerFuture<'_, ()>;
 
     /// Announces node `name` with `connections` open; the announcement lasts
     /// `ttl` unless renewed, so a dead node drops out by itself. A broker that

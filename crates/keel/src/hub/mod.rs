@@ -114,6 +114,23 @@ impl Deliver for NodeSink {
             None => Delivered::default(),
         }
     }
+
+    fn signal(&self, signal: &crate::broker::Signal) {
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
+        let hub = Hub { inner };
+        match signal {
+            crate::broker::Signal::Disconnect {
+                client_id,
+                code,
+                reason,
+            } => {
+                // Not here: another node has it, or nobody does.
+                let _ = hub.disconnect_with(client_id, *code, reason);
+            }
+        }
+    }
 }
 
 /// A channel's rules, from its namespace or the top-level options.
@@ -777,6 +794,33 @@ impl Hub {
     pub fn disconnect_with(&self, client_id: &str, code: u16, reason: &str) -> Result<()> {
         self.require(client_id)?.close(code, reason);
         Ok(())
+    }
+
+    /// Closes `client_id`'s connection wherever it is: here if it is here
+    /// (`Ok(true)`), else, with a broker shared by a cluster, by asking every
+    /// node (`Ok(false)`: asked; whoever has it closes it). With a broker of
+    /// its own, a client not here is [`ErrorKind::ConnectionNotFound`].
+    pub async fn disconnect_anywhere(
+        &self,
+        client_id: &str,
+        code: u16,
+        reason: &str,
+    ) -> Result<bool> {
+        match self.disconnect_with(client_id, code, reason) {
+            Ok(()) => Ok(true),
+            Err(e) if self.inner.broker.shared() && e.kind() == &ErrorKind::ConnectionNotFound => {
+                self.inner
+                    .broker
+                    .signal(crate::broker::Signal::Disconnect {
+                        client_id: client_id.to_string(),
+                        code,
+                        reason: reason.to_string(),
+                    })
+                    .await?;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Queues a text message to one client. False if not connected, closing, or the
