@@ -14,9 +14,11 @@
 //! - [`app`]: the HTTP router, API-key check and the serve/drain loop.
 //! - [`error`]: [`ApiError`](error::ApiError), every HTTP error answer.
 //! - [`tls`]: `wss://` with rustls (`tls_cert`, `tls_key`).
+//! - [`lb`]: `keel lb-config`, the load balancer's settings matching these.
 
 pub mod app;
 pub mod error;
+pub mod lb;
 pub mod protocol;
 pub mod settings;
 pub mod tls;

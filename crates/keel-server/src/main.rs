@@ -35,6 +35,14 @@ fn main() {
                 );
             }
         }
+        Command::LbConfig {
+            target,
+            upstreams,
+            listen,
+        } => print!(
+            "{}",
+            keel_server::lb::render(target, &config, &upstreams, &listen)
+        ),
         Command::Serve => {
             if let Err(e) = serve(config) {
                 eprintln!("keel: {e:#}");

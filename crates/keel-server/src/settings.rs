@@ -175,6 +175,15 @@ pub enum Command {
     Help,
     /// Print the version.
     Version,
+    /// Print load-balancer settings that match these (`keel lb-config`).
+    LbConfig {
+        /// For which balancer.
+        target: crate::lb::Target,
+        /// The nodes, host:port each.
+        upstreams: Vec<String>,
+        /// Where the balancer listens.
+        listen: String,
+    },
 }
 
 /// The usage text.
@@ -184,6 +193,8 @@ keel: WebSocket gateway
 USAGE:
     keel serve [--config FILE] [--OPTION VALUE]...
     keel options        list every option, its default and its KEEL_* variable
+    keel lb-config --target nginx|haproxy|alb|k8s [--upstream HOST:PORT]... [--lb-listen ADDR]
+                        print the balancer's settings matching these options
     keel --version
 
 Every option can be set in the TOML file, as KEEL_<OPTION> in the environment, or as
@@ -214,11 +225,19 @@ pub fn load(
         .find(|(k, _)| k == "KEEL_CONFIG")
         .map(|(_, v)| PathBuf::from(v));
     let mut flags: Vec<(String, String)> = Vec::new();
+    let (mut lb_target, mut upstreams, mut lb_listen) = (None, Vec::new(), "80".to_string());
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "serve" if command.is_none() => command = Some(Command::Serve),
             "options" if command.is_none() => command = Some(Command::Options),
+            "lb-config" if command.is_none() => {
+                command = Some(Command::LbConfig {
+                    target: crate::lb::Target::Nginx,
+                    upstreams: Vec::new(),
+                    listen: String::new(),
+                })
+            }
             "-h" | "--help" | "help" => return Ok(Loaded::bare(Command::Help)),
             "-V" | "--version" => return Ok(Loaded::bare(Command::Version)),
             flag if flag.starts_with("--") => {
@@ -235,6 +254,15 @@ pub fn load(
                 let name = name.replace('-', "_");
                 if name == "config" {
                     config_file = Some(PathBuf::from(value));
+                } else if name == "target" {
+                    lb_target = Some(
+                        crate::lb::Target::parse(&value)
+                            .map_err(|e| anyhow::anyhow!("--target: {e}"))?,
+                    );
+                } else if name == "upstream" {
+                    upstreams.push(value);
+                } else if name == "lb_listen" {
+                    lb_listen = value;
                 } else {
                     flags.push((name, value));
                 }
@@ -242,7 +270,18 @@ pub fn load(
             other => bail!("unexpected argument `{other}`\n\n{USAGE}"),
         }
     }
-    let command = command.unwrap_or(Command::Help);
+    let command = match command.unwrap_or(Command::Help) {
+        Command::LbConfig { .. } => Command::LbConfig {
+            target: lb_target.context("lb-config needs --target nginx|haproxy|alb|k8s")?,
+            upstreams: if upstreams.is_empty() {
+                vec!["127.0.0.1:8000".to_string()]
+            } else {
+                upstreams
+            },
+            listen: lb_listen,
+        },
+        other => other,
+    };
 
     let mut config = Settings::default();
     if let Some(path) = config_file {

@@ -67,3 +67,24 @@ fn protocol_doc_is_the_shared_contract() {
         "docs/protocol.md differs from ../shared/PROTOCOL.md"
     );
 }
+
+/// `deploy/nginx/keel.conf` is what `keel lb-config --target nginx` prints for
+/// the default options and two nodes named `keel-1` and `keel-2`.
+#[test]
+fn the_shipped_nginx_config_is_what_lb_config_prints() {
+    let path = root().join("deploy/nginx/keel.conf");
+    let fresh = keel_server::lb::render(
+        keel_server::lb::Target::Nginx,
+        &Settings::default(),
+        &["keel-1:8000".to_string(), "keel-2:8000".to_string()],
+        "80",
+    );
+    if std::env::var("KEEL_BLESS").is_ok() {
+        std::fs::write(&path, &fresh).unwrap();
+    }
+    let shipped = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(
+        shipped, fresh,
+        "deploy/nginx/keel.conf is out of date: run with KEEL_BLESS=1"
+    );
+}

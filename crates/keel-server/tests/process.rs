@@ -526,3 +526,30 @@ async fn out_of_descriptors_it_logs_once_counts_backs_off_and_serves_again() {
     let r = c.subscribe("after").await;
     assert_eq!(r["type"], "subscribe_response", "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_config_prints_settings_that_match_the_options_and_refuses_an_unknown_target() {
+    let out = keel()
+        .args([
+            "lb-config",
+            "--target",
+            "alb",
+            "--heartbeat-interval",
+            "20s",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    // 20 s + the default 25 s heartbeat timeout + 10 s of margin.
+    assert!(text.contains("idle_timeout.timeout_seconds = 55"), "{text}");
+    let out = keel()
+        .args(["lb-config", "--target", "traefik"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--target") && err.contains("traefik"), "{err}");
+}
