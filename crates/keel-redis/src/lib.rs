@@ -57,6 +57,11 @@ use tokio::sync::OnceCell;
 
 mod scripts;
 
+/// How long the claim a resume leaves on a session Redis never saw is kept:
+/// as long as a reconnect token can be valid (the gateway's default TTL is an
+/// hour; a longer one is refused again only for this long).
+const CLAIM_TTL: Duration = Duration::from_secs(24 * 3600);
+
 /// Meta hashes outlive history by this much at least, so that an epoch stays
 /// while clients may still hold positions in it.
 const META_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -868,7 +873,8 @@ impl Broker for RedisBroker {
             .key(format!("{}:sz", self.shared.prefix))
             .arg(&client)
             .arg(generation)
-            .arg(session_id);
+            .arg(session_id)
+            .arg(ms(CLAIM_TTL));
         let mut cmd = self.cmd.clone();
         Box::pin(async move {
             // [0] missing, [1] mismatch, [2, client, generation, data] taken

@@ -172,8 +172,12 @@ return v
 ";
 
 /// KEYS: session, session zset. ARGV: client, generation, data, TTL (ms),
-/// expires at (ms), session id.
+/// expires at (ms), session id. A record of a later generation stays: the
+/// session was resumed elsewhere meanwhile, and this is a stale copy (a zombie
+/// connection that closed after the takeover).
 const SESSION_PUT: &str = r"
+local cur = redis.call('HGET', KEYS[1], 'g')
+if cur and tonumber(cur) > tonumber(ARGV[2]) then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'c', ARGV[1], 'g', ARGV[2], 'd', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
@@ -182,15 +186,21 @@ return 1
 ";
 
 /// KEYS: session, session zset. ARGV: expected client ('' for any), expected
-/// generation, session id. Returns {0} missing, {1} mismatch, or {2, client,
-/// generation, data} taken. A taken session leaves its client and next
-/// generation behind (until its TTL), so that the token just used is refused on
-/// every node: one use per token across the cluster.
+/// generation, session id, TTL of a claim (ms). Returns {0} missing, {1}
+/// mismatch, or {2, client, generation, data} taken. A taken session leaves its
+/// client and next generation behind (until its TTL), and so does a token
+/// presented for a session Redis never saw (its node was killed before it could
+/// write it): the token just used is refused on every node, one use per token
+/// across the cluster.
 const SESSION_TAKE: &str = r"
 local v = redis.call('HMGET', KEYS[1], 'c', 'g', 'd')
 local expect = ARGV[1] ~= ''
 if expect and v[1] and (v[1] ~= ARGV[1] or v[2] ~= ARGV[2]) then return {1} end
 if not v[3] then
+  if expect then
+    redis.call('HSET', KEYS[1], 'c', ARGV[1], 'g', tonumber(ARGV[2]) + 1)
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  end
   redis.call('ZREM', KEYS[2], ARGV[3])
   return {0}
 end

@@ -553,3 +553,58 @@ async fn lb_config_prints_settings_that_match_the_options_and_refuses_an_unknown
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--target") && err.contains("traefik"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumes_on_another_node_after_its_node_was_killed_with_sigkill() {
+    let redis = keel_testkit::redis::RedisServer::start();
+    let url = redis.url();
+    let env = [
+        ("KEEL_BROKER", "redis"),
+        ("KEEL_REDIS_URL", url.as_str()),
+        ("KEEL_RECONNECT_SECRET", "a-cluster-secret-of-32-bytes-long"),
+    ];
+    let mut one = spawn(&["--api-key", "k", "--node-id", "one"], &env).await;
+    let two = spawn(&["--api-key", "k", "--node-id", "two"], &env).await;
+    let mut a = Client::connect(one.addr).await;
+    let id = a.client_id();
+    let tok = a.welcome["payload"]["reconnect_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sub = a.subscribe("k9").await;
+    let epoch = sub["payload"]["epoch"].as_str().unwrap().to_string();
+    // Node one dies without a word: it writes nothing on its way out.
+    one.child.start_kill().unwrap();
+    one.child.wait().await.unwrap();
+    drop(a);
+    for n in 1..=3 {
+        let (s, body) = http(
+            two.addr,
+            "POST",
+            "/api/publish",
+            Some("k"),
+            Some(json!({"channel": "k9", "data": {"n": n}})),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+    }
+    let mut b = Client::connect(two.addr).await;
+    b.send(json!({"type": "resume", "request_id": "r", "payload": {
+        "reconnect_token": tok, "positions": {"k9": {"offset": 0, "epoch": epoch}}}}))
+        .await;
+    for n in 1..=3u64 {
+        let m = b.recv().await;
+        assert_eq!(m["payload"]["offset"], n, "{m}");
+    }
+    let r = b.recv().await;
+    assert_eq!(r["type"], "resume_response", "{r}");
+    assert_eq!(r["payload"]["client_id"], id.as_str());
+    assert_eq!(r["payload"]["recovered"], json!({"k9": true}));
+    // The token is spent, on every node.
+    let mut c = Client::connect(two.addr).await;
+    let again = c
+        .request("resume", json!({"reconnect_token": tok, "positions": {}}))
+        .await;
+    assert_eq!(again["type"], "error", "{again}");
+    assert_eq!(again["payload"]["code"], "invalid_token");
+}
